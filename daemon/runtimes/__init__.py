@@ -1,0 +1,41 @@
+"""Container runtime backends: the daemon's only way to pause and resume containers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+# Containers of a Knative pod that must never be frozen: freezing them would cut the pod off.
+NEVER_FROZEN = frozenset({"queue-proxy", "freeze-proxy"})
+
+
+class RuntimeBackendError(Exception):
+    """Base class for runtime failures the HTTP layer maps to status codes."""
+
+
+class ContainerNotFound(RuntimeBackendError):
+    """No running container of that pod (and name) on this node: answered 404."""
+
+
+class RuntimeFailure(RuntimeBackendError):
+    """The runtime refused or failed the call: answered 502 with this message."""
+
+
+class Runtime(Protocol):
+    """Pause/resume the containers of one pod, found by pod UID and container name."""
+
+    async def pause(self, pod_uid: str, containers: Sequence[str]) -> list[str]:
+        """Freeze the named containers (all but NEVER_FROZEN when empty); return their names.
+
+        Freezing an already frozen container succeeds.
+        """
+        ...
+
+    async def resume(self, pod_uid: str, containers: Sequence[str]) -> list[str]:
+        """Thaw the named containers (all but NEVER_FROZEN when empty); return their names.
+
+        Thawing a running container succeeds.
+        """
+        ...
+
+    async def close(self) -> None: ...
