@@ -1,0 +1,186 @@
+"""The in-flight gate: a pure state machine deciding when the app is paused and resumed.
+
+No I/O and no clock of its own: the proxy feeds it events with the current time and carries out
+the decisions it returns. Its invariants, proven by ``tests/test_gate.py`` over random schedules:
+
+* a request is forwarded only while the app is known to be awake (a resume has completed);
+* a pause starts only when nothing is in flight and the app has been idle for ``grace`` seconds;
+* one idle period costs at most one pause, and a request arriving during the grace costs nothing;
+* a request arriving while a pause is in flight waits for it, then for a resume;
+* after ``stop()`` the app is resumed and never paused again.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class AppState(enum.Enum):
+    AWAKE = "awake"
+    PAUSING = "pausing"
+    FROZEN = "frozen"
+    RESUMING = "resuming"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the driver must do now. Several fields may be set at once."""
+
+    pause: bool = False  # start a pause call
+    resume: bool = False  # start a resume call
+    timer_at: float | None = None  # (re)arm the single idle timer: call ``timer()`` at this time
+    release: bool = False  # waiting requests may be forwarded now
+    fail: bool = False  # waiting requests must be refused: the app could not be resumed
+
+
+NOTHING = Decision()
+_RELEASE = Decision(release=True)
+_PAUSE = Decision(pause=True)
+_RESUME = Decision(resume=True)
+
+
+class Gate:
+    """Counts requests in flight and turns arrivals, departures and timers into decisions.
+
+    ``in_flight`` counts every admitted request, waiting or forwarded, so nothing pauses while a
+    request waits for a resume or a response is still streaming.
+    """
+
+    __slots__ = (
+        "_deadline",
+        "_pause_backoff",
+        "_started",
+        "_stopped",
+        "_timer_at",
+        "grace",
+        "in_flight",
+        "max_pause_backoff",
+        "pause_retry",
+        "state",
+    )
+
+    def __init__(self, grace: float, pause_retry: float = 1.0, max_pause_backoff: float = 60.0):
+        if grace < 0:
+            raise ValueError("grace must be >= 0")
+        self.grace = grace
+        self.pause_retry = pause_retry
+        self.max_pause_backoff = max_pause_backoff
+        self.state = AppState.AWAKE
+        self.in_flight = 0
+        self._deadline: float | None = None  # when the current idle period may end in a pause
+        self._timer_at: float | None = None  # when the armed idle timer fires, if armed
+        self._started = False  # the app has accepted connections: pausing is allowed
+        self._stopped = False  # shutting down: never pause again
+        self._pause_backoff = pause_retry
+
+    @property
+    def may_forward(self) -> bool:
+        """True when a request admitted now may go straight to the app."""
+        return self.state is AppState.AWAKE
+
+    @property
+    def pause_deadline(self) -> float | None:
+        return self._deadline
+
+    # -- events -----------------------------------------------------------------------------
+
+    def start(self, now: float) -> Decision:
+        """The app accepts connections: from now on an idle app may be paused."""
+        self._started = True
+        return self._idle_from(now, self.grace)
+
+    def arrive(self, now: float) -> Decision:
+        """A request arrived. Forward it if ``may_forward``, else wait for ``release``/``fail``."""
+        self.in_flight += 1
+        self._deadline = None  # cancels a pending pause at no cost; a stale timer is ignored
+        if self.state is AppState.FROZEN:
+            self.state = AppState.RESUMING
+            return _RESUME
+        return NOTHING
+
+    def depart(self, now: float) -> Decision:
+        """A request finished: its response has been written in full (or it gave up waiting)."""
+        self.in_flight -= 1
+        if self.in_flight < 0:
+            raise AssertionError("depart() without arrive()")
+        return self._idle_from(now, self.grace)
+
+    def timer(self, now: float) -> Decision:
+        """The idle timer fired."""
+        self._timer_at = None
+        deadline = self._deadline
+        if deadline is None:
+            return NOTHING
+        if now < deadline:
+            self._timer_at = deadline
+            return Decision(timer_at=deadline)
+        return self._begin_pause()
+
+    def pause_done(self, ok: bool, now: float) -> Decision:
+        """The pause call returned (``ok=False``: it failed or its outcome is unknown)."""
+        if self.state is not AppState.PAUSING:
+            raise AssertionError(f"pause_done() in state {self.state}")
+        if ok:
+            self._pause_backoff = self.pause_retry
+            self.state = AppState.FROZEN
+            if self.in_flight or self._stopped:
+                self.state = AppState.RESUMING
+                return _RESUME
+            return NOTHING
+        # The failed call may still have frozen the app (a timeout, say): it counts as frozen,
+        # so a request resumes it (a no-op if it is awake) before being forwarded. Retry later.
+        self.state = AppState.FROZEN
+        if self.in_flight or self._stopped:
+            self.state = AppState.RESUMING
+            return _RESUME
+        delay = self._pause_backoff
+        self._pause_backoff = min(self._pause_backoff * 2, self.max_pause_backoff)
+        return self._arm(now + delay)
+
+    def resume_done(self, ok: bool, now: float) -> Decision:
+        """The resume call returned (after its own retries). ``ok=False``: waiters get refused."""
+        if self.state is not AppState.RESUMING:
+            raise AssertionError(f"resume_done() in state {self.state}")
+        if not ok:
+            # Unknown, so assume the worst: the next arrival resumes again before forwarding.
+            self.state = AppState.FROZEN
+            return Decision(fail=True)
+        self.state = AppState.AWAKE
+        if self.in_flight:
+            return _RELEASE
+        # Every waiter gave up meanwhile: the app is idle again.
+        idle = self._idle_from(now, self.grace)
+        return Decision(release=True, pause=idle.pause, timer_at=idle.timer_at)
+
+    def stop(self) -> Decision:
+        """Shutting down: resume the app if it is (or may soon be) frozen; never pause again."""
+        self._stopped = True
+        self._deadline = None
+        if self.state is AppState.FROZEN:
+            self.state = AppState.RESUMING
+            return _RESUME
+        return NOTHING  # AWAKE: nothing to do; PAUSING/RESUMING: handled when the call returns
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _idle_from(self, now: float, delay: float) -> Decision:
+        if self.in_flight or not self._started or self._stopped:
+            return NOTHING
+        if self.state is not AppState.AWAKE:
+            return NOTHING
+        if delay <= 0:
+            return self._begin_pause()
+        return self._arm(now + delay)
+
+    def _arm(self, deadline: float) -> Decision:
+        self._deadline = deadline
+        if self._timer_at is not None and self._timer_at <= deadline:
+            return NOTHING  # the armed timer fires first and re-arms itself for the deadline
+        self._timer_at = deadline
+        return Decision(timer_at=deadline)
+
+    def _begin_pause(self) -> Decision:
+        self._deadline = None
+        self.state = AppState.PAUSING
+        return _PAUSE
