@@ -1,0 +1,110 @@
+"""``freeze-proxy``: flags and environment → Settings → run. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from freeze_proxy import jsonlog
+from freeze_proxy.app import Settings, serve
+from freeze_proxy.durations import parse_duration
+
+DEFAULT_GRACE = "0"
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ) if env is None else env
+    host_ip = env.get("HOST_IP", "127.0.0.1")
+    p = argparse.ArgumentParser(
+        prog="freeze-proxy",
+        description="Reverse proxy that freezes the app when no request is in flight "
+        "and resumes it before forwarding the next one.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--listen", default="0.0.0.0:9999", help="address for app traffic")
+    p.add_argument("--health-listen", default="0.0.0.0:9998", help="address serving GET /healthz")
+    p.add_argument("--upstream", default="http://127.0.0.1:8080", help="the app's URL")
+    p.add_argument(
+        "--daemon-url",
+        default=f"http://{host_ip}:9696",
+        help="the node's freeze-daemon (default from env HOST_IP)",
+    )
+    p.add_argument(
+        "--token-file",
+        default="/var/run/projected/token",
+        help="projected service-account token (audience freeze); re-read when it changes",
+    )
+    p.add_argument(
+        "--container",
+        action="append",
+        default=None,
+        help="container to freeze (repeatable; env USER_CONTAINER; default: every container "
+        "of the pod except queue-proxy and freeze-proxy)",
+    )
+    p.add_argument(
+        "--grace",
+        type=_duration,
+        default=_duration(env.get("FREEZE_GRACE", DEFAULT_GRACE)),
+        help="idle time before pausing, e.g. 0, 250ms, 2s (env FREEZE_GRACE)",
+    )
+    p.add_argument(
+        "--resume-timeout",
+        type=_duration,
+        default=5.0,
+        help="how long a request waits for a failing resume (retried with backoff) before 503",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=_duration,
+        default=20.0,
+        help="on SIGTERM, how long in-flight requests may take to finish",
+    )
+    p.add_argument(
+        "--no-freeze",
+        action="store_true",
+        help="only proxy; never pause (a kill switch, and the benchmarks' baseline)",
+    )
+    p.add_argument("--log-level", default=env.get("LOG_LEVEL", "info"))
+    args = p.parse_args(argv)
+    containers = args.container
+    if containers is None:
+        containers = [env["USER_CONTAINER"]] if env.get("USER_CONTAINER") else []
+    jsonlog.setup("freeze-proxy", args.log_level)
+    return Settings(
+        listen=args.listen,
+        health_listen=args.health_listen,
+        upstream=args.upstream,
+        daemon_url=args.daemon_url,
+        token_file=args.token_file,
+        containers=containers,
+        grace=args.grace,
+        resume_timeout=args.resume_timeout,
+        drain_timeout=args.drain_timeout,
+        freeze=not args.no_freeze,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        settings = parse_args(argv)
+    except ValueError as exc:  # a bad FREEZE_GRACE in the environment
+        sys.exit(f"freeze-proxy: {exc}")
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(settings))
+    else:
+        uvloop.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""A real proxy in front of a real aiohttp app, with a recording stand-in for the node daemon.
+
+The stand-in models the one thing the proxy must respect: while it says "frozen", the app must
+not receive a request. The app records every request that arrives while frozen as a violation.
+The real daemon and containerd are exercised by the end-to-end tests; this harness isolates the
+proxy's ordering rules so they can be provoked precisely (slow or failing daemon calls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import WSMsgType, web
+
+from freeze_proxy.app import Settings, serve
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class DaemonStub:
+    frozen: bool = False
+    events: list[tuple[str, float, str]] = field(default_factory=list)  # (action, time, token)
+    delay: float = 0.0
+    fail_thaw: int = 0  # answer 502 to this many thaw calls
+    fail_freeze: bool = False
+    down: bool = False
+
+    def count(self, action: str) -> int:
+        return sum(1 for e in self.events if e[0] == action)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        action = request.path.strip("/")
+        token = request.headers.get("Token", "")
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if action == "thaw" and self.fail_thaw:
+            self.fail_thaw -= 1
+            return web.json_response({"error": "runtime failed"}, status=502)
+        if action == "freeze" and self.fail_freeze:
+            return web.json_response({"error": "runtime failed"}, status=502)
+        self.events.append((action, time.monotonic(), token))
+        self.frozen = action == "freeze"
+        return web.json_response({"state": "frozen" if self.frozen else "thawed"})
+
+
+@dataclass
+class AppStub:
+    daemon: DaemonStub
+    seen: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+
+    def _check(self, request: web.Request) -> None:
+        if self.daemon.frozen:
+            self.violations.append(request.path_qs)
+        self.seen.append((request.raw_path, dict(request.headers)))
+
+    async def hello(self, request: web.Request) -> web.Response:
+        self._check(request)
+        return web.Response(text="hello")
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        self._check(request)
+        resp = web.StreamResponse()
+        resp.content_type = "text/plain"
+        await resp.prepare(request)
+        for i in range(int(request.query.get("n", "5"))):
+            await resp.write(f"chunk {i}\n".encode())
+            await asyncio.sleep(float(request.query.get("every", "0.05")))
+            if self.daemon.frozen:
+                self.violations.append("frozen while streaming")
+        await resp.write_eof()
+        return resp
+
+    async def echo(self, request: web.Request) -> web.Response:
+        self._check(request)
+        body = await request.read()
+        return web.Response(body=body, headers={"X-Length": str(len(body))})
+
+    async def ws(self, request: web.Request) -> web.WebSocketResponse:
+        self._check(request)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT:
+                if self.daemon.frozen:
+                    self.violations.append("frozen during websocket")
+                await ws.send_str("echo:" + msg.data)
+        return ws
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/stream", self.stream)
+        app.router.add_post("/echo", self.echo)
+        app.router.add_get("/ws", self.ws)
+        app.router.add_route("*", "/{tail:.*}", self.hello)
+        return app
+
+
+async def start_site(app: web.Application, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+@dataclass
+class Harness:
+    daemon: DaemonStub
+    app: AppStub
+    proxy_url: str
+    health_url: str
+    app_port: int
+    token_file: Path
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+    runners: list[web.AppRunner]
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 3.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError("condition not reached in time")
+            await asyncio.sleep(0.005)
+
+    async def close(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 10)
+        for runner in self.runners:
+            await runner.cleanup()
+
+
+async def start_harness(
+    tmp_path: Path, grace: float = 0.0, resume_timeout: float = 1.0, start_app: bool = True
+) -> Harness:
+    daemon = DaemonStub()
+    app = AppStub(daemon)
+    daemon_port, app_port, proxy_port, health_port = (free_port() for _ in range(4))
+    d = web.Application()
+    d.router.add_post("/{action}", daemon.handle)
+    runners = [await start_site(d, daemon_port)]
+    if start_app:
+        runners.append(await start_site(app.app(), app_port))
+    token_file = tmp_path / "token"
+    token_file.write_text("token-1")
+    settings = Settings(
+        listen=f"127.0.0.1:{proxy_port}",
+        health_listen=f"127.0.0.1:{health_port}",
+        upstream=f"http://127.0.0.1:{app_port}",
+        daemon_url=f"http://127.0.0.1:{daemon_port}",
+        token_file=str(token_file),
+        grace=grace,
+        resume_timeout=resume_timeout,
+        drain_timeout=2.0,
+    )
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(serve(settings, stop))
+    h = Harness(
+        daemon,
+        app,
+        f"http://127.0.0.1:{proxy_port}",
+        f"http://127.0.0.1:{health_port}/healthz",
+        app_port,
+        token_file,
+        stop,
+        task,
+        runners,
+    )
+    return h
