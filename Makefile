@@ -1,0 +1,57 @@
+# freeze-proxy — every entry point a person or CI uses. `make demo` and `make test` set up
+# everything they need themselves (apt packages, the Python package, Go-built test binaries).
+PYTHON ?= python3
+APT_PACKAGES := containerd runc busybox-static wrk containernetworking-plugins debootstrap
+PIP_EXTRAS := fast,daemon,webhook,test
+STAMP := .setup.stamp
+
+.PHONY: setup demo test lint check-protos protos k8s-bins bench images clean
+
+# Idempotent: installs only what is missing, so a warm run costs about a second.
+setup: $(STAMP)
+$(STAMP): pyproject.toml
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt: installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	$(PYTHON) -m pip install -q -e ".[$(PIP_EXTRAS)]"
+	@touch $(STAMP)
+
+# The README's first command: the local demo on a real containerd. ARGS=--keep leaves it running.
+demo: setup
+	$(PYTHON) -m testbed.demo $(ARGS)
+
+# The README's test command (CI runs exactly this): lint, types, stubs, then every test.
+test: setup lint check-protos k8s-bins
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check freeze_proxy daemon webhook testbed bench tests examples
+	$(PYTHON) -m mypy
+
+# Regenerate the committed gRPC stubs from our own .proto files.
+protos:
+	scripts/gen_protos.sh daemon/_proto
+
+# Fails when the committed stubs differ from what the .proto files generate.
+check-protos:
+	@tmp=$$(mktemp -d) && scripts/gen_protos.sh "$$tmp" >/dev/null && \
+	  diff -r -x '__pycache__' -x '__init__.py' -x '*.proto' "$$tmp" daemon/_proto >/dev/null || \
+	  { echo "daemon/_proto is stale: run 'make protos' and commit the result"; rm -rf "$$tmp"; exit 1; }; \
+	  rm -rf "$$tmp"
+
+# kube-apiserver, etcd, kubectl and Knative's queue-proxy, built from Go modules and cached
+# outside the repo (/var/cache/freeze-proxy), keyed by version: only a cold machine pays.
+k8s-bins:
+	scripts/build_k8s.sh
+
+bench: setup
+	$(PYTHON) -m bench.run $(ARGS)
+
+images:
+	scripts/build_images.sh
+
+clean:
+	rm -rf $(STAMP) build *.egg-info .mypy_cache .ruff_cache .pytest_cache bench/out

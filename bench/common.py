@@ -1,0 +1,208 @@
+"""Shared pieces of the benchmarks: processes on loopback, wrk, and the result table."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT_DIR = REPO / "bench" / "out"
+GO_CACHE = Path(os.environ.get("FREEZE_CACHE_DIR", "/var/cache/freeze-proxy"))
+
+
+@dataclass
+class Row:
+    """One line of the result table: a benchmark, the variant measured, and its numbers."""
+
+    bench: str
+    variant: str
+    values: dict[str, float | int | str]
+    note: str = ""
+
+
+@dataclass
+class Table:
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, bench: str, variant: str, note: str = "", **values: float | int | str) -> Row:
+        row = Row(bench, variant, values, note)
+        self.rows.append(row)
+        print(f"  {bench:<10} {variant:<38} {_fmt_values(values)}", flush=True)
+        return row
+
+    def render(self) -> str:
+        lines = [f"{'bench':<10} {'variant':<38} values", "-" * 100]
+        for r in self.rows:
+            lines.append(f"{r.bench:<10} {r.variant:<38} {_fmt_values(r.values)}")
+            if r.note:
+                lines.append(f"{'':<10} {'':<38} ({r.note})")
+        return "\n".join(lines)
+
+    def write_json(self, path: Path, meta: dict[str, object]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"meta": meta, "rows": [vars(r) for r in self.rows]}
+        path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _fmt(value: float | int | str) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def _fmt_values(values: dict[str, float | int | str]) -> str:
+    return "  ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@contextmanager
+def process(
+    cmd: Sequence[str], port: int | None = None, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a helper process for the duration of a block; wait for its port if given."""
+    proc = subprocess.Popen(
+        list(cmd),
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        if port is not None:
+            wait_port(port)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def bench_app(port: int) -> list[str]:
+    """The app behind every proxy in the overhead rows (uvloop when installed)."""
+    return [sys.executable, "-m", "bench.app", "--port", str(port)]
+
+
+def freeze_proxy_cmd(port: int, upstream_port: int, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "freeze_proxy",
+        f"--listen=127.0.0.1:{port}",
+        f"--health-listen=127.0.0.1:{free_port()}",
+        f"--upstream=http://127.0.0.1:{upstream_port}",
+        "--log-level=warning",
+        *extra,
+    ]
+
+
+def go_proxy_binary() -> Path:
+    """Build the stdlib-only Go baseline proxy once (cached outside the repo)."""
+    out = GO_CACHE / "bin" / "bench-goproxy"
+    src = REPO / "bench" / "goproxy" / "main.go"
+    if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    subprocess.run(
+        [go, "build", "-o", str(out), "."],
+        cwd=src.parent,
+        check=True,
+        env={**os.environ, "GOPROXY": "off", "GOFLAGS": "-mod=mod"},
+    )
+    return out
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        raise ValueError(f"unparsable wrk latency {text!r}")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def wrk(url: str, connections: int, seconds: float, threads: int = 1) -> WrkResult:
+    """Run wrk with keep-alive; parse requests/s and the p50/p99 latency from --latency."""
+    out = subprocess.run(
+        [
+            "wrk",
+            f"-t{min(threads, connections)}",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    return WrkResult(rps, p50, p99)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def machine() -> dict[str, object]:
+    """Where the numbers came from: they only compare within one run on one machine."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "kernel": os.uname().release,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

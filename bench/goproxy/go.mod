@@ -1,0 +1,3 @@
+module freezeproxy.local/bench/goproxy
+
+go 1.19

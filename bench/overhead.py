@@ -1,0 +1,65 @@
+"""Row 1: the hop's cost with the app awake: direct vs freeze-proxy vs Go's httputil proxy."""
+
+from __future__ import annotations
+
+from bench.common import (
+    Table,
+    WrkResult,
+    bench_app,
+    free_port,
+    freeze_proxy_cmd,
+    go_proxy_binary,
+    process,
+    wrk,
+)
+
+VARIANTS = ("direct", "freeze-proxy", "go-httputil")
+
+
+def run(table: Table, quick: bool = False) -> None:
+    """Interleave the variants over rounds so machine noise hits all of them alike."""
+    seconds, rounds = (1.0, 1) if quick else (5.0, 3)
+    app_port, ours_port, go_port = free_port(), free_port(), free_port()
+    go = go_proxy_binary()
+    ports = {"direct": app_port, "freeze-proxy": ours_port, "go-httputil": go_port}
+    with (
+        process(bench_app(app_port), app_port),
+        process(freeze_proxy_cmd(ours_port, app_port, "--no-freeze"), ours_port),
+        process(
+            [str(go), f"-listen=127.0.0.1:{go_port}", f"-upstream=http://127.0.0.1:{app_port}"],
+            go_port,
+        ),
+    ):
+        for path, body in (("/small", "64B"), ("/big", "64KiB")):
+            for conns in (1, 32):
+                results: dict[str, list[WrkResult]] = {v: [] for v in VARIANTS}
+                for _ in range(rounds):
+                    for variant in VARIANTS:
+                        url = f"http://127.0.0.1:{ports[variant]}{path}"
+                        results[variant].append(wrk(url, conns, seconds, threads=2))
+                best = {v: _median(rs) for v, rs in results.items()}
+                for variant in VARIANTS:
+                    r = best[variant]
+                    table.add(
+                        "overhead",
+                        f"{body} c={conns} {variant}",
+                        rps=round(r.rps),
+                        p50_ms=r.p50_ms,
+                        p99_ms=r.p99_ms,
+                    )
+                base = best["direct"]
+                ours, go_ = best["freeze-proxy"], best["go-httputil"]
+                added_ours = max(ours.p50_ms - base.p50_ms, 1e-6)
+                added_go = max(go_.p50_ms - base.p50_ms, 1e-6)
+                table.add(
+                    "overhead",
+                    f"{body} c={conns} ours/go",
+                    added_p50_ratio=round(added_ours / added_go, 2),
+                    rps_ratio=round(ours.rps / go_.rps, 2),
+                    note="targets: added p50 at c=1 <= 1.25x Go's; rps at c=32 >= 0.75x Go's",
+                )
+
+
+def _median(results: list[WrkResult]) -> WrkResult:
+    ordered = sorted(results, key=lambda r: r.rps)
+    return ordered[len(ordered) // 2]
