@@ -1,0 +1,385 @@
+"""``make demo``: an app that talks in its sleep stops talking when it has no request.
+
+On a private, real containerd: a sleeptalker pod made the way kubelet makes it, the real
+freeze-daemon (authenticating a locally minted, projected-token-shaped JWT for that pod) and the
+real freeze-proxy in front of the app. It measures the app idle without freeze-proxy, then with
+it, then sends requests, and prints a live timeline and a summary table. It exits non-zero, with
+the reason, when the numbers do not prove the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from testbed import oci, rootfs, tokens
+from testbed.containerd import Containerd, missing_prerequisites
+from testbed.pods import ContainerSpec, Pod, PodClient
+
+REPO = Path(__file__).resolve().parent.parent
+APP = REPO / "examples" / "sleeptalker" / "app.py"
+IMAGE = "freeze.test/sleeptalker:1"
+CONTAINER = "user-container"
+
+
+@dataclass
+class Summary:
+    idle_seconds: float
+    baseline_ticks: int = 0
+    baseline_cpu_s: float = 0.0
+    frozen_ticks: int = 0
+    frozen_cpu_s: float = 0.0
+    busy_ticks: int = 0
+    wake_ms: list[float] = field(default_factory=list)  # client: request sent → first byte
+    resume_ms: list[float] = field(default_factory=list)  # proxy: resume call round trip
+    pauses: int = 0
+    resumes: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        s = self
+        wake = sorted(s.wake_ms)
+        wake_txt = (
+            f"p50 {wake[len(wake) // 2]:.1f}, max {wake[-1]:.1f}  ({', '.join(f'{w:.1f}' for w in s.wake_ms)})"
+            if wake
+            else "-"
+        )
+        resume_txt = ", ".join(f"{r:.1f}" for r in s.resume_ms) or "-"
+        rows = [
+            ("", "without freeze-proxy", "with freeze-proxy"),
+            (
+                f"app ticks while idle ({s.idle_seconds:.0f} s)",
+                str(s.baseline_ticks),
+                str(s.frozen_ticks),
+            ),
+            (
+                "app CPU while idle (cgroup, s)",
+                f"{s.baseline_cpu_s:.4f}",
+                f"{s.frozen_cpu_s:.4f}",
+            ),
+            ("ticks while serving requests", "-", str(s.busy_ticks)),
+            ("wake latency, time to first byte (ms)", "-", wake_txt),
+            ("resume call, proxy → daemon → containerd (ms)", "-", resume_txt),
+            ("pauses / resumes done", "-", f"{s.pauses} / {s.resumes}"),
+        ]
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(f"  {a:<{width}}  {b:<22}{c}" for a, b, c in rows)
+
+
+def _progress(step: str) -> Callable[[str], None]:
+    started = time.monotonic()
+    print(f"• {step} ...", flush=True)
+
+    def done(detail: str = "") -> None:
+        took = (time.monotonic() - started) * 1000
+        print(f"  done in {took:.0f} ms{': ' + detail if detail else ''}", flush=True)
+
+    return done
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ticks(pod: Pod) -> int:
+    return sum(1 for line in pod.log_lines(CONTAINER) if line.startswith("tick"))
+
+
+async def _wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while True:
+            try:
+                async with s.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    await r.read()
+                    return
+            except (aiohttp.ClientError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s") from None
+                await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def _program(args: list[str], log_file: Path) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """One of our programs as a child process, its JSON log to a file; stopped with SIGTERM."""
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *args], stderr=log, stdout=log, start_new_session=True
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            for _ in range(200):
+                if proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                proc.kill()
+                proc.wait()
+
+
+def _resume_times(log_file: Path) -> list[float]:
+    out = []
+    for line in log_file.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if entry.get("msg") == "app resumed":
+                out.append(float(entry["took_ms"]))
+    return out
+
+
+class Timeline:
+    """Prints one line per sample: requests in flight against the app's ticks."""
+
+    def __init__(self, pod: Pod, health_url: str | None, started: float) -> None:
+        self.pod, self.health_url, self.started = pod, health_url, started
+        self.last_ticks = _ticks(pod)
+
+    async def sample(self, session: aiohttp.ClientSession, label: str) -> None:
+        state, in_flight = "awake", 0
+        if self.health_url:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(self.health_url) as r:
+                    health = await r.json()
+                    state, in_flight = health["state"], int(health["in_flight"])
+        ticks = _ticks(self.pod)
+        new, self.last_ticks = ticks - self.last_ticks, ticks
+        t = time.monotonic() - self.started
+        bar = "█" * in_flight if in_flight else "·"
+        talk = "tick " * new if new else ""
+        print(f"  {t:6.1f}s  {label:<8} requests {bar:<3} app {state:<8} {talk}", flush=True)
+
+
+async def _watch(timeline: Timeline, label: str, seconds: float, every: float = 0.5) -> None:
+    async with aiohttp.ClientSession() as session:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            await asyncio.sleep(min(every, max(0.0, end - time.monotonic())))
+            await timeline.sample(session, label)
+
+
+async def _request(url: str, sleep: float) -> tuple[float, str]:
+    """One request; returns (ms until the first byte, the whole body)."""
+    async with aiohttp.ClientSession() as s:
+        started = time.perf_counter()
+        async with s.get(f"{url}/?sleep={sleep}") as r:
+            first = await r.content.readany()
+            wake_ms = (time.perf_counter() - started) * 1000
+            rest = await r.read()
+            if r.status != 200:
+                raise RuntimeError(f"request answered {r.status}: {(first + rest)[:200]!r}")
+            return wake_ms, (first + rest).decode()
+
+
+async def run(args: argparse.Namespace) -> Summary:
+    why = missing_prerequisites()
+    if why:
+        raise SystemExit(f"the demo needs a real containerd here, but {why}")
+    work = Path(tempfile.mkdtemp(prefix="freeze-demo-"))
+    summary = Summary(idle_seconds=args.idle)
+    done = _progress("starting a private containerd (own root, state and socket)")
+    containerd = Containerd(work / "containerd").start()
+    done(str(containerd.socket))
+    client: PodClient | None = None
+    try:
+        done = _progress("building the sleeptalker image (Debian rootfs with python3 + aiohttp)")
+        root = rootfs.python_rootfs()
+        tar = oci.build_image_tar(
+            root,
+            IMAGE,
+            work / "sleeptalker.tar",
+            ["python3", "/app/app.py"],
+            files={"/app/app.py": APP},
+        )
+        oci.import_image(containerd.socket, tar)
+        done(f"{IMAGE} from {root}")
+
+        app_port = _free_port()
+        done = _progress("creating the pod through CRI, the way kubelet does")
+        client = PodClient(containerd)
+        spec = ContainerSpec(
+            CONTAINER,
+            command=["python3", "/app/app.py"],
+            image=IMAGE,
+            env={"PORT": str(app_port), "HOST": "127.0.0.1", "TICK_INTERVAL": "0.5"},
+        )
+        pod = await client.create_pod([spec], name="sleeptalker", namespace="demo")
+        await _wait_http(f"http://127.0.0.1:{app_port}/?sleep=0")
+        done(f"pod uid {pod.uid}, cgroup {pod.cgroup_parent}, app on :{app_port}")
+
+        done = _progress("starting freeze-daemon with a local key set; minting the pod's token")
+        key = tokens.new_rsa_key()
+        jwks = tokens.write_jwks(work / "jwks.json", key)
+        token_file = work / "token"
+        token_file.write_text(
+            tokens.mint_token(
+                key, pod_uid=pod.uid, pod_name=pod.name, namespace=pod.namespace, lifetime=3600
+            )
+        )
+        daemon_port, proxy_port, health_port = _free_port(), _free_port(), _free_port()
+        daemon_log, proxy_log = work / "daemon.log", work / "proxy.log"
+        daemon_args = [
+            "daemon",
+            f"--listen=127.0.0.1:{daemon_port}",
+            f"--containerd-socket={containerd.socket}",
+            "--no-token-review",
+            f"--jwks-file={jwks}",
+            f"--issuer={tokens.DEFAULT_ISSUER}",
+        ]
+        async with _program(daemon_args, daemon_log):
+            await _wait_http(f"http://127.0.0.1:{daemon_port}/healthz")
+            done(f"daemon on :{daemon_port}, token audience 'freeze' for pod {pod.uid[:8]}")
+
+            started = time.monotonic()
+            print(f"\n• the app idle WITHOUT freeze-proxy for {args.idle:.0f} s", flush=True)
+            timeline = Timeline(pod, None, started)
+            cpu0, ticks0 = pod.cpu_usage_seconds(CONTAINER), _ticks(pod)
+            await _watch(timeline, "idle", args.idle)
+            summary.baseline_cpu_s = pod.cpu_usage_seconds(CONTAINER) - cpu0
+            summary.baseline_ticks = _ticks(pod) - ticks0
+
+            proxy_args = [
+                "freeze_proxy",
+                f"--listen=127.0.0.1:{proxy_port}",
+                f"--health-listen=127.0.0.1:{health_port}",
+                f"--upstream=http://127.0.0.1:{app_port}",
+                f"--daemon-url=http://127.0.0.1:{daemon_port}",
+                f"--token-file={token_file}",
+                f"--container={CONTAINER}",
+                *([f"--grace={args.grace}"] if args.grace is not None else []),
+            ]
+            async with _program(proxy_args, proxy_log):
+                health_url = f"http://127.0.0.1:{health_port}/healthz"
+                await _wait_frozen(pod, health_url)
+                timeline = Timeline(pod, health_url, started)
+                print(f"\n• the app idle WITH freeze-proxy for {args.idle:.0f} s", flush=True)
+                cpu0, ticks0 = pod.cpu_usage_seconds(CONTAINER), _ticks(pod)
+                await _watch(timeline, "frozen", args.idle)
+                summary.frozen_cpu_s = pod.cpu_usage_seconds(CONTAINER) - cpu0
+                summary.frozen_ticks = _ticks(pod) - ticks0
+
+                print(f"\n• {args.requests} requests, each asking the app to take 1 s", flush=True)
+                url = f"http://127.0.0.1:{proxy_port}"
+                for _ in range(args.requests):
+                    await _wait_frozen(pod, health_url)
+                    ticks0 = _ticks(pod)
+                    request = asyncio.ensure_future(_request(url, 1.0))
+                    await _watch(timeline, "request", 1.0, every=0.25)
+                    wake_ms, body = await request
+                    summary.busy_ticks += _ticks(pod) - ticks0
+                    summary.wake_ms.append(wake_ms)
+                    if "world" not in body:
+                        summary.failures.append(f"a request got an incomplete answer: {body!r}")
+                    await _watch(timeline, "idle", 1.0)
+                async with aiohttp.ClientSession() as s, s.get(health_url) as r:
+                    health = await r.json()
+                summary.pauses, summary.resumes = health["pauses"], health["resumes"]
+                if args.keep:
+                    await _keep(url, pod, work)
+            summary.resume_ms = _resume_times(proxy_log)
+    finally:
+        done = _progress("tearing down (pods, shims, cgroups, mounts)")
+        if client is not None:
+            await client.close()
+        containerd.stop()
+        if not args.keep_logs:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+        done()
+    return summary
+
+
+async def _wait_frozen(pod: Pod, health_url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while pod.freezer_state(CONTAINER) != "FROZEN":
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the app was not frozen within {timeout:.0f} s; see {health_url} and the logs"
+            )
+        await asyncio.sleep(0.02)
+
+
+async def _keep(url: str, pod: Pod, work: Path) -> None:
+    print(
+        "\nLeft running. Try it by hand (Ctrl-C tears everything down):\n"
+        f"  curl '{url}/?sleep=2'\n"
+        f"  tail -f {pod.log_path(CONTAINER)}      # the app's ticks\n"
+        f"  cat {pod.cgroup_dir(CONTAINER)}/freezer.state\n"
+        f"  logs: {work}/proxy.log {work}/daemon.log",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+
+
+def verdict(s: Summary) -> list[str]:
+    """Why the run did not prove the point (empty: it did)."""
+    problems = list(s.failures)
+    if s.baseline_ticks == 0:
+        problems.append("the app did not tick even without freeze-proxy: it is not running")
+    if s.frozen_ticks:
+        problems.append(f"the app ticked {s.frozen_ticks} times while it should have been frozen")
+    if s.frozen_cpu_s > 0.005:
+        problems.append(f"the frozen app still used {s.frozen_cpu_s:.4f} s of CPU")
+    if s.busy_ticks == 0:
+        problems.append("the app did not tick while serving requests: it was not woken")
+    if s.resumes < len(s.wake_ms):
+        problems.append("fewer resumes than requests: some request did not wake the app")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="make demo", description=__doc__)
+    p.add_argument("--idle", type=float, default=5.0, help="seconds of each idle phase")
+    p.add_argument("--requests", type=int, default=3, help="requests to send")
+    p.add_argument("--grace", default=None, help="freeze-proxy --grace (default: its default)")
+    p.add_argument("--keep", action="store_true", help="leave it running; Ctrl-C tears down")
+    p.add_argument("--keep-logs", action="store_true", help="keep the work dir and its logs")
+    p.add_argument("--json", type=Path, help="also write the summary here (for tests)")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("the demo starts containerd and makes cgroups: run it as root", file=sys.stderr)
+        return 2
+    try:
+        summary = asyncio.run(run(args))
+    except KeyboardInterrupt:
+        print("\ninterrupted; everything was torn down", file=sys.stderr)
+        return 130
+    print("\nSummary\n" + summary.table())
+    problems = verdict(summary)
+    if args.json:
+        args.json.write_text(json.dumps({**vars(summary), "problems": problems}, indent=2))
+    if problems:
+        print("\nThe demo did NOT prove its point:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    print("\nFrozen, the app neither ticked nor used CPU; each request woke it first.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
