@@ -52,11 +52,8 @@ class Summary:
     def table(self) -> str:
         s = self
         wake = sorted(s.wake_ms)
-        wake_txt = (
-            f"p50 {wake[len(wake) // 2]:.1f}, max {wake[-1]:.1f}  ({', '.join(f'{w:.1f}' for w in s.wake_ms)})"
-            if wake
-            else "-"
-        )
+        each = ", ".join(f"{w:.1f}" for w in s.wake_ms)
+        wake_txt = f"p50 {wake[len(wake) // 2]:.1f}, max {wake[-1]:.1f}  ({each})" if wake else "-"
         resume_txt = ", ".join(f"{r:.1f}" for r in s.resume_ms) or "-"
         rows = [
             ("", "without freeze-proxy", "with freeze-proxy"),
@@ -72,7 +69,7 @@ class Summary:
             ),
             ("ticks while serving requests", "-", str(s.busy_ticks)),
             ("wake latency, time to first byte (ms)", "-", wake_txt),
-            ("resume call, proxy → daemon → containerd (ms)", "-", resume_txt),
+            ("resume calls incl. at exit, proxy→daemon→containerd (ms)", "-", resume_txt),
             ("pauses / resumes done", "-", f"{s.pauses} / {s.resumes}"),
         ]
         width = max(len(r[0]) for r in rows)
@@ -305,7 +302,7 @@ async def run(args: argparse.Namespace) -> Summary:
             import shutil
 
             shutil.rmtree(work, ignore_errors=True)
-        done()
+        done("nothing left behind")
     return summary
 
 
