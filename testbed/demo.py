@@ -15,23 +15,19 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
-from testbed import oci, rootfs, tokens
-from testbed.containerd import Containerd, missing_prerequisites
-from testbed.pods import ContainerSpec, Pod, PodClient
+from testbed.containerd import missing_prerequisites
+from testbed.pods import Pod
+from testbed.stack import stack
 
-REPO = Path(__file__).resolve().parent.parent
-APP = REPO / "examples" / "sleeptalker" / "app.py"
-IMAGE = "freeze.test/sleeptalker:1"
 CONTAINER = "user-container"
 
 
@@ -87,51 +83,8 @@ def _progress(step: str) -> Callable[[str], None]:
     return done
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _ticks(pod: Pod) -> int:
     return sum(1 for line in pod.log_lines(CONTAINER) if line.startswith("tick"))
-
-
-async def _wait_http(url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while True:
-            try:
-                async with s.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
-                    await r.read()
-                    return
-            except (aiohttp.ClientError, TimeoutError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s") from None
-                await asyncio.sleep(0.05)
-
-
-@contextlib.asynccontextmanager
-async def _program(args: list[str], log_file: Path) -> AsyncIterator[subprocess.Popen[bytes]]:
-    """One of our programs as a child process, its JSON log to a file; stopped with SIGTERM."""
-    with open(log_file, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", *args], stderr=log, stdout=log, start_new_session=True
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            for _ in range(200):
-                if proc.poll() is not None:
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                proc.kill()
-                proc.wait()
 
 
 def _resume_times(log_file: Path) -> list[float]:
@@ -193,116 +146,57 @@ async def run(args: argparse.Namespace) -> Summary:
         raise SystemExit(f"the demo needs a real containerd here, but {why}")
     work = Path(tempfile.mkdtemp(prefix="freeze-demo-"))
     summary = Summary(idle_seconds=args.idle)
-    done = _progress("starting a private containerd (own root, state and socket)")
-    containerd = Containerd(work / "containerd").start()
-    done(str(containerd.socket))
-    client: PodClient | None = None
-    try:
-        done = _progress("building the sleeptalker image (Debian rootfs with python3 + aiohttp)")
-        root = rootfs.python_rootfs()
-        tar = oci.build_image_tar(
-            root,
-            IMAGE,
-            work / "sleeptalker.tar",
-            ["python3", "/app/app.py"],
-            files={"/app/app.py": APP},
-        )
-        oci.import_image(containerd.socket, tar)
-        done(f"{IMAGE} from {root}")
+    done = _progress("starting a private containerd and freeze-daemon (local JWKS, no API server)")
+    async with stack(work, keep_work=args.keep_logs) as st:
+        done(f"{st.containerd.socket}, daemon at {st.daemon_url}")
 
-        app_port = _free_port()
+        done = _progress("building the sleeptalker image (Debian rootfs with python3 + aiohttp)")
+        image = st.sleeptalker_image()
+        done(image)
+
         done = _progress("creating the pod through CRI, the way kubelet does")
-        client = PodClient(containerd)
-        spec = ContainerSpec(
-            CONTAINER,
-            command=["python3", "/app/app.py"],
-            image=IMAGE,
-            env={"PORT": str(app_port), "HOST": "127.0.0.1", "TICK_INTERVAL": "0.5"},
-        )
-        pod = await client.create_pod([spec], name="sleeptalker", namespace="demo")
-        await _wait_http(f"http://127.0.0.1:{app_port}/?sleep=0")
+        pod, app_port = await st.sleeptalker_pod()
         done(f"pod uid {pod.uid}, cgroup {pod.cgroup_parent}, app on :{app_port}")
 
-        done = _progress("starting freeze-daemon with a local key set; minting the pod's token")
-        key = tokens.new_rsa_key()
-        jwks = tokens.write_jwks(work / "jwks.json", key)
-        token_file = work / "token"
-        token_file.write_text(
-            tokens.mint_token(
-                key, pod_uid=pod.uid, pod_name=pod.name, namespace=pod.namespace, lifetime=3600
-            )
-        )
-        daemon_port, proxy_port, health_port = _free_port(), _free_port(), _free_port()
-        daemon_log, proxy_log = work / "daemon.log", work / "proxy.log"
-        daemon_args = [
-            "daemon",
-            f"--listen=127.0.0.1:{daemon_port}",
-            f"--containerd-socket={containerd.socket}",
-            "--no-token-review",
-            f"--jwks-file={jwks}",
-            f"--issuer={tokens.DEFAULT_ISSUER}",
-        ]
-        async with _program(daemon_args, daemon_log):
-            await _wait_http(f"http://127.0.0.1:{daemon_port}/healthz")
-            done(f"daemon on :{daemon_port}, token audience 'freeze' for pod {pod.uid[:8]}")
+        started = time.monotonic()
+        print(f"\n• the app idle WITHOUT freeze-proxy for {args.idle:.0f} s", flush=True)
+        timeline = Timeline(pod, None, started)
+        cpu0, ticks0 = pod.cpu_usage_seconds(CONTAINER), _ticks(pod)
+        await _watch(timeline, "idle", args.idle)
+        summary.baseline_cpu_s = pod.cpu_usage_seconds(CONTAINER) - cpu0
+        summary.baseline_ticks = _ticks(pod) - ticks0
 
-            started = time.monotonic()
-            print(f"\n• the app idle WITHOUT freeze-proxy for {args.idle:.0f} s", flush=True)
-            timeline = Timeline(pod, None, started)
+        grace = [f"--grace={args.grace}"] if args.grace is not None else []
+        done = _progress("starting freeze-proxy in front of the app, with the pod's token")
+        async with st.proxy(pod, app_port, *grace) as proxy:
+            await _wait_frozen(pod, proxy.health_url)
+            done(f"{proxy.url}: the app is frozen")
+            timeline = Timeline(pod, proxy.health_url, started)
+            print(f"\n• the app idle WITH freeze-proxy for {args.idle:.0f} s", flush=True)
             cpu0, ticks0 = pod.cpu_usage_seconds(CONTAINER), _ticks(pod)
-            await _watch(timeline, "idle", args.idle)
-            summary.baseline_cpu_s = pod.cpu_usage_seconds(CONTAINER) - cpu0
-            summary.baseline_ticks = _ticks(pod) - ticks0
+            await _watch(timeline, "frozen", args.idle)
+            summary.frozen_cpu_s = pod.cpu_usage_seconds(CONTAINER) - cpu0
+            summary.frozen_ticks = _ticks(pod) - ticks0
 
-            proxy_args = [
-                "freeze_proxy",
-                f"--listen=127.0.0.1:{proxy_port}",
-                f"--health-listen=127.0.0.1:{health_port}",
-                f"--upstream=http://127.0.0.1:{app_port}",
-                f"--daemon-url=http://127.0.0.1:{daemon_port}",
-                f"--token-file={token_file}",
-                f"--container={CONTAINER}",
-                *([f"--grace={args.grace}"] if args.grace is not None else []),
-            ]
-            async with _program(proxy_args, proxy_log):
-                health_url = f"http://127.0.0.1:{health_port}/healthz"
-                await _wait_frozen(pod, health_url)
-                timeline = Timeline(pod, health_url, started)
-                print(f"\n• the app idle WITH freeze-proxy for {args.idle:.0f} s", flush=True)
-                cpu0, ticks0 = pod.cpu_usage_seconds(CONTAINER), _ticks(pod)
-                await _watch(timeline, "frozen", args.idle)
-                summary.frozen_cpu_s = pod.cpu_usage_seconds(CONTAINER) - cpu0
-                summary.frozen_ticks = _ticks(pod) - ticks0
-
-                print(f"\n• {args.requests} requests, each asking the app to take 1 s", flush=True)
-                url = f"http://127.0.0.1:{proxy_port}"
-                for _ in range(args.requests):
-                    await _wait_frozen(pod, health_url)
-                    ticks0 = _ticks(pod)
-                    request = asyncio.ensure_future(_request(url, 1.0))
-                    await _watch(timeline, "request", 1.0, every=0.25)
-                    wake_ms, body = await request
-                    summary.busy_ticks += _ticks(pod) - ticks0
-                    summary.wake_ms.append(wake_ms)
-                    if "world" not in body:
-                        summary.failures.append(f"a request got an incomplete answer: {body!r}")
-                    await _watch(timeline, "idle", 1.0)
-                async with aiohttp.ClientSession() as s, s.get(health_url) as r:
-                    health = await r.json()
-                summary.pauses, summary.resumes = health["pauses"], health["resumes"]
-                if args.keep:
-                    await _keep(url, pod, work)
-            summary.resume_ms = _resume_times(proxy_log)
-    finally:
+            print(f"\n• {args.requests} requests, each asking the app to take 1 s", flush=True)
+            for _ in range(args.requests):
+                await _wait_frozen(pod, proxy.health_url)
+                ticks0 = _ticks(pod)
+                request = asyncio.ensure_future(_request(proxy.url, 1.0))
+                await _watch(timeline, "request", 1.0, every=0.25)
+                wake_ms, body = await request
+                summary.busy_ticks += _ticks(pod) - ticks0
+                summary.wake_ms.append(wake_ms)
+                if "world" not in body:
+                    summary.failures.append(f"a request got an incomplete answer: {body!r}")
+                await _watch(timeline, "idle", 1.0)
+            health = await proxy.health()
+            summary.pauses, summary.resumes = health["pauses"], health["resumes"]
+            if args.keep:
+                await _keep(proxy.url, pod, work)
+        summary.resume_ms = _resume_times(proxy.log_file)
         done = _progress("tearing down (pods, shims, cgroups, mounts)")
-        if client is not None:
-            await client.close()
-        containerd.stop()
-        if not args.keep_logs:
-            import shutil
-
-            shutil.rmtree(work, ignore_errors=True)
-        done("nothing left behind")
+    done("nothing left behind")
     return summary
 
 
