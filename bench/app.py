@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -26,12 +27,13 @@ def main() -> None:
     app = web.Application()
     app.router.add_get("/small", small)
     app.router.add_get("/big", big)
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
     try:
         import uvloop
 
         loop_factory = uvloop.new_event_loop
     except ImportError:
-        loop_factory = asyncio.new_event_loop
+        pass
     web.run_app(
         app,
         host="127.0.0.1",

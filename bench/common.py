@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +36,14 @@ class Table:
     rows: list[Row] = field(default_factory=list)
 
     def add(self, bench: str, variant: str, note: str = "", **values: float | int | str) -> Row:
-        row = Row(bench, variant, values, note)
+        return self.add_row(bench, variant, values, note)
+
+    def add_row(
+        self, bench: str, variant: str, values: Mapping[str, float | int | str], note: str = ""
+    ) -> Row:
+        row = Row(bench, variant, dict(values), note)
         self.rows.append(row)
-        print(f"  {bench:<10} {variant:<38} {_fmt_values(values)}", flush=True)
+        print(f"  {bench:<10} {variant:<38} {_fmt_values(row.values)}", flush=True)
         return row
 
     def render(self) -> str:

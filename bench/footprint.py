@@ -51,7 +51,7 @@ def run(table: Table, quick: bool = False) -> None:
             "footprint", "freeze-proxy idle", **memory_mib(proxy.pid), note="target RSS <= 25 MiB"
         )
         wrk(f"http://127.0.0.1:{proxy_port}/big", 32, 1 if quick else 5, threads=2)
-        table.add("footprint", "freeze-proxy after load (c=32)", **memory_mib(proxy.pid))
+        table.add_row("footprint", "freeze-proxy after load (c=32)", memory_mib(proxy.pid))
     daemon_port = free_port()
     with process(
         [
@@ -68,7 +68,7 @@ def run(table: Table, quick: bool = False) -> None:
         daemon_port,
     ) as daemon:
         time.sleep(0.3)
-        table.add("footprint", "freeze-daemon idle", **memory_mib(daemon.pid))
+        table.add_row("footprint", "freeze-daemon idle", memory_mib(daemon.pid))
     for program, module in (
         ("freeze-proxy", "freeze_proxy.app"),
         ("freeze-daemon", "daemon.api"),
