@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from bench.common import Table, bench_app, free_port, freeze_proxy_cmd, process, wrk
+from testbed.tokens import new_rsa_key, write_jwks
 
 
 def memory_mib(pid: int) -> dict[str, float]:
@@ -53,6 +55,7 @@ def run(table: Table, quick: bool = False) -> None:
         wrk(f"http://127.0.0.1:{proxy_port}/big", 32, 1 if quick else 5, threads=2)
         table.add_row("footprint", "freeze-proxy after load (c=32)", memory_mib(proxy.pid))
     daemon_port = free_port()
+    jwks = write_jwks(Path(tempfile.mkdtemp(prefix="freeze-bench-")) / "jwks.json", new_rsa_key())
     with process(
         [
             sys.executable,
@@ -60,7 +63,7 @@ def run(table: Table, quick: bool = False) -> None:
             "daemon",
             f"--listen=127.0.0.1:{daemon_port}",
             "--no-token-review",
-            "--jwks-file=/dev/null",
+            f"--jwks-file={jwks}",
             "--issuer=https://bench.invalid",
             "--containerd-socket=/nonexistent.sock",
             "--log-level=warning",
