@@ -1,0 +1,300 @@
+"""AdmissionReview round trips over real HTTPS to a running ``python -m webhook`` process."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.pytest_plugin import AiohttpClient
+
+from tests.test_mutation import apply_patch, knative_pod
+from webhook import certs
+from webhook.app import create_app
+from webhook.mutation import MutationResult, MutationSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = "ghcr.io/freeze-proxy/freeze-proxy:e2e"
+SERVICE_DNS = "freezer-webhook.knative-serving.svc"
+
+
+def review(obj: Any, api_version: str = "admission.k8s.io/v1", **request: Any) -> dict[str, Any]:
+    """An AdmissionReview as the API server sends it for a Pod CREATE."""
+    body: dict[str, Any] = {
+        "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+        "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "resource": {"group": "", "version": "v1", "resource": "pods"},
+        "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+        "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+        "namespace": "default",
+        "operation": "CREATE",
+        "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+        "object": obj,
+        "oldObject": None,
+        "dryRun": False,
+        "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+    }
+    body.update(request)
+    return {"apiVersion": api_version, "kind": "AdmissionReview", "request": body}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_certs(directory: Path, now: dt.datetime) -> certs.CertBundle:
+    bundle = certs.generate("freezer-webhook", "knative-serving", now)
+    (directory / "tls.crt.tmp").write_bytes(bundle.server_cert)
+    (directory / "tls.key.tmp").write_bytes(bundle.server_key)
+    os.replace(directory / "tls.key.tmp", directory / "tls.key")
+    os.replace(directory / "tls.crt.tmp", directory / "tls.crt")
+    return bundle
+
+
+@dataclass
+class Webhook:
+    url: str
+    proc: subprocess.Popen[bytes]
+    ca: bytes
+    tmp: Path
+
+    def ssl_for(self, ca: bytes) -> ssl.SSLContext:
+        return ssl.create_default_context(cadata=ca.decode())
+
+
+@pytest.fixture
+def webhook_process(tmp_path: Path) -> Iterator[Webhook]:
+    bundle = write_certs(tmp_path, dt.datetime.now(dt.UTC))
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "webhook",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--tls-cert-file",
+            str(tmp_path / "tls.crt"),
+            "--tls-private-key-file",
+            str(tmp_path / "tls.key"),
+            "--reload-interval",
+            "0.2",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "FREEZE_PROXY_IMAGE": IMAGE, "PYTHONPATH": str(ROOT)},
+        stderr=subprocess.PIPE,
+    )
+    hook = Webhook(f"https://127.0.0.1:{port}", proc, bundle.ca_bundle, tmp_path)
+    try:
+        yield hook
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+async def session(webhook_process: Webhook) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        ctx = webhook_process.ssl_for(webhook_process.ca)
+        for _ in range(100):
+            if webhook_process.proc.poll() is not None:
+                pytest.fail(f"webhook exited: {webhook_process.proc.stderr.read()!r}")  # type: ignore[union-attr]
+            try:
+                async with s.get(
+                    webhook_process.url + "/healthz", ssl=ctx, server_hostname=SERVICE_DNS
+                ) as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("webhook never became healthy")
+        yield s
+
+
+async def post(
+    hook: Webhook, session: aiohttp.ClientSession, body: Any, path: str = "/defaulting"
+) -> tuple[int, Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with session.post(
+        hook.url + path,
+        data=data,
+        headers={"Content-Type": "application/json"},
+        ssl=hook.ssl_for(hook.ca),
+        server_hostname=SERVICE_DNS,
+    ) as r:
+        return r.status, await r.json()
+
+
+def decode_patch(response: dict[str, Any]) -> list[dict[str, Any]]:
+    assert response["patchType"] == "JSONPatch"
+    return json.loads(base64.b64decode(response["patch"]))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("version", ["admission.k8s.io/v1", "admission.k8s.io/v1beta1"])
+@pytest.mark.parametrize("path", ["/defaulting", "/mutate"])
+async def test_round_trip(
+    webhook_process: Webhook, session: aiohttp.ClientSession, version: str, path: str
+) -> None:
+    pod = knative_pod(annotations={"freeze-proxy.knative.dev/grace": "500ms"})
+    status, body = await post(webhook_process, session, review(pod, version), path)
+    assert status == 200
+    assert body["apiVersion"] == version and body["kind"] == "AdmissionReview"
+    response = body["response"]
+    assert response["uid"] == "705ab4f5-6393-11e8-b7cc-42010a800002"
+    assert response["allowed"] is True
+    assert "warnings" not in response
+    out = apply_patch(pod, decode_patch(response))
+    proxy = out["spec"]["containers"][-1]
+    assert proxy["image"] == IMAGE
+    assert {"name": "FREEZE_GRACE", "value": "500ms"} in proxy["env"]
+
+
+async def test_invalid_grace_warns(
+    webhook_process: Webhook, session: aiohttp.ClientSession
+) -> None:
+    pod = knative_pod(annotations={"freeze-proxy.knative.dev/grace": "whenever"})
+    status, body = await post(webhook_process, session, review(pod))
+    assert status == 200
+    response = body["response"]
+    assert response["allowed"] is True and response["patch"]
+    (warning,) = response["warnings"]
+    assert "whenever" in warning and "refused" in warning
+
+
+async def test_already_mutated_and_opted_out_get_no_patch(
+    webhook_process: Webhook, session: aiohttp.ClientSession
+) -> None:
+    for pod in (
+        knative_pod(labels={"freeze-pod-added": "true"}),
+        knative_pod(annotations={"freeze-proxy.knative.dev/enabled": "false"}),
+    ):
+        status, body = await post(webhook_process, session, review(pod))
+        assert status == 200
+        assert body["response"] == {"uid": "705ab4f5-6393-11e8-b7cc-42010a800002", "allowed": True}
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{not json", "not JSON"),
+        (b"[]", "not a JSON object"),
+        ({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}, "no request"),
+        ({"apiVersion": "v1", "kind": "AdmissionReview", "request": {}}, "apiVersion"),
+        ({"kind": "Pod"}, "kind"),
+    ],
+)
+async def test_malformed_is_400(
+    webhook_process: Webhook, session: aiohttp.ClientSession, body: Any, reason: str
+) -> None:
+    status, answer = await post(webhook_process, session, body)
+    assert status == 400
+    assert reason in answer["error"]
+
+
+async def test_non_pod_is_400(webhook_process: Webhook, session: aiohttp.ClientSession) -> None:
+    deployment = review(
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}},
+        kind={"group": "apps", "version": "v1", "kind": "Deployment"},
+        resource={"group": "apps", "version": "v1", "resource": "deployments"},
+    )
+    status, answer = await post(webhook_process, session, deployment)
+    assert status == 400 and "Pod" in answer["error"]
+    missing_uid = review(knative_pod())
+    del missing_uid["request"]["uid"]
+    status, answer = await post(webhook_process, session, missing_uid)
+    assert status == 400 and "uid" in answer["error"]
+
+
+async def test_internal_error_is_allowed_with_warning(
+    webhook_process: Webhook, session: aiohttp.ClientSession
+) -> None:
+    """A pod our code chokes on is admitted unchanged, never blocked."""
+    broken: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "x"},
+        "spec": {},
+    }
+    broken["spec"]["containers"] = "not-a-list"
+    status, body = await post(webhook_process, session, review(broken))
+    assert status == 200
+    response = body["response"]
+    assert response["allowed"] is True
+    assert "patch" not in response
+    assert "admitted unchanged" in response["warnings"][0]
+
+
+async def test_logs_name_the_pod_and_shutdown_is_clean(
+    webhook_process: Webhook, session: aiohttp.ClientSession
+) -> None:
+    await post(webhook_process, session, review(knative_pod()))
+    webhook_process.proc.terminate()
+    assert webhook_process.proc.wait(timeout=10) == 0
+    assert webhook_process.proc.stderr is not None
+    lines = [json.loads(line) for line in webhook_process.proc.stderr.read().splitlines()]
+    mutated = [e for e in lines if e.get("action") == "mutated"]
+    assert mutated and mutated[0]["pod"] == "default/hello-00001-deployment-6d9f8c7b5-*"
+    assert mutated[0]["program"] == "freeze-webhook"
+    assert "freeze-proxy injected" in mutated[0]["msg"]
+
+
+async def test_cert_files_are_reloaded(
+    webhook_process: Webhook, session: aiohttp.ClientSession
+) -> None:
+    await asyncio.sleep(0.3)
+    new = write_certs(webhook_process.tmp, dt.datetime.now(dt.UTC))
+    for _ in range(50):
+        try:
+            status, _ = await post(
+                Webhook(
+                    webhook_process.url, webhook_process.proc, new.ca_bundle, webhook_process.tmp
+                ),
+                session,
+                review(knative_pod()),
+            )
+            assert status == 200
+            break
+        except aiohttp.ClientConnectorCertificateError:
+            await asyncio.sleep(0.1)
+    else:
+        pytest.fail("new certificate was never served")
+
+
+# --- in-process: an exception from the mutation itself ------------------------------------------
+
+
+async def test_mutator_exception_is_allowed_with_warning(aiohttp_client: AiohttpClient) -> None:
+    def explode(pod: Any, settings: MutationSettings) -> MutationResult:
+        raise RuntimeError("boom")
+
+    client = await aiohttp_client(create_app(MutationSettings(proxy_image=IMAGE), explode))
+    r = await client.post("/mutate", json=review(knative_pod(), "admission.k8s.io/v1beta1"))
+    assert r.status == 200
+    body = await r.json()
+    assert body["apiVersion"] == "admission.k8s.io/v1beta1"
+    assert body["response"]["allowed"] is True
+    assert "RuntimeError: boom" in body["response"]["warnings"][0]
+
+
+async def test_non_create_operations_pass_through(aiohttp_client: AiohttpClient) -> None:
+    client = await aiohttp_client(create_app(MutationSettings(proxy_image=IMAGE)))
+    r = await client.post("/mutate", json=review(None, operation="DELETE", oldObject=knative_pod()))
+    assert r.status == 200
+    assert (await r.json())["response"]["allowed"] is True

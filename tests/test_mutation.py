@@ -1,0 +1,537 @@
+"""The pure Pod -> JSONPatch mutation, on pods shaped as Knative's reconciler makes them."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from webhook.mutation import (
+    ANNOTATION_CONTAINER,
+    ANNOTATION_ENABLED,
+    ANNOTATION_GRACE,
+    MutationSettings,
+    escape_pointer,
+    mutate,
+    rewrite_readiness_env,
+)
+
+SETTINGS = MutationSettings(proxy_image="ghcr.io/freeze-proxy/freeze-proxy:test")
+TCP_PROBE = '{"tcpSocket":{"port":8080,"host":"127.0.0.1"},"successThreshold":1}'
+
+
+# --- a tiny RFC 6902 applier (add/replace/remove/test), enough to check our patches -------------
+
+
+def _unescape(token: str) -> str:
+    return token.replace("~1", "/").replace("~0", "~")
+
+
+def _parent(doc: Any, path: str) -> tuple[Any, str]:
+    assert path.startswith("/"), path
+    tokens = [_unescape(t) for t in path[1:].split("/")]
+    node = doc
+    for token in tokens[:-1]:
+        node = node[int(token)] if isinstance(node, list) else node[token]
+    return node, tokens[-1]
+
+
+def apply_patch(doc: Any, patch: list[dict[str, Any]]) -> Any:
+    doc = copy.deepcopy(doc)
+    for op in patch:
+        parent, key = _parent(doc, op["path"])
+        kind = op["op"]
+        if kind == "test":
+            current = parent[int(key)] if isinstance(parent, list) else parent[key]
+            assert current == op["value"], op
+        elif kind == "add":
+            if isinstance(parent, list):
+                if key == "-":
+                    parent.append(copy.deepcopy(op["value"]))
+                else:
+                    parent.insert(int(key), copy.deepcopy(op["value"]))
+            else:
+                parent[key] = copy.deepcopy(op["value"])
+        elif kind == "replace":
+            if isinstance(parent, list):
+                parent[int(key)] = copy.deepcopy(op["value"])
+            else:
+                assert key in parent, f"replace of missing {op['path']}"
+                parent[key] = copy.deepcopy(op["value"])
+        elif kind == "remove":
+            del parent[int(key) if isinstance(parent, list) else key]
+        else:
+            raise AssertionError(f"unexpected op {kind}")
+    return doc
+
+
+# --- realistic pods ------------------------------------------------------------------------------
+
+
+def queue_proxy(
+    user_port: int = 8080, probe: str | None = TCP_PROBE, serving_port_name: str = "http1"
+) -> dict[str, Any]:
+    """queue-proxy as Knative 1.x's revision reconciler builds it (real env names, trimmed)."""
+    env: list[dict[str, Any]] = [
+        {"name": "SERVING_NAMESPACE", "value": "default"},
+        {"name": "SERVING_SERVICE", "value": "hello"},
+        {"name": "SERVING_CONFIGURATION", "value": "hello"},
+        {"name": "SERVING_REVISION", "value": "hello-00001"},
+        {"name": "QUEUE_SERVING_PORT", "value": "8012"},
+        {"name": "QUEUE_SERVING_TLS_PORT", "value": "8112"},
+        {"name": "CONTAINER_CONCURRENCY", "value": "0"},
+        {"name": "REVISION_TIMEOUT_SECONDS", "value": "300"},
+        {"name": "REVISION_RESPONSE_START_TIMEOUT_SECONDS", "value": "0"},
+        {"name": "REVISION_IDLE_TIMEOUT_SECONDS", "value": "0"},
+        {"name": "SERVING_POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "SERVING_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "SERVING_LOGGING_CONFIG"},
+        {"name": "SERVING_LOGGING_LEVEL"},
+        {"name": "SERVING_REQUEST_LOG_TEMPLATE", "value": ""},
+        {"name": "SERVING_ENABLE_REQUEST_LOG", "value": "false"},
+        {"name": "SERVING_REQUEST_METRICS_BACKEND", "value": "prometheus"},
+        {"name": "TRACING_CONFIG_BACKEND", "value": "none"},
+        {"name": "USER_PORT", "value": str(user_port)},
+        {"name": "SYSTEM_NAMESPACE", "value": "knative-serving"},
+        {"name": "METRICS_DOMAIN", "value": "knative.dev/internal/serving"},
+        {"name": "ENABLE_PROFILING", "value": "false"},
+        {"name": "SERVING_ENABLE_PROBE_REQUEST_LOG", "value": "false"},
+        {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+        {"name": "ENABLE_HTTP2_AUTO_DETECTION", "value": "false"},
+        {"name": "ROOT_CA", "value": ""},
+    ]
+    if probe is not None:
+        env.insert(21, {"name": "SERVING_READINESS_PROBE", "value": probe})
+    return {
+        "name": "queue-proxy",
+        "image": "gcr.io/knative-releases/knative.dev/serving/cmd/queue@sha256:" + "a" * 64,
+        "env": env,
+        "ports": [
+            {"name": "http-queueadm", "containerPort": 8022, "protocol": "TCP"},
+            {"name": "http-autometric", "containerPort": 9090, "protocol": "TCP"},
+            {"name": "http-usermetric", "containerPort": 9091, "protocol": "TCP"},
+            {"name": serving_port_name, "containerPort": 8012, "protocol": "TCP"},
+            {"name": "https", "containerPort": 8112, "protocol": "TCP"},
+        ],
+        "readinessProbe": {
+            "httpGet": {
+                "port": 8012,
+                "httpHeaders": [{"name": "K-Network-Probe", "value": "queue"}],
+            },
+            "periodSeconds": 10,
+        },
+        "resources": {"requests": {"cpu": "25m"}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "imagePullPolicy": "IfNotPresent",
+    }
+
+
+def user_container(
+    name: str = "user-container", port: int | None = 8080, port_name: str = "user-port"
+) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": name,
+        "image": "ghcr.io/freeze-proxy/sleeptalker@sha256:" + "b" * 64,
+        "env": [
+            {"name": "K_REVISION", "value": "hello-00001"},
+            {"name": "K_CONFIGURATION", "value": "hello"},
+            {"name": "K_SERVICE", "value": "hello"},
+        ],
+        "lifecycle": {
+            "preStop": {"httpGet": {"path": "/wait-for-drain", "port": 8022, "scheme": "HTTP"}}
+        },
+        "resources": {},
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "imagePullPolicy": "IfNotPresent",
+    }
+    if port is not None:
+        container["ports"] = [{"name": port_name, "containerPort": port, "protocol": "TCP"}]
+        container["env"].insert(0, {"name": "PORT", "value": str(port)})
+    return container
+
+
+def knative_pod(
+    containers: list[dict[str, Any]] | None = None,
+    annotations: dict[str, str] | None = None,
+    labels: dict[str, str] | None = None,
+    volumes: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    pod: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "hello-00001-deployment-6d9f8c7b5-",
+            "namespace": "default",
+            "labels": {
+                "app": "hello-00001",
+                "pod-template-hash": "6d9f8c7b5",
+                "serving.knative.dev/configuration": "hello",
+                "serving.knative.dev/configurationGeneration": "1",
+                "serving.knative.dev/revision": "hello-00001",
+                "serving.knative.dev/service": "hello",
+                **(labels or {}),
+            },
+            "annotations": {"serving.knative.dev/creator": "admin", **(annotations or {})},
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "ReplicaSet",
+                    "name": "hello-00001-deployment-6d9f8c7b5",
+                    "uid": "0b8e0d55-8d8c-4c69-9d43-3e0f8f6c1b2a",
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {
+            "containers": containers
+            if containers is not None
+            else [user_container(), queue_proxy()],
+            "enableServiceLinks": False,
+            "serviceAccountName": "default",
+            "terminationGracePeriodSeconds": 300,
+        },
+    }
+    if volumes is not None:
+        pod["spec"]["volumes"] = volumes
+    return pod
+
+
+def mutated(pod: dict[str, Any]) -> dict[str, Any]:
+    result = mutate(pod, SETTINGS)
+    assert result.action == "mutated", result.reason
+    return apply_patch(pod, result.patch)  # type: ignore[no-any-return]
+
+
+def container(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in pod["spec"]["containers"] if c["name"] == name)
+
+
+def env(c: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def validate(pod: dict[str, Any]) -> None:
+    kubernetes_validate.validate(pod, "1.33", strict=True)
+
+
+# --- examples ------------------------------------------------------------------------------------
+
+
+def test_default_knative_pod_is_fully_mutated() -> None:
+    pod = knative_pod()
+    validate(pod)
+    out = mutated(pod)
+    validate(out)
+    labels = out["metadata"]["labels"]
+    assert labels["freeze-pod-added"] == "true"
+    assert labels["freeze-pod-version"] == "3"
+    assert labels["serving.knative.dev/revision"] == "hello-00001"  # untouched
+    (volume,) = out["spec"]["volumes"]
+    assert volume == {
+        "name": "freeze-projected",
+        "projected": {
+            "sources": [
+                {
+                    "serviceAccountToken": {
+                        "audience": "freeze",
+                        "expirationSeconds": 600,
+                        "path": "token",
+                    }
+                }
+            ]
+        },
+    }
+    assert env(container(out, "queue-proxy"))["USER_PORT"] == "9999"
+    proxy = out["spec"]["containers"][-1]
+    assert proxy["name"] == "freeze-proxy"
+    assert proxy["image"] == SETTINGS.proxy_image
+    assert proxy["args"][-2:] == ["--upstream", "http://127.0.0.1:8080"]
+    proxy_env = env(proxy)
+    assert proxy_env["HOST_IP"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
+    assert proxy_env["USER_CONTAINER"] == "user-container"
+    assert "FREEZE_GRACE" not in proxy_env
+    assert proxy["volumeMounts"] == [
+        {"name": "freeze-projected", "mountPath": "/var/run/projected", "readOnly": True}
+    ]
+    sc = proxy["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 9998}
+    assert set(proxy["resources"]["requests"]) == {"cpu", "memory"}
+    # The user container itself is not changed (no probes to re-aim here).
+    assert container(out, "user-container") == container(pod, "user-container")
+
+
+def test_custom_user_port_and_container_name() -> None:
+    pod = knative_pod([queue_proxy(user_port=3000), user_container("api", 3000, "http1")])
+    out = mutated(pod)
+    validate(out)
+    proxy = container(out, "freeze-proxy")
+    assert env(proxy)["USER_CONTAINER"] == "api"
+    assert proxy["args"][-1] == "http://127.0.0.1:3000"
+    assert env(container(out, "queue-proxy"))["USER_PORT"] == "9999"
+
+
+def test_multi_container_picks_the_one_declaring_the_port() -> None:
+    sidecar = user_container("log-shipper", None)
+    pod = knative_pod([sidecar, user_container("web", 8081), queue_proxy(user_port=8081)])
+    result = mutate(pod, SETTINGS)
+    assert result.user_container == "web"
+    assert result.user_port == 8081
+    validate(apply_patch(pod, result.patch))
+
+
+def test_user_container_by_knative_port_env_when_no_port_declared() -> None:
+    web = user_container("web", None)
+    web["env"].insert(0, {"name": "PORT", "value": "8080"})
+    pod = knative_pod([user_container("sidecar", None), web, queue_proxy()])
+    assert mutate(pod, SETTINGS).user_container == "web"
+
+
+def test_user_container_by_annotation() -> None:
+    pod = knative_pod(
+        [user_container("a", None), user_container("b", None), queue_proxy()],
+        annotations={ANNOTATION_CONTAINER: "b"},
+    )
+    assert mutate(pod, SETTINGS).user_container == "b"
+
+
+def test_single_other_container_without_ports() -> None:
+    pod = knative_pod([user_container("only", None), queue_proxy()])
+    assert mutate(pod, SETTINGS).user_container == "only"
+
+
+def test_undecidable_user_container_is_left_alone_with_a_warning() -> None:
+    pod = knative_pod([user_container("a", None), user_container("b", None), queue_proxy()])
+    result = mutate(pod, SETTINGS)
+    assert result.patch == []
+    assert result.action == "skipped"
+    assert result.warnings and "cannot tell" in result.warnings[0]
+
+
+def test_already_mutated_gets_empty_patch() -> None:
+    out = mutated(knative_pod())
+    again = mutate(out, SETTINGS)
+    assert again.patch == [] and again.action == "skipped" and not again.warnings
+
+
+def test_opted_out() -> None:
+    pod = knative_pod(annotations={ANNOTATION_ENABLED: "false"})
+    result = mutate(pod, SETTINGS)
+    assert result.patch == [] and "opted out" in result.reason
+    assert mutate(knative_pod(annotations={ANNOTATION_ENABLED: "true"}), SETTINGS).patch
+
+
+def test_non_knative_pod_untouched_silently() -> None:
+    pod = knative_pod([user_container("nginx", 80)])
+    result = mutate(pod, SETTINGS)
+    assert result.patch == [] and not result.warnings
+
+
+@pytest.mark.parametrize("grace", ["0", "250ms", "1.5s", "2m", "10"])
+def test_valid_grace_becomes_env(grace: str) -> None:
+    out = mutated(knative_pod(annotations={ANNOTATION_GRACE: grace}))
+    assert env(container(out, "freeze-proxy"))["FREEZE_GRACE"] == grace
+    assert not mutate(knative_pod(annotations={ANNOTATION_GRACE: grace}), SETTINGS).warnings
+
+
+@pytest.mark.parametrize("grace", ["soon", "-1s", "5 days", ""])
+def test_invalid_grace_is_dropped_with_warning(grace: str) -> None:
+    pod = knative_pod(annotations={ANNOTATION_GRACE: grace})
+    result = mutate(pod, SETTINGS)
+    assert result.action == "mutated"  # still admitted and frozen, with the default grace
+    out = apply_patch(pod, result.patch)
+    assert "FREEZE_GRACE" not in env(container(out, "freeze-proxy"))
+    (warning,) = result.warnings
+    assert ANNOTATION_GRACE in warning and "refused" in warning and "default" in warning
+    assert "invalid duration" in warning  # says why
+
+
+def test_volume_name_collision() -> None:
+    users = [
+        {"name": "freeze-projected", "emptyDir": {}},
+        {"name": "freeze-projected-2", "emptyDir": {}},
+        {"name": "projected", "emptyDir": {}},
+    ]
+    pod = knative_pod(volumes=copy.deepcopy(users))
+    out = mutated(pod)
+    validate(out)
+    assert out["spec"]["volumes"][:3] == users
+    assert out["spec"]["volumes"][3]["name"] == "freeze-projected-3"
+    mounts = container(out, "freeze-proxy")["volumeMounts"]
+    assert mounts[0]["name"] == "freeze-projected-3"
+
+
+def test_missing_labels_map_is_created() -> None:
+    pod = knative_pod()
+    del pod["metadata"]["labels"]
+    out = mutated(pod)
+    assert out["metadata"]["labels"] == {"freeze-pod-added": "true", "freeze-pod-version": "3"}
+
+
+def test_readiness_probe_http_is_reaimed_at_the_proxy() -> None:
+    probe = json.dumps(
+        {
+            "httpGet": {
+                "path": "/ready",
+                "port": 8080,
+                "host": "127.0.0.1",
+                "scheme": "HTTP",
+                "httpHeaders": [{"name": "K-Kubelet-Probe", "value": "queue"}],
+            },
+            "successThreshold": 1,
+        }
+    )
+    pod = knative_pod([user_container(), queue_proxy(probe=probe)])
+    out = mutated(pod)
+    new = json.loads(env(container(out, "queue-proxy"))["SERVING_READINESS_PROBE"])
+    assert new["httpGet"]["port"] == 9999
+    assert new["httpGet"]["path"] == "/ready"
+
+
+def test_readiness_probe_tcp_is_kept() -> None:
+    out = mutated(knative_pod())
+    assert env(container(out, "queue-proxy"))["SERVING_READINESS_PROBE"] == TCP_PROBE
+
+
+def test_readiness_probe_list_form_only_user_port_rewritten() -> None:
+    probes = [
+        {"httpGet": {"path": "/", "port": 8080}},
+        {"httpGet": {"path": "/", "port": 9000}},
+    ]
+    new, grpc = rewrite_readiness_env(json.dumps(probes), 8080, 9999)
+    assert new is not None and not grpc
+    assert [p["httpGet"]["port"] for p in json.loads(new)] == [9999, 9000]
+    assert rewrite_readiness_env("not json", 8080, 9999) == (None, False)
+
+
+def test_grpc_probe_warns() -> None:
+    probe = '{"grpc":{"port":8080,"service":null}}'
+    result = mutate(knative_pod([user_container(), queue_proxy(probe=probe)]), SETTINGS)
+    assert result.action == "mutated"
+    assert any("grpc" in w for w in result.warnings)
+
+
+def test_user_liveness_probe_named_port_reaimed() -> None:
+    user = user_container()
+    user["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "user-port"}}
+    user["startupProbe"] = {"tcpSocket": {"port": 8080}}
+    out = mutated(knative_pod([user, queue_proxy()]))
+    validate(out)
+    new_user = container(out, "user-container")
+    assert new_user["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 9999}
+    assert new_user["startupProbe"] == {"tcpSocket": {"port": 8080}}
+
+
+def test_h2c_apps_are_not_mutated() -> None:
+    pod = knative_pod([user_container(port_name="h2c"), queue_proxy(serving_port_name="h2c")])
+    result = mutate(pod, SETTINGS)
+    assert result.patch == [] and "h2c" in result.warnings[0]
+
+
+def test_app_on_proxy_port_is_not_mutated() -> None:
+    pod = knative_pod([user_container(port=9999), queue_proxy(user_port=9999)])
+    result = mutate(pod, SETTINGS)
+    assert result.patch == [] and "9999" in result.warnings[0]
+
+
+def test_queue_proxy_found_by_env_when_renamed() -> None:
+    qp = queue_proxy()
+    qp["name"] = "qp"
+    result = mutate(knative_pod([user_container(), qp]), SETTINGS)
+    assert result.action == "mutated" and result.user_container == "user-container"
+
+
+def test_pointer_escaping() -> None:
+    assert escape_pointer("example.com/a~b") == "example.com~1a~0b"
+    doc: dict[str, Any] = {"metadata": {"labels": {}}}
+    key = "freeze-proxy.knative.dev/x~y"
+    patched = apply_patch(
+        doc, [{"op": "add", "path": f"/metadata/labels/{escape_pointer(key)}", "value": "1"}]
+    )
+    assert patched["metadata"]["labels"] == {key: "1"}
+
+
+def test_malformed_pod_raises_for_the_admission_layer() -> None:
+    with pytest.raises((TypeError, AttributeError, KeyError)):
+        mutate({"metadata": {}, "spec": {"containers": "oops"}}, SETTINGS)
+
+
+# --- property: any plausible Knative pod -> valid, idempotent ------------------------------------
+
+names = st.from_regex(r"[a-z][a-z0-9-]{0,10}[a-z0-9]", fullmatch=True)
+ports = st.integers(min_value=1, max_value=65535).filter(lambda p: p not in (9998, 9999, 8012))
+
+
+@st.composite
+def pods(draw: st.DrawFn) -> dict[str, Any]:
+    user_port = draw(ports)
+    user_name = draw(names.filter(lambda n: n not in ("queue-proxy", "freeze-proxy")))
+    user = user_container(user_name, user_port, draw(st.sampled_from(["user-port", "http1"])))
+    if draw(st.booleans()):
+        user["livenessProbe"] = {
+            "httpGet": {"path": "/", "port": draw(st.sampled_from([user_port, "user-port"]))}
+        }
+    probe = draw(
+        st.sampled_from(
+            [
+                None,
+                TCP_PROBE.replace("8080", str(user_port)),
+                json.dumps({"httpGet": {"port": user_port, "host": "127.0.0.1"}}),
+                json.dumps([{"httpGet": {"port": user_port}}, {"tcpSocket": {"port": 1234}}]),
+            ]
+        )
+    )
+    sidecars = [
+        user_container(n, None)
+        for n in draw(st.lists(names, max_size=2, unique=True))
+        if n not in (user_name, "queue-proxy", "freeze-proxy")
+    ]
+    containers = [user, *sidecars, queue_proxy(user_port, probe)]
+    order = draw(st.permutations(containers))
+    volume_names = draw(
+        st.lists(
+            st.sampled_from(["freeze-projected", "projected", "freeze-projected-2", "data"]),
+            unique=True,
+            max_size=4,
+        )
+    )
+    volumes = [{"name": n, "emptyDir": {}} for n in volume_names] if volume_names else None
+    annotations = {}
+    if draw(st.booleans()):
+        annotations[ANNOTATION_GRACE] = draw(st.sampled_from(["2s", "100ms", "bogus", "0"]))
+    pod = knative_pod(list(order), annotations=annotations, volumes=volumes)
+    if draw(st.booleans()):
+        del pod["metadata"]["labels"]
+    return pod
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pods())
+def test_property_patch_yields_valid_idempotent_pod(pod: dict[str, Any]) -> None:
+    validate(pod)
+    result = mutate(pod, SETTINGS)
+    assert result.action == "mutated", result.reason
+    out = apply_patch(pod, result.patch)
+    validate(out)
+    names_seen = [c["name"] for c in out["spec"]["containers"]]
+    assert len(names_seen) == len(set(names_seen))
+    volumes_seen = [v["name"] for v in out["spec"]["volumes"]]
+    assert len(volumes_seen) == len(set(volumes_seen))
+    assert env(container(out, "queue-proxy"))["USER_PORT"] == "9999"
+    assert mutate(out, SETTINGS).patch == []

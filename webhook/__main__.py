@@ -1,0 +1,73 @@
+"""freeze-webhook: flags and env -> WebhookSettings -> serve (nothing else lives here)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from freeze_proxy import jsonlog
+from webhook.app import WebhookSettings, serve, split_listen
+
+
+def parse_args(argv: list[str] | None = None) -> WebhookSettings:
+    """Flags win over env; --proxy-image is required one way or the other."""
+    p = argparse.ArgumentParser(
+        prog="freeze-webhook",
+        description="Admission webhook that injects freeze-proxy into Knative revision pods.",
+    )
+    p.add_argument("--listen", default="0.0.0.0:8443", help="HOST:PORT for HTTPS")
+    p.add_argument("--tls-cert-file", default=None, help="serve this cert (reloaded on change)")
+    p.add_argument("--tls-private-key-file", default=None, help="key for --tls-cert-file")
+    p.add_argument(
+        "--proxy-image",
+        default=os.environ.get("FREEZE_PROXY_IMAGE"),
+        help="freeze-proxy image to inject [env FREEZE_PROXY_IMAGE]",
+    )
+    p.add_argument(
+        "--namespace",
+        default=os.environ.get("SYSTEM_NAMESPACE", "knative-serving"),
+        help="namespace of the Service/Secret [env SYSTEM_NAMESPACE]",
+    )
+    p.add_argument("--service-name", default="freezer-webhook")
+    p.add_argument("--secret-name", default="freezer-webhook-certs")
+    p.add_argument("--webhook-config-name", default="webhook.freeze.extensions.knative.dev")
+    p.add_argument("--kubeconfig", default=None, help="default: in-cluster service account")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--reload-interval", type=float, default=10.0, help="seconds between cert-file checks"
+    )
+    args = p.parse_args(argv)
+    if not args.proxy_image:
+        p.error("--proxy-image (or env FREEZE_PROXY_IMAGE) is required")
+    if bool(args.tls_cert_file) != bool(args.tls_private_key_file):
+        p.error("--tls-cert-file and --tls-private-key-file go together")
+    try:
+        split_listen(args.listen)
+    except ValueError as err:
+        p.error(str(err))
+    return WebhookSettings(
+        proxy_image=args.proxy_image,
+        listen=args.listen,
+        tls_cert_file=args.tls_cert_file,
+        tls_private_key_file=args.tls_private_key_file,
+        namespace=args.namespace,
+        service_name=args.service_name,
+        secret_name=args.secret_name,
+        webhook_config_name=args.webhook_config_name,
+        kubeconfig=args.kubeconfig,
+        log_level=args.log_level,
+        reload_interval=args.reload_interval,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_args(argv)
+    jsonlog.setup("freeze-webhook", settings.log_level)
+    asyncio.run(serve(settings))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,433 @@
+"""Pure Pod -> JSONPatch mutation that inserts freeze-proxy between queue-proxy and the app.
+
+Everything here is a function of the Pod dict and ``MutationSettings``: no I/O, no clock, so it is
+unit-tested on realistic Knative pods and property-tested for idempotence and schema validity.
+
+How the pod is read (never from hard-coded names):
+
+* queue-proxy is the container named ``queue-proxy`` or, failing that, the one whose env has both
+  ``USER_PORT`` and ``QUEUE_SERVING_PORT`` (the env Knative's revision reconciler gives it).
+* The app's port is queue-proxy's ``USER_PORT``.
+* The user container is the one declaring that port, else the one named by the annotation
+  ``freeze-proxy.knative.dev/container``, else the one whose ``PORT`` env (set by Knative) equals
+  it, else the single other container. Undecidable -> no mutation, a warning.
+
+Probes: queue-proxy checks the app's readiness itself, from ``SERVING_READINESS_PROBE``; an
+``httpGet`` probe aimed at the app's port is re-aimed at freeze-proxy so a frozen app is woken for
+the probe instead of timing out. The same is done for ``httpGet`` liveness/readiness/startup probes
+kubelet sends straight to the user container (a frozen app would otherwise be restarted).
+``tcpSocket`` probes are left alone on purpose: the kernel completes a TCP handshake for a frozen
+listener, and freeze-proxy always accepts, so re-aiming them would report "ready" before the app
+listens. ``grpc`` probes cannot be relayed by an HTTP/1 proxy: they are left alone with a warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from freeze_proxy.durations import parse_duration
+
+LABEL_ADDED = "freeze-pod-added"
+LABEL_VERSION = "freeze-pod-version"
+MUTATION_VERSION = "3"
+ANNOTATION_PREFIX = "freeze-proxy.knative.dev/"
+ANNOTATION_ENABLED = ANNOTATION_PREFIX + "enabled"
+ANNOTATION_GRACE = ANNOTATION_PREFIX + "grace"
+ANNOTATION_CONTAINER = ANNOTATION_PREFIX + "container"
+QUEUE_PROXY_NAME = "queue-proxy"
+PROXY_CONTAINER_NAME = "freeze-proxy"
+VOLUME_NAME = "freeze-projected"
+TOKEN_AUDIENCE = "freeze"
+TOKEN_PATH = "token"
+TOKEN_EXPIRATION_SECONDS = 600
+TOKEN_MOUNT_PATH = "/var/run/projected"
+READINESS_PROBE_ENV = "SERVING_READINESS_PROBE"
+PROXY_UID = 65532
+
+JsonObj = dict[str, Any]
+Patch = list[JsonObj]
+
+
+@dataclass(frozen=True)
+class MutationSettings:
+    """What the injected sidecar looks like; defaults match freeze-proxy's own flag defaults."""
+
+    proxy_image: str
+    proxy_port: int = 9999
+    health_port: int = 9998
+    cpu_request: str = "10m"
+    memory_request: str = "32Mi"
+    memory_limit: str = "128Mi"
+    image_pull_policy: str = "IfNotPresent"
+
+
+@dataclass(frozen=True)
+class MutationResult:
+    """The patch plus what the admission layer must tell the user and the log."""
+
+    patch: Patch
+    action: str  # "mutated" or "skipped"
+    reason: str
+    warnings: list[str] = field(default_factory=list)
+    user_container: str | None = None
+    user_port: int | None = None
+
+
+class UndecidablePod(Exception):
+    """The pod looks like a Knative revision pod but its shape is not one we can safely change."""
+
+
+def escape_pointer(token: str) -> str:
+    """Escape one JSON Pointer reference token (RFC 6901): '~' -> '~0', '/' -> '~1'."""
+    return token.replace("~", "~0").replace("/", "~1")
+
+
+def _env_value(container: Mapping[str, Any], name: str) -> str | None:
+    for entry in container.get("env") or []:
+        if entry.get("name") == name and isinstance(entry.get("value"), str):
+            return str(entry["value"])
+    return None
+
+
+def _env_index(container: Mapping[str, Any], name: str) -> int | None:
+    for index, entry in enumerate(container.get("env") or []):
+        if entry.get("name") == name:
+            return index
+    return None
+
+
+def _find_queue_proxy(containers: list[JsonObj]) -> int | None:
+    for index, container in enumerate(containers):
+        if container.get("name") == QUEUE_PROXY_NAME:
+            return index
+    for index, container in enumerate(containers):
+        if _env_value(container, "USER_PORT") and _env_value(container, "QUEUE_SERVING_PORT"):
+            return index
+    return None
+
+
+def _declares_port(container: Mapping[str, Any], port: int) -> bool:
+    return any(p.get("containerPort") == port for p in container.get("ports") or [])
+
+
+def find_user_container(pod: Mapping[str, Any], queue_index: int, user_port: int) -> int:
+    """Index of the app container; raise UndecidablePod when no rule picks exactly one."""
+    containers: list[JsonObj] = pod["spec"]["containers"]
+    others = [
+        i
+        for i, c in enumerate(containers)
+        if i != queue_index and c.get("name") != PROXY_CONTAINER_NAME
+    ]
+    by_port = [i for i in others if _declares_port(containers[i], user_port)]
+    if len(by_port) == 1:
+        return by_port[0]
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    named = annotations.get(ANNOTATION_CONTAINER)
+    if named:
+        matches = [i for i in others if containers[i].get("name") == named]
+        if len(matches) == 1:
+            return matches[0]
+        raise UndecidablePod(f"annotation {ANNOTATION_CONTAINER}={named!r} names no container")
+    by_env = [i for i in others if _env_value(containers[i], "PORT") == str(user_port)]
+    if len(by_env) == 1:
+        return by_env[0]
+    if len(others) == 1:
+        return others[0]
+    raise UndecidablePod(
+        f"cannot tell which of {len(others)} containers serves port {user_port}: "
+        f"declare the port or set the annotation {ANNOTATION_CONTAINER}"
+    )
+
+
+def _rewrite_probe(probe: Any, user_port: int, proxy_port: int) -> tuple[Any, bool, bool]:
+    """Re-aim one probe (a dict) if it is an httpGet at the user port; also report grpc-at-port."""
+    if not isinstance(probe, dict):
+        return probe, False, False
+    grpc = probe.get("grpc")
+    grpc_at_port = isinstance(grpc, dict) and _port_matches(grpc.get("port"), user_port)
+    http = probe.get("httpGet")
+    if isinstance(http, dict) and _port_matches(http.get("port"), user_port):
+        new = copy.deepcopy(probe)
+        new["httpGet"]["port"] = proxy_port
+        return new, True, grpc_at_port
+    return probe, False, grpc_at_port
+
+
+def _port_matches(value: Any, port: int) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value == port
+    return isinstance(value, str) and value.isdigit() and int(value) == port
+
+
+def rewrite_readiness_env(raw: str, user_port: int, proxy_port: int) -> tuple[str | None, bool]:
+    """Return (new JSON or None when unchanged, grpc_seen) for SERVING_READINESS_PROBE."""
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        return None, False
+    probes = parsed if isinstance(parsed, list) else [parsed]
+    changed = False
+    grpc_seen = False
+    rewritten = []
+    for probe in probes:
+        new, did, grpc = _rewrite_probe(probe, user_port, proxy_port)
+        changed = changed or did
+        grpc_seen = grpc_seen or grpc
+        rewritten.append(new)
+    if not changed:
+        return None, grpc_seen
+    result = rewritten if isinstance(parsed, list) else rewritten[0]
+    return json.dumps(result, separators=(",", ":")), grpc_seen
+
+
+def _named_port(container: Mapping[str, Any], value: Any) -> Any:
+    """Resolve a named probe port against the container's ports (kubelet does the same)."""
+    if isinstance(value, str) and not value.isdigit():
+        for port in container.get("ports") or []:
+            if port.get("name") == value:
+                return port.get("containerPort")
+    return value
+
+
+def _choose_volume_name(pod: Mapping[str, Any]) -> str:
+    taken = {v.get("name") for v in pod["spec"].get("volumes") or []}
+    name = VOLUME_NAME
+    suffix = 2
+    while name in taken:
+        name = f"{VOLUME_NAME}-{suffix}"
+        suffix += 1
+    return name
+
+
+def _is_h2c(queue: Mapping[str, Any], user: Mapping[str, Any]) -> bool:
+    """Knative names queue-proxy's serving port (or the app's) 'h2c' for HTTP/2 cleartext apps."""
+    serving = _env_value(queue, "QUEUE_SERVING_PORT")
+    for port in queue.get("ports") or []:
+        if port.get("name") == "h2c" and str(port.get("containerPort")) == serving:
+            return True
+    return any(p.get("name") == "h2c" for p in user.get("ports") or [])
+
+
+def proxy_container(
+    settings: MutationSettings,
+    user_container: str,
+    user_port: int,
+    volume_name: str,
+    grace: str | None,
+) -> JsonObj:
+    """The freeze-proxy container spec (least privilege, small requests, health probe)."""
+    env: list[JsonObj] = [
+        {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+        {"name": "USER_CONTAINER", "value": user_container},
+    ]
+    if grace is not None:
+        env.append({"name": "FREEZE_GRACE", "value": grace})
+    return {
+        "name": PROXY_CONTAINER_NAME,
+        "image": settings.proxy_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": [
+            "--listen",
+            f"0.0.0.0:{settings.proxy_port}",
+            "--health-listen",
+            f"0.0.0.0:{settings.health_port}",
+            "--upstream",
+            f"http://127.0.0.1:{user_port}",
+        ],
+        "env": env,
+        "resources": {
+            "requests": {"cpu": settings.cpu_request, "memory": settings.memory_request},
+            "limits": {"memory": settings.memory_limit},
+        },
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": PROXY_UID,
+            "runAsGroup": PROXY_UID,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": volume_name, "mountPath": TOKEN_MOUNT_PATH, "readOnly": True}],
+        "readinessProbe": {
+            "httpGet": {"path": "/healthz", "port": settings.health_port},
+            "periodSeconds": 2,
+            "failureThreshold": 3,
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def projected_volume(name: str) -> JsonObj:
+    """The projected token the daemon reviews to learn which pod is asking."""
+    return {
+        "name": name,
+        "projected": {
+            "sources": [
+                {
+                    "serviceAccountToken": {
+                        "audience": TOKEN_AUDIENCE,
+                        "expirationSeconds": TOKEN_EXPIRATION_SECONDS,
+                        "path": TOKEN_PATH,
+                    }
+                }
+            ]
+        },
+    }
+
+
+def validate_grace(annotations: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """Return (grace to pass, warning) for the grace annotation; an invalid value is dropped."""
+    raw = annotations.get(ANNOTATION_GRACE)
+    if raw is None:
+        return None, None
+    if not isinstance(raw, str):
+        return None, f"annotation {ANNOTATION_GRACE} is not a string; the default grace applies"
+    try:
+        parse_duration(raw)
+    except ValueError as err:
+        return None, (
+            f"annotation {ANNOTATION_GRACE}={raw!r} refused: {err}; "
+            "freeze-proxy's default idle grace is used instead"
+        )
+    return raw, None
+
+
+def _skip(reason: str, warning: str | None = None) -> MutationResult:
+    return MutationResult([], "skipped", reason, [warning] if warning else [])
+
+
+def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult:
+    """Compute the JSONPatch for one Pod; an empty patch when it must (or need) not change.
+
+    Malformed pods (wrong types where Kubernetes guarantees them) raise: the admission layer
+    turns any exception into "allowed, unchanged, with a warning".
+    """
+    metadata = pod.get("metadata") or {}
+    labels = metadata.get("labels") or {}
+    annotations = metadata.get("annotations") or {}
+    containers: list[JsonObj] = pod["spec"]["containers"]
+
+    if LABEL_ADDED in labels:
+        return _skip(f"already mutated (label {LABEL_ADDED})")
+    if str(annotations.get(ANNOTATION_ENABLED, "")).strip().lower() == "false":
+        return _skip(f"opted out ({ANNOTATION_ENABLED}: false)")
+    queue_index = _find_queue_proxy(containers)
+    if queue_index is None:
+        return _skip("not a Knative revision pod (no queue-proxy)")
+    queue = containers[queue_index]
+    if any(c.get("name") == PROXY_CONTAINER_NAME for c in containers):
+        return _skip(
+            f"a container named {PROXY_CONTAINER_NAME} exists",
+            f"pod already has a container named {PROXY_CONTAINER_NAME}; not injecting another",
+        )
+    raw_port = _env_value(queue, "USER_PORT")
+    if raw_port is None or not raw_port.isdigit():
+        return _skip(
+            "queue-proxy has no numeric USER_PORT",
+            "freeze-proxy not injected: queue-proxy's USER_PORT is missing or not a number",
+        )
+    user_port = int(raw_port)
+    if user_port in (settings.proxy_port, settings.health_port):
+        return _skip(
+            f"app port {user_port} collides with freeze-proxy",
+            f"freeze-proxy not injected: the app uses port {user_port}, which freeze-proxy needs",
+        )
+    try:
+        user_index = find_user_container(pod, queue_index, user_port)
+    except UndecidablePod as err:
+        return _skip(str(err), f"freeze-proxy not injected: {err}")
+    user = containers[user_index]
+    user_name = str(user.get("name"))
+    if _is_h2c(queue, user):
+        return _skip(
+            "h2c app",
+            "freeze-proxy not injected: HTTP/2 cleartext (h2c) apps are not supported yet",
+        )
+
+    warnings: list[str] = []
+    grace, grace_warning = validate_grace(annotations)
+    if grace_warning:
+        warnings.append(grace_warning)
+
+    patch: Patch = []
+    new_labels = {LABEL_ADDED: "true", LABEL_VERSION: MUTATION_VERSION}
+    if "labels" not in metadata or metadata.get("labels") is None:
+        patch.append({"op": "add", "path": "/metadata/labels", "value": new_labels})
+    else:
+        for key, value in new_labels.items():
+            patch.append(
+                {"op": "add", "path": f"/metadata/labels/{escape_pointer(key)}", "value": value}
+            )
+
+    volume_name = _choose_volume_name(pod)
+    volume = projected_volume(volume_name)
+    if pod["spec"].get("volumes") is None:
+        patch.append({"op": "add", "path": "/spec/volumes", "value": [volume]})
+    else:
+        patch.append({"op": "add", "path": "/spec/volumes/-", "value": volume})
+
+    queue_path = f"/spec/containers/{queue_index}"
+    user_port_index = _env_index(queue, "USER_PORT")
+    patch.append(
+        {
+            "op": "replace",
+            "path": f"{queue_path}/env/{user_port_index}/value",
+            "value": str(settings.proxy_port),
+        }
+    )
+    probe_index = _env_index(queue, READINESS_PROBE_ENV)
+    probe_raw = _env_value(queue, READINESS_PROBE_ENV)
+    grpc_seen = False
+    if probe_index is not None and probe_raw is not None:
+        new_probe, grpc_seen = rewrite_readiness_env(probe_raw, user_port, settings.proxy_port)
+        if new_probe is not None:
+            probe_path = f"{queue_path}/env/{probe_index}/value"
+            patch.append({"op": "replace", "path": probe_path, "value": new_probe})
+
+    user_path = f"/spec/containers/{user_index}"
+    for probe_field in ("readinessProbe", "livenessProbe", "startupProbe"):
+        probe = user.get(probe_field)
+        if not isinstance(probe, dict):
+            continue
+        resolved = copy.deepcopy(probe)
+        for kind in ("httpGet", "grpc"):
+            if isinstance(resolved.get(kind), dict):
+                resolved[kind]["port"] = _named_port(user, resolved[kind].get("port"))
+        new, changed, grpc = _rewrite_probe(resolved, user_port, settings.proxy_port)
+        grpc_seen = grpc_seen or grpc
+        if changed:
+            patch.append(
+                {
+                    "op": "replace",
+                    "path": f"{user_path}/{probe_field}/httpGet/port",
+                    "value": new["httpGet"]["port"],
+                }
+            )
+    if grpc_seen:
+        warnings.append(
+            "a grpc probe targets the app directly: freeze-proxy cannot relay it, so it fails "
+            "while the app is frozen; prefer an httpGet or tcpSocket probe"
+        )
+
+    patch.append(
+        {
+            "op": "add",
+            "path": "/spec/containers/-",
+            "value": proxy_container(settings, user_name, user_port, volume_name, grace),
+        }
+    )
+    return MutationResult(
+        patch,
+        "mutated",
+        f"freeze-proxy injected for container {user_name} on port {user_port}",
+        warnings,
+        user_container=user_name,
+        user_port=user_port,
+    )
