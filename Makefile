@@ -33,14 +33,16 @@ lint:
 
 # Regenerate the committed gRPC stubs from our own .proto files.
 protos:
-	scripts/gen_protos.sh daemon/_proto
+	scripts/gen_protos.sh
 
 # Fails when the committed stubs differ from what the .proto files generate.
 check-protos:
-	@tmp=$$(mktemp -d) && scripts/gen_protos.sh "$$tmp" >/dev/null && \
-	  diff -r -x '__pycache__' -x '__init__.py' -x '*.proto' "$$tmp" daemon/_proto >/dev/null || \
-	  { echo "daemon/_proto is stale: run 'make protos' and commit the result"; rm -rf "$$tmp"; exit 1; }; \
-	  rm -rf "$$tmp"
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	scripts/gen_protos.sh "$$tmp" 2>/dev/null; \
+	for f in "$$tmp"/daemon/_proto/*; do \
+	  cmp -s "$$f" "daemon/_proto/$$(basename "$$f")" || \
+	    { echo "daemon/_proto/$$(basename "$$f") is stale: run 'make protos' and commit it"; exit 1; }; \
+	done; echo "protos: committed stubs match"
 
 # kube-apiserver, etcd, kubectl and Knative's queue-proxy, built from Go modules and cached
 # outside the repo (/var/cache/freeze-proxy), keyed by version: only a cold machine pays.

@@ -11,6 +11,10 @@ from bench.common import OUT_DIR, Table, machine
 ROWS = {
     "overhead": "bench.overhead",
     "footprint": "bench.footprint",
+    "churn": "bench.churn",
+    "wake": "bench.wake",
+    "capacity": "bench.capacity",
+    "idle_cpu": "bench.idle_cpu",
 }
 
 
