@@ -273,8 +273,16 @@ def test_default_knative_pod_is_fully_mutated() -> None:
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert proxy["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 9998}
     assert set(proxy["resources"]["requests"]) == {"cpu", "memory"}
+    # Kubelet holds our SIGTERM until queue-proxy drained, like the app's (Knative's hook).
+    assert proxy["lifecycle"] == container(pod, "user-container")["lifecycle"]
     # The user container itself is not changed (no probes to re-aim here).
     assert container(out, "user-container") == container(pod, "user-container")
+
+
+def test_no_drain_hook_is_invented_when_the_app_has_none() -> None:
+    pod = knative_pod()
+    del container(pod, "user-container")["lifecycle"]
+    assert "lifecycle" not in mutated(pod)["spec"]["containers"][-1]
 
 
 def test_custom_user_port_and_container_name() -> None:

@@ -220,8 +220,14 @@ def proxy_container(
     user_port: int,
     volume_name: str,
     grace: str | None,
+    pre_stop: JsonObj | None = None,
 ) -> JsonObj:
-    """The freeze-proxy container spec (least privilege, small requests, health probe)."""
+    """The freeze-proxy container spec (least privilege, small requests, health probe).
+
+    ``pre_stop`` is the user container's own preStop hook (Knative's wait-for-drain on
+    queue-proxy): with it kubelet holds our SIGTERM, like the app's, until queue-proxy has
+    drained, so requests still arriving during the drain find the proxy listening.
+    """
     env: list[JsonObj] = [
         {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
         {"name": "USER_CONTAINER", "value": user_container},
@@ -261,7 +267,18 @@ def proxy_container(
             "failureThreshold": 3,
         },
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        **({"lifecycle": {"preStop": pre_stop}} if pre_stop is not None else {}),
     }
+
+
+def drain_hook(user: Mapping[str, Any], user_port: int) -> JsonObj | None:
+    """The user container's httpGet preStop hook if it waits on another container (drain)."""
+    lifecycle = user.get("lifecycle")
+    hook = lifecycle.get("preStop") if isinstance(lifecycle, dict) else None
+    http = hook.get("httpGet") if isinstance(hook, dict) else None
+    if not isinstance(http, dict) or _port_matches(_named_port(user, http.get("port")), user_port):
+        return None  # none, an exec hook (runs in the app's image), or one aimed at the app
+    return copy.deepcopy(hook)
 
 
 def projected_volume(name: str) -> JsonObj:
@@ -420,7 +437,9 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
         {
             "op": "add",
             "path": "/spec/containers/-",
-            "value": proxy_container(settings, user_name, user_port, volume_name, grace),
+            "value": proxy_container(
+                settings, user_name, user_port, volume_name, grace, drain_hook(user, user_port)
+            ),
         }
     )
     return MutationResult(
