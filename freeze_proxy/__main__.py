@@ -56,19 +56,20 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     p.add_argument(
         "--grace",
         type=_duration,
-        default=_duration(env.get("FREEZE_GRACE", DEFAULT_GRACE)),
-        help="idle time before pausing, e.g. 0, 250ms, 2s (env FREEZE_GRACE)",
+        default=env.get("FREEZE_GRACE", DEFAULT_GRACE),
+        help="idle time before pausing, e.g. 0, 250ms, 2s; a request within it cancels the "
+        "pause (env FREEZE_GRACE)",
     )
     p.add_argument(
         "--resume-timeout",
         type=_duration,
-        default=5.0,
+        default="5s",
         help="how long a request waits for a failing resume (retried with backoff) before 503",
     )
     p.add_argument(
         "--drain-timeout",
         type=_duration,
-        default=20.0,
+        default="20s",
         help="on SIGTERM, how long in-flight requests may take to finish",
     )
     p.add_argument(

@@ -1,0 +1,45 @@
+"""freeze-proxy's configuration: flags, the upstream environment names, and durations."""
+
+from __future__ import annotations
+
+import pytest
+
+from freeze_proxy.__main__ import parse_args
+from freeze_proxy.durations import parse_duration
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("0", 0.0), ("1.5", 1.5), ("250ms", 0.25), ("2s", 2.0), ("1m", 60.0), ("500us", 0.0005)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "-1s", "1d", "fast", "1 s s", "nan"])
+def test_bad_durations_name_the_accepted_forms(text: str) -> None:
+    with pytest.raises(ValueError, match=r"e\.g\. 0, 250ms"):
+        parse_duration(text)
+
+
+def test_defaults_follow_the_pod_environment() -> None:
+    s = parse_args([], env={"HOST_IP": "10.0.0.7", "USER_CONTAINER": "app"})
+    assert s.daemon_url == "http://10.0.0.7:9696"
+    assert s.containers == ["app"]
+    assert s.grace == 0.25
+    assert s.listen == "0.0.0.0:9999" and s.health_listen == "0.0.0.0:9998"
+    assert s.token_file == "/var/run/projected/token"
+    assert s.freeze
+
+
+def test_grace_from_the_environment_and_flags_win() -> None:
+    assert parse_args([], env={"FREEZE_GRACE": "0"}).grace == 0
+    assert parse_args(["--grace", "2s"], env={"FREEZE_GRACE": "0"}).grace == 2
+    s = parse_args(["--container", "a", "--container", "b"], env={"USER_CONTAINER": "x"})
+    assert s.containers == ["a", "b"]
+
+
+def test_invalid_grace_in_the_environment_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args([], env={"FREEZE_GRACE": "soon"})
+    assert "invalid duration 'soon'" in capsys.readouterr().err
