@@ -245,10 +245,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         proxy = FreezeProxy(Gate(settings.grace), forwarder, client, settings.resume_timeout)
         handler = proxy.handle
 
-    app = web.Application(handler_args={"max_field_size": 16384})
-    app.router.add_route("*", "/{tail:.*}", handler)
+    # A low-level server: every path goes to one handler, so no router or middleware runs.
+    server = web.Server(handler, access_log=None, max_field_size=16384)  # type: ignore[arg-type]
     stopping = asyncio.Event()
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.drain_timeout)
+    runner = web.ServerRunner(server, shutdown_timeout=settings.drain_timeout)
     health = web.AppRunner(health_app(proxy, stopping), access_log=None)
     await runner.setup()
     await health.setup()

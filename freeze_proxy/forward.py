@@ -119,16 +119,26 @@ class Forwarder:
                 502, f"the app at {self._upstream} did not answer: {exc}", cause="upstream"
             )
         async with upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            response.headers.extend(end_to_end(upstream.headers, _RESPONSE_SKIP))
+            headers = end_to_end(upstream.headers, _RESPONSE_SKIP)
+            content = upstream.content
+            if content.is_eof() and request.method != "HEAD":
+                # The whole body is already here: one write, nothing held back.
+                return web.Response(
+                    status=upstream.status,
+                    reason=upstream.reason,
+                    headers=headers,
+                    body=content.read_nowait(),
+                )
+            response = web.StreamResponse(
+                status=upstream.status, reason=upstream.reason, headers=headers
+            )
             if upstream.content_length is not None and "chunked" not in upstream.headers.get(
                 "Transfer-Encoding", ""
             ):
                 response.content_length = upstream.content_length
             await response.prepare(request)
-            if request.method != "HEAD":
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
+            while chunk := await content.readany():
+                await response.write(chunk)
             await response.write_eof()
             return response
 

@@ -81,10 +81,18 @@ class AppStub:
         await resp.write_eof()
         return resp
 
-    async def echo(self, request: web.Request) -> web.Response:
+    async def echo(self, request: web.Request) -> web.StreamResponse:
+        """Echo the body: small ones whole (with their length), big ones streamed back."""
         self._check(request)
-        body = await request.read()
-        return web.Response(body=body, headers={"X-Length": str(len(body))})
+        if request.content_length is not None and request.content_length <= 1 << 20:
+            body = await request.read()
+            return web.Response(body=body, headers={"X-Length": str(len(body))})
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        async for chunk in request.content.iter_any():
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
 
     async def ws(self, request: web.Request) -> web.WebSocketResponse:
         self._check(request)

@@ -254,3 +254,19 @@ def test_sigterm_resumes_a_frozen_app_and_exits(tmp_path: Path) -> None:
         assert '"msg": "app paused"' in err and '"msg": "stopped"' in err
 
     asyncio.run(scenario())
+
+
+async def test_head_keeps_the_apps_content_length(harness: Harness) -> None:
+    async with aiohttp.ClientSession() as s, s.head(harness.proxy_url + "/hi") as r:
+        assert r.status == 200
+        assert r.headers["Content-Length"] == "5"
+        assert await r.read() == b""
+
+
+async def test_large_body_streams_back_intact(harness: Harness) -> None:
+    body = os.urandom(3 << 20)
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(harness.proxy_url + "/echo", data=body) as r,
+    ):
+        assert await r.read() == body
