@@ -1,0 +1,123 @@
+"""Row 4, the point: what an idle app costs without freeze-proxy and with it.
+
+An idle Knative app that is not scaled to zero still runs its timers, GC and background work.
+Frozen, it should use no CPU at all; the proxy that froze it has a cost of its own, so it is
+reported beside the app. The two phases alternate (without, with, without, with) so a noisy
+neighbour hits both alike; rates are per idle minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import Table
+from testbed.containerd import missing_prerequisites
+from testbed.pods import Pod
+from testbed.stack import stack
+
+BENCH = "idle_cpu"
+CONTAINER = "user-container"
+
+
+@dataclass
+class Phase:
+    """Totals of one variant over its segments."""
+
+    seconds: float = 0.0
+    app_cpu_s: float = 0.0
+    ticks: int = 0
+    proxy_cpu_s: float = 0.0
+
+    def per_minute(self, value: float) -> float:
+        return value * 60 / self.seconds if self.seconds else float("nan")
+
+
+def run(table: Table, quick: bool = False) -> None:
+    why = missing_prerequisites()
+    if why:
+        table.add(BENCH, "all", result=f"skipped: {why}")
+        return
+    # Per variant: 60 s as two alternating 30 s segments (quick: one 3 s segment).
+    segments, seconds = (1, 3.0) if quick else (2, 30.0)
+    asyncio.run(_run(table, segments, seconds))
+
+
+def _ticks(pod: Pod) -> int:
+    return sum(1 for line in pod.log_lines(CONTAINER) if line.startswith("tick"))
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time of a process's live threads, in ns resolution (/proc/PID/task/*/schedstat).
+
+    /proc/PID/stat counts in 10 ms clock ticks: too coarse for a process that is idle by design.
+    """
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+async def _wait_frozen(pod: Pod, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while pod.freezer_state(CONTAINER) != "FROZEN":
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{CONTAINER} was not frozen within {timeout:.0f} s")
+        await asyncio.sleep(0.02)
+
+
+async def _measure(pod: Pod, seconds: float, phase: Phase, proxy_pid: int | None) -> None:
+    cpu0, ticks0 = pod.cpu_usage_seconds(CONTAINER), _ticks(pod)
+    proxy0 = process_cpu_seconds(proxy_pid) if proxy_pid else 0.0
+    started = time.monotonic()
+    await asyncio.sleep(seconds)
+    phase.seconds += time.monotonic() - started
+    phase.app_cpu_s += pod.cpu_usage_seconds(CONTAINER) - cpu0
+    phase.ticks += _ticks(pod) - ticks0
+    if proxy_pid:
+        phase.proxy_cpu_s += process_cpu_seconds(proxy_pid) - proxy0
+
+
+async def _run(table: Table, segments: int, seconds: float) -> None:
+    without, with_ = Phase(), Phase()
+    async with stack() as st:
+        st.sleeptalker_image()
+        pod, app_port = await st.sleeptalker_pod(name="idle")
+        await asyncio.sleep(1.0)  # past start-up: import and bind are not idle work
+        for _ in range(segments):
+            if pod.freezer_state(CONTAINER) != "THAWED":
+                raise RuntimeError("the app is still frozen after its freeze-proxy exited")
+            await _measure(pod, seconds, without, None)
+            async with st.proxy(pod, app_port, "--grace=0") as proxy:
+                await _wait_frozen(pod)
+                await _measure(pod, seconds, with_, proxy.proc.pid)
+    tick = "sleeptalker ticks every 0.5 s: 120 ticks/min awake"
+    table.add(
+        BENCH,
+        "app idle, without freeze-proxy",
+        app_cpu_s_per_min=round(without.per_minute(without.app_cpu_s), 4),
+        ticks_per_min=round(without.per_minute(without.ticks), 1),
+        seconds=round(without.seconds, 1),
+        note=tick,
+    )
+    table.add(
+        BENCH,
+        "app idle, with freeze-proxy (frozen)",
+        app_cpu_s_per_min=round(with_.per_minute(with_.app_cpu_s), 4),
+        ticks_per_min=round(with_.per_minute(with_.ticks), 1),
+        seconds=round(with_.seconds, 1),
+    )
+    table.add(
+        BENCH,
+        "freeze-proxy process while app frozen",
+        cpu_s_per_min=round(with_.per_minute(with_.proxy_cpu_s), 4),
+        note="its cost beside the app's saving (schedstat of its threads)",
+    )
+    saved = without.per_minute(without.app_cpu_s) - with_.per_minute(
+        with_.app_cpu_s + with_.proxy_cpu_s
+    )
+    table.add(BENCH, "net CPU saved per idle minute", cpu_s_per_min=round(saved, 4))

@@ -1,0 +1,74 @@
+"""Every benchmark row still runs: ``bench.run --quick --only ROW`` exits 0 and writes its rows.
+
+Numbers are not checked (quick runs are too short to mean anything); a row that crashes, hangs
+or writes nothing is. Rows on containerd need root and the test bed's containerd + runc.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.run import ROWS
+from testbed.containerd import missing_prerequisites
+
+REPO = Path(__file__).resolve().parent.parent
+# Rows that run only loopback processes; every other row drives a real containerd.
+NO_CONTAINERD = frozenset({"overhead", "footprint"})
+NEEDS_WRK = frozenset({"overhead", "footprint", "churn"})
+# Rows whose table rows carry the row's own name as their bench.
+OWN_NAME = frozenset({"overhead", "footprint", "wake", "capacity", "idle_cpu"})
+TIMEOUT = 180.0  # each quick row takes well under a minute; this only catches a hang
+
+pytestmark = pytest.mark.bench
+
+
+def _skip(reason: str) -> None:
+    if os.environ.get("FREEZE_REQUIRE_REAL") == "1":
+        pytest.fail(f"FREEZE_REQUIRE_REAL=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def _params() -> list[object]:
+    return [
+        pytest.param(
+            name,
+            marks=[] if name in NO_CONTAINERD else [pytest.mark.containerd],
+            id=name,
+        )
+        for name in ROWS
+    ]
+
+
+@pytest.mark.parametrize("row", _params())
+def test_quick_row(row: str, tmp_path: Path) -> None:
+    if row in NEEDS_WRK and shutil.which("wrk") is None:
+        _skip("wrk is not installed (apt-get install wrk)")
+    if row not in NO_CONTAINERD:
+        why = missing_prerequisites()
+        if why:
+            _skip(f"a real containerd cannot run here: {why}")
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--only", row, "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    data = json.loads(out.read_text())
+    # Only this row ran, so every table row is its (a module may name its bench differently).
+    assert data["meta"]["rows"] == [row] and data["meta"]["quick"] is True
+    assert data["rows"], f"{row}: the run wrote no rows to {out}\n{proc.stdout[-3000:]}"
+    mine = [r for r in data["rows"] if r["bench"] == row]
+    assert mine or row not in OWN_NAME, f"no {row!r} rows in {out}: {data['rows']}"
