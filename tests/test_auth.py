@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -673,3 +674,50 @@ async def test_kubeconfig_wiring_reaches_one_api_server(
     finally:
         await kube.close()
         await server.close()
+
+
+def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = [0]
+    real_decode = jwt.decode
+
+    def counting_decode(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting_decode)
+    return calls
+
+
+async def test_a_verified_token_is_not_rechecked_until_its_cache_entry_ends(
+    rsa_key: SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock(now=time.time())
+    v = JwtVerifier(KeyCache(StaticKeys(rsa_key), issuer=DEFAULT_ISSUER), clock=clock)
+    token = mint_token(rsa_key, **POD, now=clock.now)
+    decodes = count_decodes(monkeypatch)
+    first = await v.verify(token)
+    assert await v.verify(token) == first
+    assert decodes == [1], "the hot path re-checked a signature it had already checked"
+    clock.now += 31  # past the 30 s bound: checked again
+    await v.verify(token)
+    assert decodes == [2]
+
+
+async def test_a_cache_entry_never_outlives_the_token(
+    rsa_key: SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock(now=time.time())
+    v = JwtVerifier(KeyCache(StaticKeys(rsa_key), issuer=DEFAULT_ISSUER), clock=clock)
+    token = mint_token(rsa_key, **POD, now=clock.now, lifetime=10)
+    decodes = count_decodes(monkeypatch)
+    await v.verify(token)
+    clock.now += 11  # the token's exp has passed (by our clock): no cached answer
+    await v.verify(token)
+    assert decodes == [2]
+
+
+async def test_refused_tokens_are_not_cached_as_good(rsa_key: SigningKey) -> None:
+    v = verifier(rsa_key)
+    bad = mint_token(rsa_key, **POD, audience="other")
+    for _ in range(2):
+        assert "wrong audience" in await refused(v.verify(bad))
