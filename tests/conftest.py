@@ -11,6 +11,9 @@ import pytest
 from testbed.containerd import Containerd, missing_prerequisites
 from testbed.pods import ContainerSpec, MakePod, Pod, PodClient, sleeper, ticker
 
+# The real control plane (etcd + kube-apiserver) and the Go-built binaries' fixtures.
+pytest_plugins = ["tests.apiserver_fixtures"]
+
 
 def _unavailable(reason: str) -> NoReturn:
     """Skip, unless FREEZE_REQUIRE_REAL=1 says the real thing must be tested (CI)."""
