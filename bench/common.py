@@ -113,6 +113,24 @@ def process(
                 proc.wait()
 
 
+def before_tree(ref: str) -> Path:
+    """A checkout of ``ref`` (a git worktree under /tmp) to run the code as it was."""
+    sha = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", ref],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    tree = Path(f"/tmp/freeze-proxy-before-{sha}")
+    if not tree.exists():
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(tree), sha],
+            check=True,
+            capture_output=True,
+        )
+    return tree
+
+
 def bench_app(port: int) -> list[str]:
     """The app behind every proxy in the overhead rows (uvloop when installed)."""
     return [sys.executable, "-m", "bench.app", "--port", str(port)]

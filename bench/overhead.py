@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 from bench.common import (
     Table,
     WrkResult,
+    before_tree,
     bench_app,
     free_port,
     freeze_proxy_cmd,
@@ -13,32 +17,45 @@ from bench.common import (
     wrk,
 )
 
-VARIANTS = ("direct", "freeze-proxy", "go-httputil")
-
 
 def run(table: Table, quick: bool = False) -> None:
-    """Interleave the variants over rounds so machine noise hits all of them alike."""
+    """Interleave the variants over rounds so machine noise hits all of them alike.
+
+    With ``BENCH_BEFORE_REF`` set (``make bench ARGS="--before REF"``) the proxy as of that git
+    ref runs beside the current one: an optimisation's before/after in the same run.
+    """
     seconds, rounds = (1.0, 1) if quick else (5.0, 3)
     app_port, ours_port, go_port = free_port(), free_port(), free_port()
     go = go_proxy_binary()
     ports = {"direct": app_port, "freeze-proxy": ours_port, "go-httputil": go_port}
-    with (
-        process(bench_app(app_port), app_port),
-        process(freeze_proxy_cmd(ours_port, app_port, "--no-freeze"), ours_port),
-        process(
-            [str(go), f"-listen=127.0.0.1:{go_port}", f"-upstream=http://127.0.0.1:{app_port}"],
-            go_port,
-        ),
-    ):
+    before_ref = os.environ.get("BENCH_BEFORE_REF")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(process(bench_app(app_port), app_port))
+        stack.enter_context(
+            process(freeze_proxy_cmd(ours_port, app_port, "--no-freeze"), ours_port)
+        )
+        stack.enter_context(
+            process(
+                [str(go), f"-listen=127.0.0.1:{go_port}", f"-upstream=http://127.0.0.1:{app_port}"],
+                go_port,
+            )
+        )
+        if before_ref:
+            port = ports[f"freeze-proxy@{before_ref}"] = free_port()
+            env = {"PYTHONPATH": str(before_tree(before_ref))}
+            stack.enter_context(
+                process(freeze_proxy_cmd(port, app_port, "--no-freeze"), port, env=env)
+            )
+        variants = list(ports)
         for path, body in (("/small", "64B"), ("/big", "64KiB")):
             for conns in (1, 32):
-                results: dict[str, list[WrkResult]] = {v: [] for v in VARIANTS}
+                results: dict[str, list[WrkResult]] = {v: [] for v in variants}
                 for _ in range(rounds):
-                    for variant in VARIANTS:
+                    for variant in variants:
                         url = f"http://127.0.0.1:{ports[variant]}{path}"
                         results[variant].append(wrk(url, conns, seconds, threads=2))
                 best = {v: _median(rs) for v, rs in results.items()}
-                for variant in VARIANTS:
+                for variant in variants:
                     r = best[variant]
                     table.add(
                         "overhead",

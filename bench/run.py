@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 from pathlib import Path
 
 from bench.common import OUT_DIR, Table, machine
@@ -23,7 +24,14 @@ def main() -> None:
     p.add_argument("--only", action="append", choices=sorted(ROWS), help="run only these rows")
     p.add_argument("--quick", action="store_true", help="short runs: a smoke test, not numbers")
     p.add_argument("--out", default=str(OUT_DIR / "results.json"))
+    p.add_argument(
+        "--before",
+        metavar="GIT_REF",
+        help="also run the proxy as of this ref beside the current one (before/after rows)",
+    )
     args = p.parse_args()
+    if args.before:
+        os.environ["BENCH_BEFORE_REF"] = args.before
     table = Table()
     for name in args.only or list(ROWS):
         print(f"== {name}", flush=True)
