@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         help="projected service-account token (audience freeze); re-read when it changes",
     )
     p.add_argument(
+        "--state-file",
+        default="/var/run/freeze-proxy/may-be-frozen",
+        help="exists while the app may be frozen, so a restarted proxy resumes it first; its "
+        "directory should survive container restarts (the webhook mounts an emptyDir)",
+    )
+    p.add_argument(
         "--container",
         action="append",
         default=None,
@@ -89,6 +95,7 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         upstream=args.upstream,
         daemon_url=args.daemon_url,
         token_file=args.token_file,
+        state_file=args.state_file,
         containers=containers,
         grace=args.grace,
         resume_timeout=args.resume_timeout,

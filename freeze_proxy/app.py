@@ -21,6 +21,7 @@ from aiohttp import web
 from freeze_proxy.daemon_client import DaemonError, FreezeClient, HttpDaemonClient, TokenFile
 from freeze_proxy.forward import Forwarder, error_response, make_session
 from freeze_proxy.gate import AppState, Decision, Gate
+from freeze_proxy.marker import FrozenMarker
 
 log = logging.getLogger("freeze_proxy")
 
@@ -34,6 +35,7 @@ class Settings:
     upstream: str = "http://127.0.0.1:8080"
     daemon_url: str = "http://127.0.0.1:9696"
     token_file: str = "/var/run/projected/token"
+    state_file: str = "/var/run/freeze-proxy/may-be-frozen"
     containers: list[str] = field(default_factory=list)
     grace: float = 0.0
     resume_timeout: float = 5.0
@@ -69,8 +71,10 @@ class FreezeProxy:
         forward: Handler,
         client: FreezeClient,
         resume_timeout: float,
+        marker: FrozenMarker,
     ) -> None:
         self.gate = gate
+        self._marker = marker
         self.counters = Counters()
         self._forward = forward
         self._client = client
@@ -133,6 +137,17 @@ class FreezeProxy:
     async def _pause(self) -> None:
         started = time.perf_counter()
         try:
+            self._marker.set()
+        except OSError as exc:
+            self.counters.pause_failures += 1
+            log.error(
+                "cannot write the frozen marker, so the app is not paused (a crash would leave "
+                "it frozen unknown to us); check the freeze-proxy-state volume",
+                extra={"path": self._marker.path, "err": str(exc)},
+            )
+            self._apply(self.gate.pause_done(False, self._loop.time()))
+            return
+        try:
             await self._client.pause()
             ok = True
             self.counters.pauses += 1
@@ -149,6 +164,7 @@ class FreezeProxy:
         started = time.perf_counter()
         try:
             await self._client.resume(self._resume_timeout)
+            self._marker.clear()
             ok = True
             self.counters.resumes += 1
             log.info("app resumed", extra={"took_ms": _ms_since(started)})
@@ -242,7 +258,16 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     token = TokenFile(settings.token_file)
     if settings.freeze:
         client = HttpDaemonClient(session, settings.daemon_url, token, settings.containers)
-        proxy = FreezeProxy(Gate(settings.grace), forwarder, client, settings.resume_timeout)
+        marker = FrozenMarker(settings.state_file)
+        left_frozen = marker.may_be_frozen()
+        if left_frozen:
+            log.info(
+                "the app may have been left frozen (by an earlier instance, or no state dir to "
+                "tell): the first request resumes it",
+                extra={"state_file": settings.state_file, "state_dir_usable": marker.usable},
+            )
+        gate = Gate(settings.grace, may_be_frozen=left_frozen)
+        proxy = FreezeProxy(gate, forwarder, client, settings.resume_timeout, marker)
         handler = proxy.handle
 
     # A low-level server: every path goes to one handler, so no router or middleware runs.

@@ -60,13 +60,21 @@ class Gate:
         "state",
     )
 
-    def __init__(self, grace: float, pause_retry: float = 1.0, max_pause_backoff: float = 60.0):
+    def __init__(
+        self,
+        grace: float,
+        pause_retry: float = 1.0,
+        max_pause_backoff: float = 60.0,
+        may_be_frozen: bool = False,
+    ):
+        """``may_be_frozen``: an earlier instance of the proxy may have left the app frozen
+        (it crashed after a pause), so the first request resumes before it is forwarded."""
         if grace < 0:
             raise ValueError("grace must be >= 0")
         self.grace = grace
         self.pause_retry = pause_retry
         self.max_pause_backoff = max_pause_backoff
-        self.state = AppState.AWAKE
+        self.state = AppState.FROZEN if may_be_frozen else AppState.AWAKE
         self.in_flight = 0
         self._deadline: float | None = None  # when the current idle period may end in a pause
         self._timer_at: float | None = None  # when the armed idle timer fires, if armed
@@ -88,6 +96,8 @@ class Gate:
     def start(self, now: float) -> Decision:
         """The app accepts connections: from now on an idle app may be paused."""
         self._started = True
+        if self.state is AppState.FROZEN and not self.in_flight:
+            return self._arm(now + self.grace)  # pausing a frozen app is a no-op that confirms it
         return self._idle_from(now, self.grace)
 
     def arrive(self, now: float) -> Decision:

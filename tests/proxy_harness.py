@@ -148,7 +148,11 @@ class Harness:
 
 
 async def start_harness(
-    tmp_path: Path, grace: float = 0.0, resume_timeout: float = 1.0, start_app: bool = True
+    tmp_path: Path,
+    grace: float = 0.0,
+    resume_timeout: float = 1.0,
+    start_app: bool = True,
+    state_file: Path | None = None,
 ) -> Harness:
     daemon = DaemonStub()
     app = AppStub(daemon)
@@ -166,6 +170,7 @@ async def start_harness(
         upstream=f"http://127.0.0.1:{app_port}",
         daemon_url=f"http://127.0.0.1:{daemon_port}",
         token_file=str(token_file),
+        state_file=str(state_file or tmp_path / "no-such-dir" / "may-be-frozen"),
         grace=grace,
         resume_timeout=resume_timeout,
         drain_timeout=2.0,
@@ -183,4 +188,11 @@ async def start_harness(
         task,
         runners,
     )
+    for _ in range(500):  # until the proxy listens
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+            writer.close()
+            break
+        except OSError:
+            await asyncio.sleep(0.01)
     return h

@@ -249,11 +249,13 @@ events = st.one_of(
 @given(
     grace=st.sampled_from([0.0, 0.05, 0.5, 1.0]),
     schedule=st.lists(events, max_size=80),
+    left_frozen=st.booleans(),
 )
 def test_random_schedules_keep_every_promise(
-    grace: float, schedule: list[tuple[object, ...]]
+    grace: float, schedule: list[tuple[object, ...]], left_frozen: bool
 ) -> None:
-    sim = Sim(Gate(grace=grace, pause_retry=0.3))
+    sim = Sim(Gate(grace=grace, pause_retry=0.3, may_be_frozen=left_frozen))
+    sim.app_frozen = left_frozen
     sim.apply(sim.gate.start(0.0))
     for event in schedule:
         kind = event[0]
@@ -293,3 +295,22 @@ def test_after_a_failed_pause_the_next_request_resumes_first() -> None:
     assert gate.arrive(0.5) == Decision(resume=True)
     assert not gate.may_forward
     assert gate.timer(1.0) == Decision()  # the retry was cancelled by the arrival
+
+
+def test_an_app_left_frozen_by_a_crash_is_resumed_before_the_first_request() -> None:
+    gate = Gate(grace=0.5, may_be_frozen=True)
+    assert not gate.may_forward
+    assert gate.arrive(0.0) == Decision(resume=True)
+    assert gate.resume_done(True, 0.01) == Decision(release=True)
+
+
+def test_an_app_left_frozen_and_idle_is_confirmed_frozen_after_the_grace() -> None:
+    gate = Gate(grace=0.5, may_be_frozen=True)
+    assert gate.start(0.0) == Decision(timer_at=0.5)
+    assert gate.timer(0.5) == Decision(pause=True)
+    gate.pause_done(True, 0.51)
+    assert gate.state is AppState.FROZEN
+
+
+def test_shutdown_resumes_an_app_that_may_have_been_left_frozen() -> None:
+    assert Gate(grace=0, may_be_frozen=True).stop() == Decision(resume=True)

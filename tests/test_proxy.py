@@ -270,3 +270,61 @@ async def test_large_body_streams_back_intact(harness: Harness) -> None:
         s.post(harness.proxy_url + "/echo", data=body) as r,
     ):
         assert await r.read() == body
+
+
+async def test_an_app_left_frozen_by_a_crashed_proxy_is_resumed_before_forwarding(
+    tmp_path: Path,
+) -> None:
+    """kubelet restarts a proxy that died after a pause: the marker it left says 'frozen'."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "may-be-frozen").touch()
+    h = await start_harness(tmp_path, grace=5, state_file=state / "may-be-frozen")
+    h.daemon.frozen = True  # what the dead instance left behind
+    try:
+        async with aiohttp.ClientSession() as s, s.get(h.proxy_url + "/x") as r:
+            assert r.status == 200
+        assert [e[0] for e in h.daemon.events] == ["thaw"]
+        assert not (state / "may-be-frozen").exists()
+    finally:
+        await h.close()
+    assert h.app.violations == []
+
+
+async def test_the_marker_exists_exactly_while_the_app_may_be_frozen(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    marker = state / "may-be-frozen"
+    h = await start_harness(tmp_path, grace=0.3, state_file=marker)
+    try:
+        async with aiohttp.ClientSession() as s, s.get(h.proxy_url + "/x") as r:
+            assert r.status == 200  # a fresh pod: forwarded without a resume
+        assert h.daemon.events == []
+        await h.wait_for(lambda: h.daemon.frozen)
+        assert marker.exists()
+        async with aiohttp.ClientSession() as s, s.get(h.proxy_url + "/y") as r:
+            assert r.status == 200
+        assert not marker.exists(), "resumed, yet a restart would think it frozen"
+    finally:
+        await h.close()
+    assert not marker.exists(), "shutdown resumes the app"
+
+
+async def test_no_pause_when_the_marker_cannot_be_written(tmp_path: Path) -> None:
+    blocked = tmp_path / "state"
+    (blocked / "may-be-frozen").mkdir(parents=True)  # a directory where the file should go
+    h = await start_harness(tmp_path, state_file=blocked / "may-be-frozen")
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(100):
+                async with s.get(h.health_url) as r:
+                    if (await r.json())["pause_failures"]:
+                        break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("the pause was not refused")
+            async with s.get(h.proxy_url + "/x") as r:
+                assert r.status == 200
+        assert h.daemon.count("freeze") == 0
+    finally:
+        await h.close()
