@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import datetime as dt
 import json
 import socket
@@ -127,6 +128,90 @@ def test_empty_or_garbage_secret_starts_over() -> None:
     assert changed and certs.needs_rotation(bundle, SVC, NS, NOW)[0] == "keep"
 
 
+def _handshake(bundle: certs.CertBundle, server_hostname: str) -> None:
+    """A TLS handshake in memory, the client verifying against the bundle's CA."""
+    client = ssl.create_default_context(cadata=bundle.ca_bundle.decode())
+    tls = LiveTLS()
+    assert tls.load_pem(bundle.server_cert, bundle.server_key)
+    client_in, client_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server_in, server_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client.wrap_bio(client_in, client_out, server_hostname=server_hostname)
+    s = tls.context.wrap_bio(server_in, server_out, server_side=True)
+    for _ in range(10):
+        for side in (c, s):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        server_in.write(client_out.read())
+        client_in.write(server_out.read())
+    c.do_handshake()
+
+
+def test_extra_sans_add_ip_addresses_and_dns_names() -> None:
+    """--extra-san: the API server reaching the webhook by clientConfig.url (an IP, another
+    name) verifies it; the Service names stay, and the subject stays the Service's name."""
+    bundle = certs.generate(
+        SVC, NS, dt.datetime.now(dt.UTC), extra_sans=["127.0.0.1", "Hook.Example.COM", "::1"]
+    )
+    assert certs.server_sans(bundle.server_cert) == [
+        *certs.dns_names(SVC, NS),
+        "hook.example.com",
+        "127.0.0.1",
+        "::1",
+    ]
+    server = x509.load_pem_x509_certificate(bundle.server_cert)
+    cn = server.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value
+    assert cn == f"{SVC}.{NS}.svc.cluster.local"
+    _handshake(bundle, "127.0.0.1")  # Python checks an IP server_hostname against IP SANs
+    _handshake(bundle, "hook.example.com")
+    _handshake(bundle, f"{SVC}.{NS}.svc")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(bundle, "127.0.0.2")
+
+
+def test_adding_an_extra_san_re_signs_with_the_same_ca() -> None:
+    bundle = certs.generate(SVC, NS, NOW)
+    decision, why = certs.needs_rotation(bundle, SVC, NS, NOW, extra_sans=["127.0.0.1"])
+    assert decision == "server" and "127.0.0.1" in why
+    renewed, changed, _ = certs.ensure(
+        bundle.to_secret_data(), SVC, NS, NOW, extra_sans=["127.0.0.1"]
+    )
+    assert changed and renewed.ca_bundle == bundle.ca_bundle  # the caBundle is not touched
+    assert "127.0.0.1" in certs.server_sans(renewed.server_cert)
+    assert certs.needs_rotation(renewed, SVC, NS, NOW, extra_sans=["127.0.0.1"])[0] == "keep"
+    # Dropping the flag later causes no churn: a superset of the names is still fine.
+    assert certs.needs_rotation(renewed, SVC, NS, NOW)[0] == "keep"
+    # The spelling of an address does not matter (it is compared as an address).
+    v6 = certs.generate(SVC, NS, NOW, extra_sans=["::1"])
+    assert certs.needs_rotation(v6, SVC, NS, NOW, extra_sans=["0:0:0:0:0:0:0:1"])[0] == "keep"
+
+
+@pytest.mark.parametrize("bad", ["", "-bad.example", "under_score.example", "a..b", "sp ace"])
+def test_san_entry_refuses_what_is_no_name(bad: str) -> None:
+    with pytest.raises(ValueError, match="neither an IP address nor a DNS name"):
+        certs.san_entry(bad)
+
+
+def test_extra_san_flag() -> None:
+    from webhook.__main__ import parse_args
+
+    settings = parse_args(
+        ["--proxy-image", "img", "--extra-san", "127.0.0.1", "--extra-san", "hook.example.com"]
+    )
+    assert settings.extra_sans == ("127.0.0.1", "hook.example.com")
+    assert parse_args(["--proxy-image", "img"]).extra_sans == ()
+    with pytest.raises(SystemExit):
+        parse_args(["--proxy-image", "img", "--extra-san", "not a name"])
+    with pytest.raises(SystemExit):  # only the bootstrapped certificate gets extra names
+        parse_args(
+            [
+                *("--proxy-image", "img", "--extra-san", "127.0.0.1"),
+                *("--tls-cert-file", "c.pem", "--tls-private-key-file", "k.pem"),
+            ]
+        )
+
+
 # --- the reconciler against an in-memory Cluster -------------------------------------------------
 
 
@@ -221,6 +306,20 @@ async def test_rotation_before_expiry_keeps_ca_bundle() -> None:
     assert rec.served == second.server_cert
 
 
+async def test_reconciler_with_extra_sans_re_signs_but_keeps_the_ca_bundle() -> None:
+    cluster = FakeCluster()
+    first = await reconciler(cluster).reconcile()
+    rec = reconciler(cluster)
+    rec.extra_sans = ("127.0.0.1",)
+    second = await rec.reconcile()
+    assert "127.0.0.1" in certs.server_sans(second.server_cert)
+    assert second.ca_bundle == first.ca_bundle
+    assert (cluster.secret_writes, cluster.bundle_patches) == (2, 1)
+    assert rec.served == second.server_cert
+    await rec.reconcile()  # and from then on, no churn
+    assert (cluster.secret_writes, cluster.bundle_patches) == (2, 1)
+
+
 async def test_conflict_rereads_and_adopts_the_winner() -> None:
     cluster = FakeCluster()
     cluster.conflicts_to_inject = 1
@@ -268,7 +367,7 @@ class FakeApiServer:
         base = "/api/v1/namespaces/{ns}/secrets"
         app.router.add_get(base + "/{name}", self.get_secret)
         app.router.add_post(base, self.create_secret)
-        app.router.add_put(base + "/{name}", self.put_secret)
+        app.router.add_patch(base + "/{name}", self.patch_secret)
         mwc = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{name}"
         app.router.add_get(mwc, self.get_mwc)
         app.router.add_patch(mwc, self.patch_mwc)
@@ -286,14 +385,25 @@ class FakeApiServer:
         self.secret["metadata"]["resourceVersion"] = "1"
         return web.json_response(self.secret, status=201)
 
-    async def put_secret(self, request: web.Request) -> web.Response:
-        body = await request.json()
+    async def patch_secret(self, request: web.Request) -> web.Response:
+        """JSON Patch as the API server applies it: a resourceVersion set by the patch is a
+        precondition (409 when stale); everything the patch does not name is kept."""
+        assert request.content_type == "application/json-patch+json"
         assert self.secret is not None
-        if body["metadata"].get("resourceVersion") != self.secret["metadata"]["resourceVersion"]:
+        patched = copy.deepcopy(self.secret)
+        for op in await request.json():
+            assert op["op"] in ("add", "replace"), op
+            _, *parents, key = op["path"].split("/")
+            node = patched
+            for parent in parents:
+                node = node[parent]
+            node[key] = op["value"]
+        current = self.secret["metadata"]["resourceVersion"]
+        if patched["metadata"]["resourceVersion"] != current:
             return web.json_response({"kind": "Status", "code": 409}, status=409)
-        body["metadata"]["resourceVersion"] = str(int(body["metadata"]["resourceVersion"]) + 1)
-        self.secret = body
-        return web.json_response(body)
+        patched["metadata"]["resourceVersion"] = str(int(current) + 1)
+        self.secret = patched
+        return web.json_response(patched)
 
     async def get_mwc(self, request: web.Request) -> web.Response:
         return web.json_response(self.mwc)
@@ -324,9 +434,19 @@ async def test_kube_cluster_adapter_speaks_the_api() -> None:
         await cluster.write_secret(NS, "freezer-webhook-certs", {"a": b"\x00\x01"}, None)
         stored = await cluster.read_secret(NS, "freezer-webhook-certs")
         assert stored == StoredSecret({"a": b"\x00\x01"}, "1")
+        assert fake.secret is not None
+        fake.secret["metadata"]["labels"] = {"app.kubernetes.io/part-of": "freeze-proxy"}
+        applied = {"kubectl.kubernetes.io/last-applied-configuration": "{}"}
+        fake.secret["metadata"]["annotations"] = applied
         await cluster.write_secret(NS, "freezer-webhook-certs", {"a": b"2"}, "1")
+        assert fake.secret["data"] == {"a": base64.b64encode(b"2").decode()}
+        # Only the data changed: labels and kubectl's annotation are what config/ installed.
+        assert fake.secret["metadata"]["labels"] == {"app.kubernetes.io/part-of": "freeze-proxy"}
+        assert fake.secret["metadata"]["annotations"] == applied
+        assert fake.secret["metadata"]["resourceVersion"] == "2"
         with pytest.raises(ConflictError):
             await cluster.write_secret(NS, "freezer-webhook-certs", {"a": b"3"}, "1")
+        assert fake.secret["data"] == {"a": base64.b64encode(b"2").decode()}
         assert await cluster.read_ca_bundles("webhook.freeze.extensions.knative.dev") == [
             ("webhook.freeze.extensions.knative.dev", b"")
         ]

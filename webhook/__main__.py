@@ -9,6 +9,7 @@ import sys
 
 from freeze_proxy import jsonlog
 from webhook.app import WebhookSettings, serve, split_listen
+from webhook.certs import san_entry
 
 
 def parse_args(argv: list[str] | None = None) -> WebhookSettings:
@@ -34,6 +35,14 @@ def parse_args(argv: list[str] | None = None) -> WebhookSettings:
     p.add_argument("--secret-name", default="freezer-webhook-certs")
     p.add_argument("--webhook-config-name", default="webhook.freeze.extensions.knative.dev")
     p.add_argument("--kubeconfig", default=None, help="default: in-cluster service account")
+    p.add_argument(
+        "--extra-san",
+        action="append",
+        default=[],
+        metavar="NAME_OR_IP",
+        help="also put this DNS name or IP address on the bootstrapped serving certificate "
+        "(repeatable; e.g. when the API server reaches the webhook by clientConfig.url)",
+    )
     p.add_argument("--log-level", default="INFO")
     p.add_argument(
         "--reload-interval", type=float, default=10.0, help="seconds between cert-file checks"
@@ -47,6 +56,13 @@ def parse_args(argv: list[str] | None = None) -> WebhookSettings:
         split_listen(args.listen)
     except ValueError as err:
         p.error(str(err))
+    if args.extra_san and args.tls_cert_file:
+        p.error("--extra-san applies to the bootstrapped certificate, not to --tls-cert-file")
+    for name in args.extra_san:
+        try:
+            san_entry(name)
+        except ValueError as err:
+            p.error(f"--extra-san: {err}")
     return WebhookSettings(
         proxy_image=args.proxy_image,
         listen=args.listen,
@@ -59,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> WebhookSettings:
         kubeconfig=args.kubeconfig,
         log_level=args.log_level,
         reload_interval=args.reload_interval,
+        extra_sans=tuple(args.extra_san),
     )
 
 

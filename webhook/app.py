@@ -36,6 +36,7 @@ class WebhookSettings:
     kubeconfig: str | None = None
     log_level: str = "INFO"
     reload_interval: float = 10.0
+    extra_sans: tuple[str, ...] = ()
     mutation: MutationSettings = field(init=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +115,7 @@ async def _first_tls(settings: WebhookSettings, tls: LiveTLS) -> asyncio.Task[No
         settings.service_name,
         settings.secret_name,
         settings.webhook_config_name,
+        extra_sans=settings.extra_sans,
     )
     task = asyncio.create_task(reconciler.run())
     while not tls.loaded:

@@ -7,6 +7,11 @@ caBundle does not change; only a CA near its end (or a broken Secret) starts ove
 replaced the previous one stays in the bundle while it is valid, so API servers still holding the
 old caBundle keep trusting the webhook during the switch.
 
+``extra_sans`` (flag ``--extra-san``) adds DNS names or IP addresses to the serving certificate,
+for a webhook reached other than through its Service (run outside the cluster, or registered with
+``clientConfig.url``). A stored certificate lacking one of them is re-signed by the same CA, so the
+caBundle does not change.
+
 Secret keys (Knative's names plus the CA key): ``ca-cert.pem`` (the bundle: current CA first),
 ``ca-key.pem``, ``server-cert.pem``, ``server-key.pem``.
 """
@@ -14,7 +19,9 @@ Secret keys (Knative's names plus the CA key): ``ca-cert.pem`` (the bundle: curr
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -34,6 +41,7 @@ CA_RENEW_BEFORE = dt.timedelta(days=30)
 SERVER_VALIDITY = dt.timedelta(days=7)
 SERVER_RENEW_BEFORE = dt.timedelta(days=1)
 CLOCK_SKEW = dt.timedelta(minutes=5)
+_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,38 @@ def dns_names(service: str, namespace: str, cluster_domain: str = "cluster.local
         f"{service}.{namespace}.svc",
         f"{service}.{namespace}.svc.{cluster_domain}",
     ]
+
+
+def san_entry(value: str) -> x509.GeneralName:
+    """An extra SAN: an IP address (v4 or v6) or a DNS name (``*.`` wildcard allowed).
+
+    Raises ValueError naming what is wrong, so the flag parser can refuse it.
+    """
+    try:
+        return x509.IPAddress(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    name = value.lower().rstrip(".")
+    labels = name.split(".")
+    if labels[0] == "*" and len(labels) > 1:
+        labels = labels[1:]
+    if len(name) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
+        raise ValueError(f"{value!r} is neither an IP address nor a DNS name")
+    return x509.DNSName(name)
+
+
+def _san_text(entry: x509.GeneralName) -> str:
+    return str(entry.value)
+
+
+def expected_sans(service: str, namespace: str, extra_sans: Sequence[str] = ()) -> list[str]:
+    """Every SAN the serving certificate must carry, as ``server_sans`` spells them."""
+    names = dns_names(service, namespace)
+    for extra in extra_sans:
+        text = _san_text(san_entry(extra))
+        if text not in names:
+            names.append(text)
+    return names
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
@@ -128,9 +168,15 @@ def _make_server(
     ca_key: ec.EllipticCurvePrivateKey,
     now: dt.datetime,
     validity: dt.timedelta,
+    extra_sans: Sequence[str] = (),
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _new_key()
     not_after = min(now + validity, ca_cert.not_valid_after_utc)
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+    for extra in extra_sans:
+        entry = san_entry(extra)
+        if entry not in sans:
+            sans.append(entry)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[-1])]))
@@ -139,7 +185,7 @@ def _make_server(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+        .add_extension(x509.SubjectAlternativeName(sans), False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -172,11 +218,12 @@ def generate(
     previous_ca: bytes | None = None,
     ca_validity: dt.timedelta = CA_VALIDITY,
     server_validity: dt.timedelta = SERVER_VALIDITY,
+    extra_sans: Sequence[str] = (),
 ) -> CertBundle:
     """A fresh CA and serving cert; a still-valid ``previous_ca`` is kept in the bundle."""
     ca_cert, ca_key = _make_ca(f"freeze-webhook-ca.{namespace}", now, ca_validity)
     server_cert, server_key = _make_server(
-        dns_names(service, namespace), ca_cert, ca_key, now, server_validity
+        dns_names(service, namespace), ca_cert, ca_key, now, server_validity, extra_sans
     )
     bundle = _cert_pem(ca_cert)
     if previous_ca:
@@ -193,13 +240,16 @@ def renew_server(
     now: dt.datetime,
     *,
     server_validity: dt.timedelta = SERVER_VALIDITY,
+    extra_sans: Sequence[str] = (),
 ) -> CertBundle:
     """A new serving cert signed by the bundle's current CA; the caBundle is unchanged."""
     ca_cert = _load_certs(bundle.ca_bundle)[0]
     ca_key = serialization.load_pem_private_key(bundle.ca_key, password=None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError("CA key is not an EC key")
-    cert, key = _make_server(dns_names(service, namespace), ca_cert, ca_key, now, server_validity)
+    cert, key = _make_server(
+        dns_names(service, namespace), ca_cert, ca_key, now, server_validity, extra_sans
+    )
     return CertBundle(bundle.ca_bundle, bundle.ca_key, _cert_pem(cert), _key_pem(key))
 
 
@@ -208,10 +258,11 @@ def _load_certs(pem: bytes) -> list[x509.Certificate]:
 
 
 def server_sans(cert_pem: bytes) -> list[str]:
-    """The DNS SANs of a PEM certificate (for tests and log lines)."""
+    """The DNS and IP SANs of a PEM certificate, DNS names first (for tests and log lines)."""
     cert = x509.load_pem_x509_certificate(cert_pem)
     ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    return ext.value.get_values_for_type(x509.DNSName)
+    ips = [str(ip) for ip in ext.value.get_values_for_type(x509.IPAddress)]
+    return [*ext.value.get_values_for_type(x509.DNSName), *ips]
 
 
 def needs_rotation(
@@ -222,6 +273,7 @@ def needs_rotation(
     *,
     ca_renew_before: dt.timedelta = CA_RENEW_BEFORE,
     server_renew_before: dt.timedelta = SERVER_RENEW_BEFORE,
+    extra_sans: Sequence[str] = (),
 ) -> tuple[str, str]:
     """Decide ("keep" | "server" | "all", why) for what the Secret holds.
 
@@ -253,7 +305,7 @@ def needs_rotation(
         sans = set(server_sans(bundle.server_cert))
     except x509.ExtensionNotFound:
         sans = set()
-    missing = set(dns_names(service, namespace)) - sans
+    missing = set(expected_sans(service, namespace, extra_sans)) - sans
     if missing:
         return "server", f"server certificate lacks names {sorted(missing)}"
     if server.not_valid_before_utc > now + CLOCK_SKEW:
@@ -278,17 +330,25 @@ def ensure(
     service: str,
     namespace: str,
     now: dt.datetime,
+    *,
+    extra_sans: Sequence[str] = (),
     **thresholds: dt.timedelta,
 ) -> tuple[CertBundle, bool, str]:
     """(bundle to use, whether it differs from what is stored, why) — the whole decision."""
     bundle = CertBundle.from_secret_data(stored) if stored is not None else None
-    decision, why = needs_rotation(bundle, service, namespace, now, **thresholds)
+    decision, why = needs_rotation(
+        bundle, service, namespace, now, extra_sans=extra_sans, **thresholds
+    )
     if decision == "keep" and bundle is not None:
         return bundle, False, why
     if decision == "server" and bundle is not None:
-        return renew_server(bundle, service, namespace, now), True, why
+        return renew_server(bundle, service, namespace, now, extra_sans=extra_sans), True, why
     previous = bundle.ca_bundle if bundle is not None else None
     try:
-        return generate(service, namespace, now, previous_ca=previous), True, why
+        return (
+            generate(service, namespace, now, previous_ca=previous, extra_sans=extra_sans),
+            True,
+            why,
+        )
     except ValueError:
-        return generate(service, namespace, now), True, why
+        return generate(service, namespace, now, extra_sans=extra_sans), True, why

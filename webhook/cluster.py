@@ -38,9 +38,11 @@ class Cluster(Protocol):
     async def write_secret(
         self, namespace: str, name: str, data: dict[str, bytes], resource_version: str | None
     ) -> None:
-        """Replace (with optimistic concurrency) or, when resource_version is None, create.
+        """Set the data (with optimistic concurrency) or, when resource_version is None, create.
 
-        Raise ConflictError when someone else wrote first.
+        Only ``data`` changes: the Secret's labels, annotations (kubectl's
+        last-applied-configuration among them) and type stay as installed. Raise ConflictError
+        when someone else wrote first.
         """
         ...
 
@@ -72,6 +74,25 @@ def ca_bundle_patch(bundles: dict[int, tuple[str, bytes]]) -> list[dict[str, Any
             }
         )
     return ops
+
+
+def secret_data_patch(data: dict[str, bytes], resource_version: str) -> list[dict[str, Any]]:
+    """JSON Patch: set the Secret's whole ``data``, only if it is still at ``resource_version``.
+
+    A patch rather than a replace (PUT) so that everything else the Secret carries survives: a
+    PUT of a fresh object would drop the labels config/ gives it and kubectl's
+    last-applied-configuration annotation (every later ``kubectl apply`` then warns and
+    re-patches, and a GitOps tool sees drift after each rotation). A resourceVersion in the
+    patched object is a precondition: the API server answers 409 when the Secret moved on.
+    """
+    return [
+        {"op": "replace", "path": "/metadata/resourceVersion", "value": resource_version},
+        {
+            "op": "add",  # add replaces an existing member and creates a missing one
+            "path": "/data",
+            "value": {k: base64.b64encode(v).decode() for k, v in data.items()},
+        },
+    ]
 
 
 def _module(name: str) -> Any:
@@ -121,22 +142,25 @@ class KubeCluster:
         self, namespace: str, name: str, data: dict[str, bytes], resource_version: str | None
     ) -> None:
         c = self._client
-        body = c.V1Secret(
-            api_version="v1",
-            kind="Secret",
-            metadata=c.V1ObjectMeta(
-                name=name, namespace=namespace, resource_version=resource_version
-            ),
-            type="Opaque",
-            data={k: base64.b64encode(v).decode() for k, v in data.items()},
-        )
         try:
             if resource_version is None:
+                body = c.V1Secret(
+                    api_version="v1",
+                    kind="Secret",
+                    metadata=c.V1ObjectMeta(name=name, namespace=namespace),
+                    type="Opaque",
+                    data={k: base64.b64encode(v).decode() for k, v in data.items()},
+                )
                 await asyncio.to_thread(self._core.create_namespaced_secret, namespace, body)
             else:
-                await asyncio.to_thread(self._core.replace_namespaced_secret, name, namespace, body)
+                await asyncio.to_thread(
+                    self._core.patch_namespaced_secret,
+                    name,
+                    namespace,
+                    secret_data_patch(data, resource_version),
+                )
         except Exception as err:
-            if self._status(err) == 409:
+            if self._status(err) in (409, 422):
                 raise ConflictError(f"secret {namespace}/{name} changed concurrently") from err
             raise
 

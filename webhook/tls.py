@@ -116,13 +116,18 @@ class CertReconciler:
     clock: Clock = utcnow
     interval: float = 600.0
     served: bytes = b""
+    extra_sans: tuple[str, ...] = ()  # --extra-san: more names/IPs on the serving certificate
 
     async def reconcile(self) -> certs.CertBundle:
         """One pass; returns the bundle now served. Raises on API errors (caller retries)."""
         for _attempt in range(5):
             stored = await self.cluster.read_secret(self.namespace, self.secret_name)
             bundle, changed, why = certs.ensure(
-                stored.data if stored else None, self.service, self.namespace, self.clock()
+                stored.data if stored else None,
+                self.service,
+                self.namespace,
+                self.clock(),
+                extra_sans=self.extra_sans,
             )
             if changed:
                 try:
