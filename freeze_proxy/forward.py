@@ -121,14 +121,6 @@ class Forwarder:
         async with upstream:
             headers = end_to_end(upstream.headers, _RESPONSE_SKIP)
             content = upstream.content
-            if content.is_eof() and request.method != "HEAD":
-                # The whole body is already here: one write, nothing held back.
-                return web.Response(
-                    status=upstream.status,
-                    reason=upstream.reason,
-                    headers=headers,
-                    body=content.read_nowait(),
-                )
             response = web.StreamResponse(
                 status=upstream.status, reason=upstream.reason, headers=headers
             )
