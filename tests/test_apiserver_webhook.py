@@ -59,6 +59,7 @@ from webhook.mutation import (
     LABEL_VERSION,
     MUTATION_VERSION,
     PROXY_CONTAINER_NAME,
+    STATE_VOLUME_NAME,
     VOLUME_NAME,
     MutationSettings,
     mutate,
@@ -701,8 +702,12 @@ def test_knative_pod_is_mutated_exactly_as_intended(webhook: Webhook, ns: str) -
     ]  # fmt: skip
     assert proxy["volumeMounts"] == [
         {"name": VOLUME_NAME, "mountPath": "/var/run/projected", "readOnly": True},
+        {"name": STATE_VOLUME_NAME, "mountPath": "/var/run/freeze-proxy"},
         *sa_mounts,
     ]
+    # Where a restarted freeze-proxy learns that the app may have been left frozen.
+    (state,) = [v for v in created["spec"]["volumes"] if v["name"] == STATE_VOLUME_NAME]
+    assert state["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Mi"}
     assert proxy["lifecycle"] == user["lifecycle"]
 
     # Exactly the pure mutation: the locally computed result, admitted by the same server (the

@@ -239,7 +239,11 @@ def test_default_knative_pod_is_fully_mutated() -> None:
     assert labels["freeze-pod-added"] == "true"
     assert labels["freeze-pod-version"] == "3"
     assert labels["serving.knative.dev/revision"] == "hello-00001"  # untouched
-    (volume,) = out["spec"]["volumes"]
+    volume, state = out["spec"]["volumes"]
+    assert state == {
+        "name": "freeze-proxy-state",
+        "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"},
+    }
     assert volume == {
         "name": "freeze-projected",
         "projected": {
@@ -264,7 +268,8 @@ def test_default_knative_pod_is_fully_mutated() -> None:
     assert proxy_env["USER_CONTAINER"] == "user-container"
     assert "FREEZE_GRACE" not in proxy_env
     assert proxy["volumeMounts"] == [
-        {"name": "freeze-projected", "mountPath": "/var/run/projected", "readOnly": True}
+        {"name": "freeze-projected", "mountPath": "/var/run/projected", "readOnly": True},
+        {"name": "freeze-proxy-state", "mountPath": "/var/run/freeze-proxy"},
     ]
     sc = proxy["securityContext"]
     assert sc["runAsNonRoot"] is True
@@ -375,14 +380,16 @@ def test_volume_name_collision() -> None:
         {"name": "freeze-projected", "emptyDir": {}},
         {"name": "freeze-projected-2", "emptyDir": {}},
         {"name": "projected", "emptyDir": {}},
+        {"name": "freeze-proxy-state", "emptyDir": {}},
     ]
     pod = knative_pod(volumes=copy.deepcopy(users))
     out = mutated(pod)
     validate(out)
-    assert out["spec"]["volumes"][:3] == users
-    assert out["spec"]["volumes"][3]["name"] == "freeze-projected-3"
+    assert out["spec"]["volumes"][:4] == users
+    assert out["spec"]["volumes"][4]["name"] == "freeze-projected-3"
+    assert out["spec"]["volumes"][5]["name"] == "freeze-proxy-state-2"
     mounts = container(out, "freeze-proxy")["volumeMounts"]
-    assert mounts[0]["name"] == "freeze-projected-3"
+    assert [m["name"] for m in mounts] == ["freeze-projected-3", "freeze-proxy-state-2"]
 
 
 def test_missing_labels_map_is_created() -> None:

@@ -41,6 +41,8 @@ ANNOTATION_CONTAINER = ANNOTATION_PREFIX + "container"
 QUEUE_PROXY_NAME = "queue-proxy"
 PROXY_CONTAINER_NAME = "freeze-proxy"
 VOLUME_NAME = "freeze-projected"
+STATE_VOLUME_NAME = "freeze-proxy-state"
+STATE_MOUNT_PATH = "/var/run/freeze-proxy"  # freeze-proxy's --state-file lives here
 TOKEN_AUDIENCE = "freeze"
 TOKEN_PATH = "token"
 TOKEN_EXPIRATION_SECONDS = 600
@@ -195,12 +197,13 @@ def _named_port(container: Mapping[str, Any], value: Any) -> Any:
     return value
 
 
-def _choose_volume_name(pod: Mapping[str, Any]) -> str:
+def _choose_volume_name(pod: Mapping[str, Any], base: str) -> str:
+    """``base``, or ``base-2``, ``base-3``… if the pod already has a volume of that name."""
     taken = {v.get("name") for v in pod["spec"].get("volumes") or []}
-    name = VOLUME_NAME
+    name = base
     suffix = 2
     while name in taken:
-        name = f"{VOLUME_NAME}-{suffix}"
+        name = f"{base}-{suffix}"
         suffix += 1
     return name
 
@@ -221,6 +224,7 @@ def proxy_container(
     volume_name: str,
     grace: str | None,
     pre_stop: JsonObj | None = None,
+    state_volume: str = STATE_VOLUME_NAME,
 ) -> JsonObj:
     """The freeze-proxy container spec (least privilege, small requests, health probe).
 
@@ -260,7 +264,12 @@ def proxy_container(
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [{"name": volume_name, "mountPath": TOKEN_MOUNT_PATH, "readOnly": True}],
+        "volumeMounts": [
+            {"name": volume_name, "mountPath": TOKEN_MOUNT_PATH, "readOnly": True},
+            # Survives a restart of the container: a proxy killed after a pause tells its
+            # successor that the app may be frozen (see freeze_proxy/marker.py).
+            {"name": state_volume, "mountPath": STATE_MOUNT_PATH},
+        ],
         "readinessProbe": {
             "httpGet": {"path": "/healthz", "port": settings.health_port},
             "periodSeconds": 2,
@@ -383,12 +392,16 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
                 {"op": "add", "path": f"/metadata/labels/{escape_pointer(key)}", "value": value}
             )
 
-    volume_name = _choose_volume_name(pod)
-    volume = projected_volume(volume_name)
+    volume_name = _choose_volume_name(pod, VOLUME_NAME)
+    state_volume = _choose_volume_name(pod, STATE_VOLUME_NAME)
+    volumes = [
+        projected_volume(volume_name),
+        {"name": state_volume, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+    ]
     if pod["spec"].get("volumes") is None:
-        patch.append({"op": "add", "path": "/spec/volumes", "value": [volume]})
+        patch.append({"op": "add", "path": "/spec/volumes", "value": volumes})
     else:
-        patch.append({"op": "add", "path": "/spec/volumes/-", "value": volume})
+        patch.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes)
 
     queue_path = f"/spec/containers/{queue_index}"
     user_port_index = _env_index(queue, "USER_PORT")
@@ -438,7 +451,13 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
             "op": "add",
             "path": "/spec/containers/-",
             "value": proxy_container(
-                settings, user_name, user_port, volume_name, grace, drain_hook(user, user_port)
+                settings,
+                user_name,
+                user_port,
+                volume_name,
+                grace,
+                drain_hook(user, user_port),
+                state_volume,
             ),
         }
     )
