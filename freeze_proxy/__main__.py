@@ -79,12 +79,23 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         help="on SIGTERM, how long in-flight requests may take to finish",
     )
     p.add_argument(
+        "--wake-backlog",
+        type=int,
+        default=4,
+        metavar="N",
+        help="while the app is frozen, resume it for a moment when N connections wait in its "
+        "listen socket's accept queue: TCP probes of a frozen app pile up there, and a full "
+        "queue fails every probe; 0 = never",
+    )
+    p.add_argument(
         "--no-freeze",
         action="store_true",
         help="only proxy; never pause (a kill switch, and the benchmarks' baseline)",
     )
     p.add_argument("--log-level", default=env.get("LOG_LEVEL", "info"))
     args = p.parse_args(argv)
+    if args.wake_backlog < 0:
+        p.error("--wake-backlog must be 0 (never) or a positive number of connections")
     containers = args.container
     if containers is None:
         containers = [env["USER_CONTAINER"]] if env.get("USER_CONTAINER") else []
@@ -101,6 +112,7 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         resume_timeout=args.resume_timeout,
         drain_timeout=args.drain_timeout,
         freeze=not args.no_freeze,
+        wake_backlog=args.wake_backlog,
     )
 
 

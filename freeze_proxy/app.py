@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from freeze_proxy.backlog import read_queued_connections
 from freeze_proxy.daemon_client import DaemonError, FreezeClient, HttpDaemonClient, TokenFile
 from freeze_proxy.forward import Forwarder, error_response, make_session
 from freeze_proxy.gate import AppState, Decision, Gate
@@ -41,6 +42,9 @@ class Settings:
     resume_timeout: float = 5.0
     drain_timeout: float = 20.0
     freeze: bool = True  # False: a plain proxy (benchmarks, and a kill switch)
+    # While frozen, resume the app when this many connections wait in its accept queue (TCP
+    # probes of a frozen app pile up there; see freeze_proxy/backlog.py); 0 = never.
+    wake_backlog: int = 4
 
 
 @dataclass
@@ -50,6 +54,7 @@ class Counters:
     pause_failures: int = 0
     resume_failures: int = 0
     refused: int = 0
+    backlog_wakes: int = 0
 
 
 class _Wakeup:
@@ -105,6 +110,32 @@ class FreezeProxy:
                         cause="resume-failed",
                     )
             return await self._forward(request)
+        finally:
+            self._apply(gate.depart(self._loop.time()))
+
+    async def wake_for_backlog(
+        self, queued: Callable[[], Awaitable[int | None]], settle: float = 1.0
+    ) -> bool:
+        """Resume the frozen app, like a request would, until it has accepted the connections
+        waiting in its accept queue (at most ``settle`` s); then it idles as after a request
+        (grace, pause). False when the resume failed."""
+        gate = self.gate
+        decision = gate.arrive(self._loop.time())
+        try:
+            if not gate.may_forward:
+                wakeup = self._wakeup
+                if wakeup is None:
+                    wakeup = self._wakeup = _Wakeup()
+                self._apply(decision)
+                await wakeup.event.wait()
+                if not wakeup.ok:
+                    return False
+            self.counters.backlog_wakes += 1
+            for _ in range(max(1, round(settle / 0.01))):  # a /proc file: nothing to await
+                if not await queued():
+                    break
+                await asyncio.sleep(0.01)
+            return True
         finally:
             self._apply(gate.depart(self._loop.time()))
 
@@ -224,6 +255,33 @@ async def wait_for_app(upstream: str, poll: float = 0.05) -> None:
             await asyncio.sleep(poll)
 
 
+async def watch_backlog(
+    proxy: FreezeProxy, port: int, threshold: int, interval: float = 1.0
+) -> None:
+    """While the app is frozen, resume it whenever ``threshold`` connections wait to be
+    accepted on ``port`` (see freeze_proxy/backlog.py). Runs until cancelled."""
+
+    async def queued() -> int | None:
+        return await asyncio.to_thread(read_queued_connections, port)
+
+    while True:
+        await asyncio.sleep(interval)
+        if proxy.gate.state is not AppState.FROZEN:
+            continue
+        try:
+            waiting = await queued()
+            if waiting is None or waiting < threshold or proxy.gate.state is not AppState.FROZEN:
+                continue
+            log.info(
+                "connections are waiting at the frozen app's port (TCP probes): resuming it to "
+                "accept them",
+                extra={"port": port, "queued": waiting},
+            )
+            await proxy.wake_for_backlog(queued)
+        except Exception:  # never let the watcher die (it runs beside the token refresh)
+            log.exception("checking the app's accept queue failed", extra={"port": port})
+
+
 def health_app(proxy: FreezeProxy | None, stopping: asyncio.Event) -> web.Application:
     """``GET /healthz`` on its own port, so it never shadows a path of the app."""
 
@@ -296,7 +354,14 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await token.wait_ready()
         assert proxy is not None
         proxy.start()
-        await token.keep_fresh()
+        if settings.wake_backlog > 0:
+            parts = urlsplit(settings.upstream)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            await asyncio.gather(
+                token.keep_fresh(), watch_backlog(proxy, port, settings.wake_backlog)
+            )
+        else:
+            await token.keep_fresh()
 
     armer = asyncio.ensure_future(arm()) if proxy is not None else None
     try:

@@ -83,6 +83,23 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child between f
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def die_with_parent_argv(
+    argv: Sequence[str],
+) -> tuple[list[str], Callable[[], None] | None]:
+    """``argv`` and the ``preexec_fn`` for a child that dies with the test process.
+
+    With util-linux's ``setpriv`` the death signal is set by it, and Popen needs no
+    ``preexec_fn``: a ``preexec_fn`` makes Python fork() instead of vfork(), which runs gRPC's
+    fork handlers in the child; with grpc.aio channels open in the test process (containerd's
+    CRI client) the child then sometimes aborts before exec ("epoll_wait error: Bad file
+    descriptor"). ``die_with_parent`` is the fallback when ``setpriv`` is missing.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "KILL", "--", *argv], None
+    return list(argv), die_with_parent
+
+
 def _pem_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -280,6 +297,11 @@ class ApiServer:
         return self._need(self._pki).sa_pub
 
     @property
+    def service_account_signing_key_file(self) -> Path:
+        """PEM private key the server signs service-account tokens with (tests forge with it)."""
+        return self._need(self._pki).sa_key
+
+    @property
     def etcd_url(self) -> str:
         self._need(self._workdir)
         return self._etcd_url
@@ -401,6 +423,7 @@ class ApiServer:
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = (self.workdir / f"{name}.log").open("wb")
         self._logs.append(log)
+        argv, preexec = die_with_parent_argv(argv)
         return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -408,7 +431,7 @@ class ApiServer:
             stderr=subprocess.STDOUT,
             cwd=self.workdir,
             start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=preexec,
         )
 
     def _log_tail(self, name: str, lines: int = 40) -> str:

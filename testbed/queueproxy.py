@@ -61,7 +61,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from testbed import gobins
-from testbed.apiserver import die_with_parent
+from testbed.apiserver import die_with_parent_argv
 
 ADMIN_PORT: Final = 8022
 METRICS_PORT: Final = 9090
@@ -256,15 +256,16 @@ class QueueProxy:
         fd, name = tempfile.mkstemp(prefix="freeze-queue-proxy-", suffix=".log")
         self._log_path = Path(name)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **self.env}
+        argv, preexec = die_with_parent_argv([str(binary)])
         try:
             self._proc = subprocess.Popen(
-                [str(binary)],
+                argv,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=fd,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=die_with_parent,
+                preexec_fn=preexec,
             )
         finally:
             os.close(fd)
