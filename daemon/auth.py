@@ -431,7 +431,10 @@ class KubernetesTokenReview:
         except client.ApiException as e:
             hint = ""
             if e.status in (401, 403):
-                hint = " (bind the daemon's service account to ClusterRole system:auth-delegator)"
+                hint = (
+                    " (the daemon's service account needs 'create tokenreviews': apply "
+                    "config/200-tokenreview-rbac.yaml)"
+                )
             raise AuthUnavailable(f"TokenReview answered {e.status} {e.reason}{hint}") from e
         status = result.status
         return dict(status.to_dict()) if status is not None else {}

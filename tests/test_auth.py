@@ -623,7 +623,7 @@ async def test_kubernetes_token_review_over_http() -> None:
         assert (await reviewer.review("the-token")).pod_uid == UID
         assert status["user"]["extra"]["authentication.kubernetes.io/pod-uid"] == [UID]
         fake.status = 403
-        with pytest.raises(AuthUnavailable, match="system:auth-delegator"):
+        with pytest.raises(AuthUnavailable, match="create tokenreviews"):
             await call("other-token", ["freeze"])
     finally:
         await api_client.close()  # type: ignore[no-untyped-call]

@@ -194,11 +194,16 @@ def test_rbac_is_least_privilege_and_wired() -> None:
             assert subject["kind"] == "ServiceAccount" and subject["name"] in accounts
             assert subject["namespace"] == DEFAULTS.namespace
         ref = binding["roleRef"]
-        if ref["name"] != "system:auth-delegator":
-            assert (ref["kind"], ref["name"]) in roles
-    delegator = find("ClusterRoleBinding", "freeze-tokenreview")
-    assert delegator["roleRef"]["name"] == "system:auth-delegator"
-    assert delegator["subjects"][0]["name"] == "freeze-tokenreview"
+        assert (ref["kind"], ref["name"]) in roles
+    reviewer = find("ClusterRoleBinding", "freeze-tokenreview")
+    assert reviewer["roleRef"]["name"] == "freeze-tokenreview"
+    assert reviewer["subjects"][0]["name"] == "freeze-tokenreview"
+    (review_rule,) = roles[("ClusterRole", "freeze-tokenreview")]["rules"]
+    assert review_rule == {
+        "apiGroups": ["authentication.k8s.io"],
+        "resources": ["tokenreviews"],
+        "verbs": ["create"],
+    }
     (secret_rule,) = roles[("Role", "freezer-webhook")]["rules"]
     assert secret_rule["resources"] == ["secrets"]
     assert secret_rule["resourceNames"] == [DEFAULTS.secret_name]
