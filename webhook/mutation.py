@@ -16,9 +16,11 @@ Probes: queue-proxy checks the app's readiness itself, from ``SERVING_READINESS_
 ``httpGet`` probe aimed at the app's port is re-aimed at freeze-proxy so a frozen app is woken for
 the probe instead of timing out. The same is done for ``httpGet`` liveness/readiness/startup probes
 kubelet sends straight to the user container (a frozen app would otherwise be restarted).
-``tcpSocket`` probes are left alone on purpose: the kernel completes a TCP handshake for a frozen
-listener, and freeze-proxy always accepts, so re-aiming them would report "ready" before the app
-listens. ``grpc`` probes cannot be relayed by an HTTP/1 proxy: they are left alone with a warning.
+``tcpSocket`` probes are left alone on purpose: freeze-proxy always accepts, so re-aiming them would
+report "ready" before the app listens. Aimed at a frozen app, the kernel still completes their
+handshakes but queues the connections; freeze-proxy drains that accept queue by waking the app
+briefly (``--wake-backlog``, freeze_proxy/backlog.py) before it fills. ``grpc`` probes cannot be
+relayed by an HTTP/1 proxy: they are left alone with a warning.
 """
 
 from __future__ import annotations
