@@ -9,6 +9,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from freeze_proxy.extras import require_extra
+
+require_extra("freeze-daemon", "daemon", ("grpc", "google.protobuf", "jwt", "kubernetes"))
+
 import aiohttp
 from aiohttp import web
 

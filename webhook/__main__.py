@@ -7,6 +7,10 @@ import asyncio
 import os
 import sys
 
+from freeze_proxy.extras import require_extra
+
+require_extra("freeze-webhook", "webhook", ("kubernetes", "cryptography"))
+
 from freeze_proxy import jsonlog
 from webhook.app import WebhookSettings, serve, split_listen
 from webhook.certs import san_entry
