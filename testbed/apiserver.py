@@ -26,7 +26,6 @@ import contextlib
 import ctypes
 import datetime as dt
 import importlib
-import ipaddress
 import json
 import os
 import shutil
@@ -44,11 +43,12 @@ from types import TracebackType
 from typing import IO, Any, Final, TypeVar
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from testbed import gobins
+from webhook import certs
 
 SERVICE_CLUSTER_IP_RANGE: Final = "10.0.0.0/24"
 _PR_SET_PDEATHSIG: Final = 1
@@ -100,18 +100,6 @@ def die_with_parent_argv(
     return list(argv), die_with_parent
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _pem_cert(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
 class _Pki:
     """CA, serving certificate, admin client certificate and service-account keys, on disk."""
 
@@ -127,96 +115,47 @@ class _Pki:
 
     def write(self) -> None:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
-        until = now + dt.timedelta(days=2)
-
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "freeze-proxy test bed CA")])
-        ca = (
-            x509.CertificateBuilder()
-            .subject_name(ca_name)
-            .issuer_name(ca_name)
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now)
-            .not_valid_after(until)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
-        self.ca_file.write_bytes(_pem_cert(ca))
-
-        def leaf(
-            subject: x509.Name,
-            usage: x509.ObjectIdentifier,
-            sans: Sequence[x509.GeneralName] = (),
-        ) -> tuple[bytes, bytes]:
-            key = ec.generate_private_key(ec.SECP256R1())
-            builder = (
-                x509.CertificateBuilder()
-                .subject_name(subject)
-                .issuer_name(ca_name)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now)
-                .not_valid_after(until)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-                .add_extension(
-                    x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                    critical=False,
-                )
-            )
-            if sans:
-                builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            cert = builder.sign(ca_key, hashes.SHA256())
-            return _pem_cert(cert), _pem_key(key)
-
-        cert, key = leaf(
+        now = dt.datetime.now(dt.UTC)
+        validity = dt.timedelta(days=2)
+        # The same certificate code the webhook bootstraps its TLS with.
+        ca, ca_key = certs.make_ca("freeze-proxy test bed CA", now, validity)
+        self.ca_file.write_bytes(certs.cert_pem(ca))
+        serving, serving_key = certs.issue_leaf(
+            ca,
+            ca_key,
             x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]),
+            now,
+            validity,
             ExtendedKeyUsageOID.SERVER_AUTH,
             [
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                x509.IPAddress(ipaddress.ip_address("10.0.0.1")),  # the `kubernetes` Service
-                x509.DNSName("localhost"),
-                x509.DNSName("kubernetes"),
-                x509.DNSName("kubernetes.default"),
-                x509.DNSName("kubernetes.default.svc"),
+                "127.0.0.1",
+                "10.0.0.1",  # the `kubernetes` Service
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
             ],
         )
-        self.serving_cert.write_bytes(cert)
-        self.serving_key.write_bytes(key)
-
-        cert, key = leaf(
+        self.serving_cert.write_bytes(certs.cert_pem(serving))
+        self.serving_key.write_bytes(certs.key_pem(serving_key))
+        admin, admin_key = certs.issue_leaf(
+            ca,
+            ca_key,
             x509.Name(
                 [
                     x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
                     x509.NameAttribute(NameOID.COMMON_NAME, "freeze-proxy-admin"),
                 ]
             ),
+            now,
+            validity,
             ExtendedKeyUsageOID.CLIENT_AUTH,
         )
-        self.admin_cert.write_bytes(cert)
-        self.admin_key.write_bytes(key)
+        self.admin_cert.write_bytes(certs.cert_pem(admin))
+        self.admin_key.write_bytes(certs.key_pem(admin_key))
 
         sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.sa_key.write_bytes(_pem_key(sa))
+        self.sa_key.write_bytes(certs.key_pem(sa))
         self.sa_pub.write_bytes(
             sa.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -28,6 +28,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_CERT_KEY = "ca-cert.pem"
@@ -115,7 +116,7 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def key_pem(key: PrivateKeyTypes) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -123,11 +124,11 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _cert_pem(cert: x509.Certificate) -> bytes:
+def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _make_ca(
+def make_ca(
     common_name: str, now: dt.datetime, validity: dt.timedelta
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _new_key()
@@ -162,30 +163,30 @@ def _make_ca(
     return cert, key
 
 
-def _make_server(
-    names: list[str],
+def issue_leaf(
     ca_cert: x509.Certificate,
     ca_key: ec.EllipticCurvePrivateKey,
+    subject: x509.Name,
     now: dt.datetime,
     validity: dt.timedelta,
-    extra_sans: Sequence[str] = (),
+    usage: x509.ObjectIdentifier,
+    sans: Sequence[str] = (),
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A certificate signed by the CA, for one extended key usage (server or client auth)."""
     key = _new_key()
-    not_after = min(now + validity, ca_cert.not_valid_after_utc)
-    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
-    for extra in extra_sans:
-        entry = san_entry(extra)
-        if entry not in sans:
-            sans.append(entry)
-    cert = (
+    entries: list[x509.GeneralName] = []
+    for text in sans:
+        entry = san_entry(text)
+        if entry not in entries:
+            entries.append(entry)
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[-1])]))
+        .subject_name(subject)
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName(sans), False)
+        .not_valid_after(min(now + validity, ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -201,13 +202,34 @@ def _make_server(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
         )
-        .sign(ca_key, hashes.SHA256())
     )
-    return cert, key
+    if entries:
+        builder = builder.add_extension(x509.SubjectAlternativeName(entries), False)
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+def _make_server(
+    names: list[str],
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    now: dt.datetime,
+    validity: dt.timedelta,
+    extra_sans: Sequence[str] = (),
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[-1])])
+    return issue_leaf(
+        ca_cert,
+        ca_key,
+        subject,
+        now,
+        validity,
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        [*names, *extra_sans],
+    )
 
 
 def generate(
@@ -221,16 +243,16 @@ def generate(
     extra_sans: Sequence[str] = (),
 ) -> CertBundle:
     """A fresh CA and serving cert; a still-valid ``previous_ca`` is kept in the bundle."""
-    ca_cert, ca_key = _make_ca(f"freeze-webhook-ca.{namespace}", now, ca_validity)
+    ca_cert, ca_key = make_ca(f"freeze-webhook-ca.{namespace}", now, ca_validity)
     server_cert, server_key = _make_server(
         dns_names(service, namespace), ca_cert, ca_key, now, server_validity, extra_sans
     )
-    bundle = _cert_pem(ca_cert)
+    bundle = cert_pem(ca_cert)
     if previous_ca:
         for old in _load_certs(previous_ca)[:1]:
             if old.not_valid_after_utc > now:
-                bundle += _cert_pem(old)
-    return CertBundle(bundle, _key_pem(ca_key), _cert_pem(server_cert), _key_pem(server_key))
+                bundle += cert_pem(old)
+    return CertBundle(bundle, key_pem(ca_key), cert_pem(server_cert), key_pem(server_key))
 
 
 def renew_server(
@@ -250,7 +272,7 @@ def renew_server(
     cert, key = _make_server(
         dns_names(service, namespace), ca_cert, ca_key, now, server_validity, extra_sans
     )
-    return CertBundle(bundle.ca_bundle, bundle.ca_key, _cert_pem(cert), _key_pem(key))
+    return CertBundle(bundle.ca_bundle, bundle.ca_key, cert_pem(cert), key_pem(key))
 
 
 def _load_certs(pem: bytes) -> list[x509.Certificate]:
