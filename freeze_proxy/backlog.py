@@ -9,49 +9,63 @@ probe times out, queue-proxy reports the pod not ready, and a pod that is not re
 request that would wake it. So while the app is frozen the proxy watches this number and resumes
 the app for a moment when connections pile up (see ``FreezeProxy.wake_for_backlog``).
 
-The number comes from ``/proc/net/tcp`` and ``/proc/net/tcp6`` of the pod's network namespace
-(shared by its containers): for a LISTEN socket the kernel reports the accept queue's length as
-``rx_queue``.
+The number comes from the kernel's socket diagnostics (netlink ``SOCK_DIAG_BY_FAMILY``, what
+``ss -ltn`` uses), asked for LISTEN sockets on one port in the pod's network namespace: for a
+listening socket ``idiag_rqueue`` is the accept queue's length. That query walks only the
+listening sockets (~35 µs); reading ``/proc/net/tcp`` walks the node's whole TCP hash table
+(~3 ms of CPU on a 24 GiB node, every check, in every frozen pod).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+import socket
+import struct
 
-PROC_NET = Path("/proc/net")
-_LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's "st" column
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_TCP_LISTEN = 10
+_HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
+_NO_COOKIE = struct.pack("=II", 0xFFFFFFFF, 0xFFFFFFFF)  # INET_DIAG_NOCOOKIE
 
 
-def queued_connections(table: str, port: int) -> int | None:
-    """The longest accept queue of the LISTEN sockets on ``port`` in one ``/proc/net/tcp``
-    (or ``tcp6``) table; ``None`` when nothing listens on that port there."""
+def _request(family: int, port: int) -> bytes:
+    """An inet_diag_req_v2 for the LISTEN TCP sockets of ``family`` on source port ``port``."""
+    sockid = struct.pack("!HH", port, 0) + bytes(32) + struct.pack("=I", 0) + _NO_COOKIE
+    body = struct.pack("=BBBxI", family, socket.IPPROTO_TCP, 0, 1 << _TCP_LISTEN) + sockid
+    return _HEADER.pack(_HEADER.size + len(body), _SOCK_DIAG_BY_FAMILY,
+                        _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) + body  # fmt: skip
+
+
+def read_queued_connections(port: int) -> int | None:
+    """The longest accept queue of the LISTEN sockets on ``port`` (IPv4 and IPv6: an app may
+    listen on both); ``None`` when nothing listens there. Raises OSError if the kernel refuses
+    the query. One non-blocking netlink round trip per family: fine on the event loop."""
     longest: int | None = None
-    for line in table.splitlines()[1:]:  # the first line is the header
-        fields = line.split()
-        if len(fields) < 5 or fields[3] != _LISTEN:
-            continue
-        _, _, local_port = fields[1].rpartition(":")
-        tx_rx = fields[4].partition(":")
-        try:
-            if int(local_port, 16) != port:
-                continue
-            queued = int(tx_rx[2], 16)
-        except ValueError:
-            continue
-        longest = queued if longest is None else max(longest, queued)
-    return longest
-
-
-def read_queued_connections(port: int, proc_net: Path = PROC_NET) -> int | None:
-    """:func:`queued_connections` over IPv4 and IPv6 (an app may listen on both); ``None``
-    when no LISTEN socket on ``port`` is visible (or ``/proc/net`` cannot be read)."""
-    longest: int | None = None
-    for name in ("tcp", "tcp6"):
-        try:
-            table = (proc_net / name).read_text()
-        except OSError:
-            continue
-        queued = queued_connections(table, port)
-        if queued is not None:
-            longest = queued if longest is None else max(longest, queued)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as nl:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            nl.send(_request(family, port))
+            done = False
+            while not done:
+                data = nl.recv(65536)
+                offset = 0
+                while offset + _HEADER.size <= len(data):
+                    length, kind = _HEADER.unpack_from(data, offset)[:2]
+                    if kind == _NLMSG_DONE:
+                        done = True
+                        break
+                    if kind == _NLMSG_ERROR:
+                        errno = -struct.unpack_from("=i", data, offset + _HEADER.size)[0]
+                        raise OSError(errno, f"sock_diag: {os.strerror(errno)}")
+                    # struct inet_diag_msg: family, state, timer, retrans, sockid (48 bytes:
+                    # sport first), expires, rqueue, wqueue, ...
+                    msg = offset + _HEADER.size
+                    state = data[msg + 1]
+                    (sport,) = struct.unpack_from("!H", data, msg + 4)
+                    (queued,) = struct.unpack_from("=I", data, msg + 4 + 48 + 4)
+                    if state == _TCP_LISTEN and sport == port:
+                        longest = queued if longest is None else max(longest, queued)
+                    offset += (length + 3) & ~3
     return longest
