@@ -88,17 +88,27 @@ class FreezeProxy:
         self._timer: asyncio.TimerHandle | None = None
         self._wakeup: _Wakeup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._idle = asyncio.Event()  # set when nothing is in flight and no call is running
+
+    def _arrive(self) -> _Wakeup | None:
+        """Count one more piece of work in flight; pair it with ``_depart()`` in a ``finally``.
+
+        None: the app is awake, go ahead. Otherwise wait on the returned wakeup; its ``ok``
+        then says whether the resume worked.
+        """
+        decision = self.gate.arrive(self._loop.time())
+        wakeup = None
+        if not self.gate.may_forward:
+            wakeup = self._wakeup = self._wakeup or _Wakeup()
+        self._apply(decision)
+        return wakeup
+
+    def _depart(self) -> None:
+        self._apply(self.gate.depart(self._loop.time()))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        gate = self.gate
-        decision = gate.arrive(self._loop.time())
+        wakeup = self._arrive()
         try:
-            if not gate.may_forward:
-                wakeup = self._wakeup
-                if wakeup is None:
-                    wakeup = self._wakeup = _Wakeup()
-                self._apply(decision)
+            if wakeup is not None:
                 await wakeup.event.wait()
                 if not wakeup.ok:
                     self.counters.refused += 1
@@ -111,7 +121,7 @@ class FreezeProxy:
                     )
             return await self._forward(request)
         finally:
-            self._apply(gate.depart(self._loop.time()))
+            self._depart()
 
     async def wake_for_backlog(
         self, queued: Callable[[], Awaitable[int | None]], settle: float = 1.0
@@ -119,25 +129,20 @@ class FreezeProxy:
         """Resume the frozen app, like a request would, until it has accepted the connections
         waiting in its accept queue (at most ``settle`` s); then it idles as after a request
         (grace, pause). False when the resume failed."""
-        gate = self.gate
-        decision = gate.arrive(self._loop.time())
+        wakeup = self._arrive()
         try:
-            if not gate.may_forward:
-                wakeup = self._wakeup
-                if wakeup is None:
-                    wakeup = self._wakeup = _Wakeup()
-                self._apply(decision)
+            if wakeup is not None:
                 await wakeup.event.wait()
                 if not wakeup.ok:
                     return False
             self.counters.backlog_wakes += 1
-            for _ in range(max(1, round(settle / 0.01))):  # a /proc file: nothing to await
+            for _ in range(max(1, round(settle / 0.01))):  # a netlink query: nothing to await
                 if not await queued():
                     break
                 await asyncio.sleep(0.01)
             return True
         finally:
-            self._apply(gate.depart(self._loop.time()))
+            self._depart()
 
     # -- carrying out decisions -------------------------------------------------------------
 
