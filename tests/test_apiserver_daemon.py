@@ -38,12 +38,12 @@ from testbed.containerd import Containerd
 from testbed.kubeconfig import service_account_kubeconfig
 from testbed.pods import Pod, PodClient, ticker
 from testbed.tokens import new_rsa_key
+from tests.pod_checks import USER, eventually, log_grows, log_is_quiet
 
 pytestmark = pytest.mark.apiserver
 
 ROOT = Path(__file__).resolve().parent.parent
 RBAC = ROOT / "config" / "200-tokenreview-rbac.yaml"
-USER = "user-container"
 AUDIENCE = "freeze"
 APP_SA = "app"
 REVIEW_TTL = 1.0  # the daemon's --review-cache-ttl here (default 30 s), so revocation is quick
@@ -235,28 +235,6 @@ async def call(daemon: Daemon, path: str, token: str) -> tuple[int, dict[str, An
     ):
         body: dict[str, Any] = await resp.json()
         return resp.status, body
-
-
-async def eventually(check: Any, timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
-
-
-async def log_is_quiet(pod: Pod, seconds: float = 0.6) -> bool:
-    """No new line for ``seconds`` (the ticker logs every 150 ms while it runs)."""
-    await asyncio.sleep(0.1)
-    before = len(pod.log_lines(USER))
-    await asyncio.sleep(seconds)
-    return len(pod.log_lines(USER)) == before
-
-
-async def log_grows(pod: Pod) -> bool:
-    before = len(pod.log_lines(USER))
-    return await eventually(lambda: len(pod.log_lines(USER)) >= before + 2)
 
 
 async def thawed_and_ticking(pod: Pod) -> bool:

@@ -7,7 +7,6 @@ that pod's containers, as the kernel's freezer and the container's log show.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
@@ -16,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +25,10 @@ import pytest
 from testbed.containerd import Containerd
 from testbed.pods import MakePod, Pod
 from testbed.tokens import DEFAULT_ISSUER, SigningKey, mint_token, new_rsa_key, write_jwks
+from tests.pod_checks import USER, eventually, log_grows, log_is_quiet
 
 pytestmark = pytest.mark.containerd
 
-USER = "user-container"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -112,28 +111,6 @@ async def post(
     async with http.post(path, headers=headers, **kwargs) as resp:
         body: dict[str, Any] = await resp.json()
         return resp.status, body
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
-
-
-async def log_is_quiet(pod: Pod, seconds: float = 0.6) -> bool:
-    """No new line for ``seconds`` (the ticker logs every 150 ms while it runs)."""
-    await asyncio.sleep(0.1)
-    before = len(pod.log_lines(USER))
-    await asyncio.sleep(seconds)
-    return len(pod.log_lines(USER)) == before
-
-
-async def log_grows(pod: Pod) -> bool:
-    before = len(pod.log_lines(USER))
-    return await eventually(lambda: len(pod.log_lines(USER)) >= before + 2)
 
 
 async def running(pod: Pod) -> bool:

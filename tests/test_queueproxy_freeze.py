@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from freeze_proxy.backlog import read_queued_connections
 from testbed.pods import Pod
 from testbed.queueproxy import QueueProxy, http_probe, tcp_probe
 from testbed.stack import Proxy, Stack, stack
+from tests.pod_checks import eventually
 
 # One stack (containerd, daemon, app pod, freeze-proxy) for the module, one event loop for it;
 # each test starts its own queue-proxy (it binds fixed ports, so one at a time).
@@ -99,15 +100,6 @@ async def chain(queue_proxy_binary: Path) -> AsyncIterator[Chain]:
         pod, app_port = await st.sleeptalker_pod(tick=TICK)
         async with st.proxy(pod, app_port, f"--grace={GRACE * 1000:g}ms") as proxy:
             yield Chain(st, pod, app_port, proxy, queue_proxy_binary)
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 async def get(url: str) -> tuple[int, bytes, list[tuple[float, bytes]]]:
