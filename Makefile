@@ -5,7 +5,7 @@ APT_PACKAGES := containerd runc busybox-static wrk containernetworking-plugins d
 PIP_EXTRAS := fast,daemon,webhook,test
 STAMP := .setup.stamp
 
-.PHONY: setup demo test lint check-protos protos k8s-bins bench images clean
+.PHONY: setup demo test lint check-protos protos k8s-bins rootfs bench images clean
 
 # Idempotent: installs only what is missing, so a warm run costs about a second.
 setup: $(STAMP)
@@ -23,7 +23,7 @@ demo: setup
 	$(PYTHON) -m testbed.demo $(ARGS)
 
 # The README's test command (CI runs exactly this): lint, types, stubs, then every test.
-test: setup lint check-protos k8s-bins
+test: setup lint check-protos k8s-bins rootfs
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 lint:
@@ -48,6 +48,11 @@ check-protos:
 # outside the repo (/var/cache/freeze-proxy), keyed by version: only a cold machine pays.
 k8s-bins:
 	scripts/build_k8s.sh
+
+# The Debian root filesystem (python3 + aiohttp) of the sleeptalker image, cached by key outside
+# the repo: built before the tests so no test's time limit has to cover debootstrap.
+rootfs: setup
+	$(PYTHON) -m testbed.rootfs
 
 bench: setup
 	$(PYTHON) -m bench.run $(ARGS)
