@@ -238,11 +238,15 @@ def _host_port(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def upstream_address(upstream: str) -> tuple[str, int]:
+    """The app's host and port, from ``--upstream``."""
+    parts = urlsplit(upstream)
+    return parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80)
+
+
 async def wait_for_app(upstream: str, poll: float = 0.05) -> None:
     """Return once the app accepts TCP connections (never freeze an app that is starting)."""
-    parts = urlsplit(upstream)
-    host = parts.hostname or "127.0.0.1"
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host, port = upstream_address(upstream)
     last_log = 0.0
     while True:
         try:
@@ -360,8 +364,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         assert proxy is not None
         proxy.start()
         if settings.wake_backlog > 0:
-            parts = urlsplit(settings.upstream)
-            port = parts.port or (443 if parts.scheme == "https" else 80)
+            _, port = upstream_address(settings.upstream)
             await asyncio.gather(
                 token.keep_fresh(), watch_backlog(proxy, port, settings.wake_backlog)
             )
