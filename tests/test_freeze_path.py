@@ -6,10 +6,11 @@ sleeptalker prints a tick every 100 ms; its CRI log and its freezer cgroup tell 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -17,7 +18,7 @@ import pytest
 
 from testbed.containerd import Containerd
 from testbed.pods import Pod
-from testbed.stack import stack
+from testbed.stack import Stack, stack
 
 pytestmark = pytest.mark.containerd
 APP = "user-container"
@@ -35,18 +36,24 @@ async def until(predicate: Callable[[], bool], what: str, limit: float = 10.0) -
         await asyncio.sleep(0.01)
 
 
-async def test_idle_freezes_requests_wake_and_streams_keep_the_app_awake(
-    containerd: Containerd, tmp_path: Path
-) -> None:
-    # ``containerd`` only makes this skip/fail like every real-containerd test; the stack starts
-    # its own private one beside it.
+@contextlib.asynccontextmanager
+async def sleeptalker(tmp_path: Path) -> AsyncIterator[tuple[Stack, Pod, int, str]]:
+    """The real stack with a sleeptalker pod: (stack, pod, app port, ``--state-file`` flag)."""
     async with stack(tmp_path) as st:
         st.sleeptalker_image()
         pod, port = await st.sleeptalker_pod(tick=0.1)
         state = tmp_path / "state"
         state.mkdir()
-        flags = ("--grace=200ms", f"--state-file={state / 'may-be-frozen'}")
-        async with st.proxy(pod, port, *flags) as proxy:
+        yield st, pod, port, f"--state-file={state / 'may-be-frozen'}"
+
+
+async def test_idle_freezes_requests_wake_and_streams_keep_the_app_awake(
+    containerd: Containerd, tmp_path: Path
+) -> None:
+    # ``containerd`` only makes this skip/fail like every real-containerd test; the stack starts
+    # its own private one beside it.
+    async with sleeptalker(tmp_path) as (st, pod, port, state_flag):
+        async with st.proxy(pod, port, "--grace=200ms", state_flag) as proxy:
             await until(lambda: pod.freezer_state(APP) == "FROZEN", "frozen when idle")
             before = ticks(pod)
             await asyncio.sleep(1.0)
@@ -84,19 +91,15 @@ async def test_a_killed_proxy_leaves_no_request_to_a_frozen_app(
     containerd: Containerd, tmp_path: Path
 ) -> None:
     """SIGKILL after a pause (an OOM kill); kubelet restarts the proxy: it resumes first."""
-    async with stack(tmp_path) as st:
-        st.sleeptalker_image()
-        pod, port = await st.sleeptalker_pod(tick=0.1)
+    async with sleeptalker(tmp_path) as (st, pod, port, state_flag):
         state = tmp_path / "state"
-        state.mkdir()
-        flags = ("--grace=0", f"--state-file={state / 'may-be-frozen'}")
-        async with st.proxy(pod, port, *flags) as proxy:
+        async with st.proxy(pod, port, "--grace=0", state_flag) as proxy:
             await until(lambda: pod.freezer_state(APP) == "FROZEN", "frozen")
             os.kill(proxy.proc.pid, signal.SIGKILL)
             proxy.proc.wait()
         assert pod.freezer_state(APP) == "FROZEN", "a killed proxy cannot have thawed it"
         assert (state / "may-be-frozen").exists()
-        async with st.proxy(pod, port, "--grace=5s", *flags[1:]) as proxy:
+        async with st.proxy(pod, port, "--grace=5s", state_flag) as proxy:
             async with aiohttp.ClientSession() as s, s.get(f"{proxy.url}/?sleep=0") as r:
                 assert r.status == 200
                 assert (await r.text()).rstrip().endswith("world.")
