@@ -1,4 +1,4 @@
-"""Wires the gate, the forwarder and the daemon client into the running proxy.
+"""Wires the gate, the relay and the daemon client into the running proxy.
 
 The gate decides; this module carries its decisions out: it runs pause/resume calls as tasks,
 keeps the single idle timer, parks requests that must wait for a resume and releases (or refuses)
@@ -9,6 +9,7 @@ stop accepting, drain).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import time
@@ -16,17 +17,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from aiohttp import web
-
+from freeze_proxy import http1
 from freeze_proxy.backlog import read_queued_connections
 from freeze_proxy.daemon_client import DaemonError, FreezeClient, HttpDaemonClient, TokenFile
-from freeze_proxy.forward import Forwarder, error_response, make_session
 from freeze_proxy.gate import AppState, Decision, Gate
 from freeze_proxy.marker import FrozenMarker
+from freeze_proxy.relay import Admission, AlwaysAwake, Relay, Wakeup
 
 log = logging.getLogger("freeze_proxy")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass
@@ -57,23 +55,13 @@ class Counters:
     backlog_wakes: int = 0
 
 
-class _Wakeup:
-    """One resume's outcome, awaited by every request parked behind it."""
-
-    __slots__ = ("event", "ok")
-
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-        self.ok = False
-
-
 class FreezeProxy:
-    """Carries out the gate's decisions around every forwarded request."""
+    """Carries out the gate's decisions around every relayed request (it is the relay's
+    ``Admission``)."""
 
     def __init__(
         self,
         gate: Gate,
-        forward: Handler,
         client: FreezeClient,
         resume_timeout: float,
         marker: FrozenMarker,
@@ -81,16 +69,15 @@ class FreezeProxy:
         self.gate = gate
         self._marker = marker
         self.counters = Counters()
-        self._forward = forward
         self._client = client
         self._resume_timeout = resume_timeout
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
-        self._wakeup: _Wakeup | None = None
+        self._wakeup: Wakeup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def _arrive(self) -> _Wakeup | None:
-        """Count one more piece of work in flight; pair it with ``_depart()`` in a ``finally``.
+    def arrive(self) -> Wakeup | None:
+        """Count one more piece of work in flight; pair it with exactly one ``depart()``.
 
         None: the app is awake, go ahead. Otherwise wait on the returned wakeup; its ``ok``
         then says whether the resume worked.
@@ -98,30 +85,15 @@ class FreezeProxy:
         decision = self.gate.arrive(self._loop.time())
         wakeup = None
         if not self.gate.may_forward:
-            wakeup = self._wakeup = self._wakeup or _Wakeup()
+            wakeup = self._wakeup = self._wakeup or Wakeup()
         self._apply(decision)
         return wakeup
 
-    def _depart(self) -> None:
+    def depart(self) -> None:
         self._apply(self.gate.depart(self._loop.time()))
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        wakeup = self._arrive()
-        try:
-            if wakeup is not None:
-                await wakeup.event.wait()
-                if not wakeup.ok:
-                    self.counters.refused += 1
-                    return error_response(
-                        503,
-                        "the app could not be resumed, so the request was not forwarded; "
-                        "check that the freeze-daemon on this node is running and accepts this "
-                        "pod's token (see the freeze-proxy and freeze-daemon logs)",
-                        cause="resume-failed",
-                    )
-            return await self._forward(request)
-        finally:
-            self._depart()
+    def refused(self) -> None:
+        self.counters.refused += 1
 
     async def wake_for_backlog(
         self, queued: Callable[[], Awaitable[int | None]], settle: float = 1.0
@@ -129,7 +101,7 @@ class FreezeProxy:
         """Resume the frozen app, like a request would, until it has accepted the connections
         waiting in its accept queue (at most ``settle`` s); then it idles as after a request
         (grace, pause). False when the resume failed."""
-        wakeup = self._arrive()
+        wakeup = self.arrive()
         try:
             if wakeup is not None:
                 await wakeup.event.wait()
@@ -142,7 +114,7 @@ class FreezeProxy:
                 await asyncio.sleep(0.01)
             return True
         finally:
-            self._depart()
+            self.depart()
 
     # -- carrying out decisions -------------------------------------------------------------
 
@@ -291,22 +263,39 @@ async def watch_backlog(
             log.exception("checking the app's accept queue failed", extra={"port": port})
 
 
-def health_app(proxy: FreezeProxy | None, stopping: asyncio.Event) -> web.Application:
+def health_handler(
+    proxy: FreezeProxy | None, stopping: asyncio.Event
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     """``GET /healthz`` on its own port, so it never shadows a path of the app."""
 
-    async def healthz(_: web.Request) -> web.Response:
-        body: dict[str, object] = {"status": "stopping" if stopping.is_set() else "ok"}
+    def body() -> dict[str, object]:
+        out: dict[str, object] = {"status": "stopping" if stopping.is_set() else "ok"}
         if proxy is not None:
-            body.update(
+            out.update(
                 state=proxy.gate.state.value,
                 in_flight=proxy.gate.in_flight,
                 **vars(proxy.counters),
             )
-        return web.json_response(body, status=503 if stopping.is_set() else 200)
+        return out
 
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    return app
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(http1.END_OF_HEAD)
+            request = http1.parse_request(head[: -len(http1.END_OF_HEAD)])
+            if request.target.partition(b"?")[0] == b"/healthz":
+                status = 503 if stopping.is_set() else 200
+                writer.write(http1.json_response(status, json.dumps(body()).encode()))
+            else:
+                writer.write(http1.json_response(404, b'{"error": "only /healthz is served"}'))
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        except http1.HttpError as exc:
+            writer.write(http1.json_response(exc.status, json.dumps({"error": str(exc)}).encode()))
+        finally:
+            writer.close()
+
+    return handle
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -318,13 +307,11 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             pass
-    session = make_session()
-    forwarder = Forwarder(session, settings.upstream)
     proxy: FreezeProxy | None = None
-    handler: Handler = forwarder
+    admission: Admission = AlwaysAwake()
     token = TokenFile(settings.token_file)
+    client = HttpDaemonClient(settings.daemon_url, token, settings.containers)
     if settings.freeze:
-        client = HttpDaemonClient(session, settings.daemon_url, token, settings.containers)
         marker = FrozenMarker(settings.state_file)
         left_frozen = marker.may_be_frozen()
         if left_frozen:
@@ -334,18 +321,16 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
                 extra={"state_file": settings.state_file, "state_dir_usable": marker.usable},
             )
         gate = Gate(settings.grace, may_be_frozen=left_frozen)
-        proxy = FreezeProxy(gate, forwarder, client, settings.resume_timeout, marker)
-        handler = proxy.handle
+        admission = proxy = FreezeProxy(gate, client, settings.resume_timeout, marker)
 
-    # A low-level server: every path goes to one handler, so no router or middleware runs.
-    server = web.Server(handler, access_log=None, max_field_size=16384)  # type: ignore[arg-type]
+    relay = Relay(*upstream_address(settings.upstream), admission)
     stopping = asyncio.Event()
-    runner = web.ServerRunner(server, shutdown_timeout=settings.drain_timeout)
-    health = web.AppRunner(health_app(proxy, stopping), access_log=None)
-    await runner.setup()
-    await health.setup()
-    await web.TCPSite(runner, *_host_port(settings.listen), reuse_address=True).start()
-    await web.TCPSite(health, *_host_port(settings.health_listen), reuse_address=True).start()
+    server = await loop.create_server(
+        relay.protocol, *_host_port(settings.listen), reuse_address=True, backlog=1024
+    )
+    health = await asyncio.start_server(
+        health_handler(proxy, stopping), *_host_port(settings.health_listen), reuse_address=True
+    )
     log.info(
         "listening",
         extra={
@@ -381,8 +366,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             armer.cancel()
         if proxy is not None:
             await proxy.stop()
-        await forwarder.close_websockets()
-        await runner.cleanup()  # stops accepting, waits for in-flight requests (drain_timeout)
-        await health.cleanup()
-        await session.close()
+        server.close()  # stop accepting; then let in-flight requests finish (drain_timeout)
+        await relay.drain(settings.drain_timeout)
+        health.close()
+        await client.close()
         log.info("stopped")

@@ -11,8 +11,17 @@ import logging
 import os
 import time
 from typing import Protocol
+from urllib.parse import quote, urlsplit
 
-import aiohttp
+from freeze_proxy.http1 import (
+    CHUNKED,
+    END_OF_HEAD,
+    LENGTH,
+    UNTIL_CLOSE,
+    HttpError,
+    ResponseHead,
+    parse_response,
+)
 
 log = logging.getLogger("freeze_proxy.daemon_client")
 
@@ -83,27 +92,33 @@ class TokenFile:
 
 
 class HttpDaemonClient:
-    """``POST /freeze`` and ``/thaw`` on the daemon, with header ``Token``."""
+    """``POST /freeze`` and ``/thaw`` on the daemon, with header ``Token``, over one keep-alive
+    connection (calls are serialized: the gate never overlaps a pause and a resume)."""
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
         daemon_url: str,
         token: TokenFile,
         containers: list[str],
         call_timeout: float = 2.0,
     ) -> None:
-        base = daemon_url.rstrip("/")
-        query = "&".join(f"container={c}" for c in containers)
+        parts = urlsplit(daemon_url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"--daemon-url must be http://host:port, not {daemon_url!r}")
+        self._host = parts.hostname
+        self._port = parts.port or 80
+        self._base = daemon_url.rstrip("/")
+        base_path = parts.path.rstrip("/")
+        query = "&".join(f"container={quote(c)}" for c in containers)
         suffix = f"?{query}" if query else ""
-        self._freeze_url = f"{base}/freeze{suffix}"
-        self._thaw_url = f"{base}/thaw{suffix}"
-        self._session = session
+        self._paths = {action: f"{base_path}/{action}{suffix}" for action in ("freeze", "thaw")}
         self._token = token
         self._call_timeout = call_timeout
+        self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self._lock = asyncio.Lock()
 
     async def pause(self) -> None:
-        await self._call(self._freeze_url, self._call_timeout)
+        await self._call("freeze", self._call_timeout)
 
     async def resume(self, budget: float) -> None:
         deadline = time.monotonic() + budget
@@ -113,7 +128,7 @@ class HttpDaemonClient:
             attempt += 1
             remaining = deadline - time.monotonic()
             try:
-                await self._call(self._thaw_url, max(0.05, min(self._call_timeout, remaining)))
+                await self._call("thaw", max(0.05, min(self._call_timeout, remaining)))
                 if attempt > 1:
                     log.info("resume succeeded after retries", extra={"attempts": attempt})
                 return
@@ -125,22 +140,74 @@ class HttpDaemonClient:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
 
-    async def _call(self, url: str, limit: float) -> None:
-        headers = {"Token": self._token.token}
+    async def close(self) -> None:
+        self._drop()
+
+    async def _call(self, action: str, limit: float) -> None:
+        url = f"{self._base}/{action}"
         try:
-            async with self._session.post(
-                url, headers=headers, timeout=aiohttp.ClientTimeout(total=limit)
-            ) as resp:
-                if resp.status == 200:
-                    await resp.read()
-                    return
-                if resp.status == 403:
-                    # Maybe kubelet rotated the token a moment ago: re-read before the retry.
-                    await self._token.refresh()
-                text = (await resp.text())[:500]
-                raise DaemonError(f"daemon at {url} answered {resp.status}: {text}")
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            async with self._lock, asyncio.timeout(limit):
+                status, body = await self._exchange(self._paths[action])
+        except (OSError, TimeoutError, EOFError, ValueError, HttpError) as exc:
             raise DaemonError(
                 f"daemon at {url} unreachable ({type(exc).__name__}: {exc}); is the freeze-daemon "
                 "DaemonSet running on this node and is --daemon-url (HOST_IP) right?"
             ) from exc
+        if status == 200:
+            return
+        if status == 403:
+            # Maybe kubelet rotated the token a moment ago: re-read before the retry.
+            await self._token.refresh()
+        text = body[:500].decode(errors="replace")
+        raise DaemonError(f"daemon at {url} answered {status}: {text}")
+
+    async def _exchange(self, path: str) -> tuple[int, bytes]:
+        """One request/response; a stale pooled connection is replaced once (calls are
+        idempotent). Any failure drops the connection: its state is unknown."""
+        request = (
+            f"POST {path} HTTP/1.1\r\nHost: {self._host}:{self._port}\r\n"
+            f"Token: {self._token.token}\r\nContent-Length: 0\r\n\r\n"
+        ).encode()
+        try:
+            for attempt in (1, 2):
+                reused = self._conn is not None
+                if self._conn is None:
+                    self._conn = await asyncio.open_connection(self._host, self._port)
+                reader, writer = self._conn
+                try:
+                    writer.write(request)
+                    head = await reader.readuntil(END_OF_HEAD)
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    self._drop()
+                    if reused and attempt == 1:
+                        continue
+                    raise
+                response = parse_response(head[: -len(END_OF_HEAD)], b"POST")
+                body = await _read_body(reader, response)
+                if not response.keep_alive:
+                    self._drop()
+                return response.status, body
+            raise AssertionError("unreachable")
+        except BaseException:
+            self._drop()
+            raise
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn[1].close()
+            self._conn = None
+
+
+async def _read_body(reader: asyncio.StreamReader, response: ResponseHead) -> bytes:
+    if response.framing == LENGTH:
+        return await reader.readexactly(response.length)
+    if response.framing == UNTIL_CLOSE:
+        return await reader.read()
+    if response.framing == CHUNKED:
+        parts = []
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            parts.append(await reader.readexactly(size + 2))
+        while await reader.readuntil(b"\r\n") != b"\r\n":  # trailer fields
+            pass
+        return b"".join(p[:-2] for p in parts)
+    return b""

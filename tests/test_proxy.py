@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from freeze_proxy.daemon_client import TokenFile
-from freeze_proxy.forward import HOP_BY_HOP
+from freeze_proxy.http1 import HOP_BY_HOP
 from tests.proxy_harness import Harness, free_port, start_harness, start_site
 
 
@@ -103,7 +103,7 @@ async def test_headers_path_and_query_are_forwarded_faithfully(harness: Harness)
     assert "X-Drop" not in seen
     assert seen["X-Forwarded-For"] == "127.0.0.1"
     assert seen["X-Forwarded-Proto"] == "http"
-    assert not HOP_BY_HOP & {k.lower() for k in seen} - {"connection"}
+    assert not HOP_BY_HOP & {k.lower().encode() for k in seen} - {b"connection"}
 
 
 async def test_websocket_passes_through_and_keeps_the_app_awake(harness: Harness) -> None:

@@ -119,7 +119,7 @@ async def test_requests_flow_through_both_proxies_and_wake_the_frozen_app(chain:
         ticks = chain.ticks()
 
         status, body, _ = await get(qp.url + "/hello?sleep=0.3")
-        assert status == 200, body
+        assert status == 200, (body, chain.proxy.log_file.read_text()[-3000:])
         assert body == FIRST_LINE + LAST_LINE
         # It reached the app (its own request log), which ran for it: ticks during the request.
         # (The app logs a request after its last byte; the CRI log lags its stdout a little.)

@@ -1,0 +1,316 @@
+"""HTTP/1.1 message heads and body framing, as a reverse proxy needs them: pure, no I/O.
+
+The relay (``relay.py``) copies bodies as raw bytes; from a head it only needs to know where the
+message ends (RFC 9112 §6.3) and which headers to rewrite (hop-by-hop ones out, ``X-Forwarded-*``
+in). Anything ambiguous about where a request ends is refused (400) rather than guessed, since a
+guess that differs from the app's is request smuggling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# RFC 9110 §7.6.1 plus the legacy ones Go's httputil strips too (lower case, as bytes).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+MAX_HEAD = 65536  # bytes: a longer head is refused (431), as a bound on what we buffer
+CRLF = b"\r\n"
+END_OF_HEAD = b"\r\n\r\n"
+_TOKEN_CHARS = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+
+
+class HttpError(Exception):
+    """A message we cannot relay safely; ``status`` is what the client gets."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# Body framing: where a message's body ends.
+NO_BODY = 0  # nothing follows the head
+LENGTH = 1  # exactly ``length`` bytes follow
+CHUNKED = 2  # chunked transfer coding: see ChunkedScanner
+UNTIL_CLOSE = 3  # the body ends when the sender closes (responses only)
+
+
+@dataclass(slots=True)
+class Head:
+    """One parsed head. ``headers`` keep their original spelling; ``start`` is the first line."""
+
+    start: bytes
+    headers: list[tuple[bytes, bytes]]
+    framing: int
+    length: int
+    keep_alive: bool
+    upgrade: bool  # asks for (request) or grants (101 response) a protocol switch
+
+
+@dataclass(slots=True)
+class RequestHead(Head):
+    method: bytes
+    target: bytes
+    version: bytes
+
+
+@dataclass(slots=True)
+class ResponseHead(Head):
+    status: int
+
+
+def _split_headers(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    headers = []
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or not _TOKEN_CHARS.issuperset(name):
+            raise HttpError(400, f"malformed header line {line[:80]!r}")
+        headers.append((name, value.strip(b" \t")))
+    return headers
+
+
+def _framing(
+    headers: list[tuple[bytes, bytes]], version: bytes
+) -> tuple[int, int, bool, bytes, bytes]:
+    """(framing, length, keep_alive, connection tokens, upgrade) from the headers."""
+    length = -1
+    chunked = False
+    connection = b""
+    upgrade = b""
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"content-length":
+            if not value.isdigit() or (length >= 0 and int(value) != length):
+                raise HttpError(400, f"invalid Content-Length {value[:40]!r}")
+            length = int(value)
+        elif lname == b"transfer-encoding":
+            codings = [c.strip().lower() for c in value.split(b",")]
+            if codings[-1] != b"chunked" or chunked:
+                raise HttpError(
+                    400, f"unsupported Transfer-Encoding {value[:40]!r}: the last must be chunked"
+                )
+            chunked = True
+        elif lname == b"connection":
+            connection = connection + b"," + value.lower() if connection else value.lower()
+        elif lname == b"upgrade":
+            upgrade = value
+    if chunked and length >= 0:
+        raise HttpError(400, "both Transfer-Encoding and Content-Length: ambiguous framing")
+    tokens = {t.strip() for t in connection.split(b",")} if connection else set()
+    if version == b"HTTP/1.1":
+        keep_alive = b"close" not in tokens
+    else:
+        keep_alive = b"keep-alive" in tokens
+    framing = CHUNKED if chunked else LENGTH if length >= 0 else -1
+    return framing, max(length, 0), keep_alive, connection, upgrade if b"upgrade" in tokens else b""
+
+
+def _lines(head: bytes) -> list[bytes]:
+    lines = head.split(CRLF)
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raise HttpError(400, "obsolete header line folding is not accepted")
+    return lines
+
+
+def parse_request(head: bytes) -> RequestHead:
+    """Parse a request head (without the blank line). Raise HttpError when it can't be relayed."""
+    lines = _lines(head)
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise HttpError(400, f"malformed request line {lines[0][:80]!r}")
+    method, target, version = parts
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise HttpError(505, f"unsupported protocol {version[:20]!r}: HTTP/1.x only")
+    if not _TOKEN_CHARS.issuperset(method):
+        raise HttpError(400, f"malformed method {method[:20]!r}")
+    headers = _split_headers(lines[1:])
+    framing, length, keep_alive, _, upgrade = _framing(headers, version)
+    if framing < 0:
+        framing = NO_BODY  # a request without framing headers has no body (RFC 9112 §6.3)
+    elif framing == LENGTH and length == 0:
+        framing = NO_BODY
+    return RequestHead(
+        lines[0], headers, framing, length, keep_alive, bool(upgrade), method, target, version
+    )
+
+
+def parse_response(head: bytes, request_method: bytes) -> ResponseHead:
+    """Parse a response head to a request with ``request_method``."""
+    lines = _lines(head)
+    version, _, rest = lines[0].partition(b" ")
+    code = rest[:3]
+    if version[:7] != b"HTTP/1." or not code.isdigit() or len(code) != 3:
+        raise HttpError(502, f"the app sent a malformed status line {lines[0][:80]!r}")
+    status = int(code)
+    headers = _split_headers(lines[1:])
+    framing, length, keep_alive, _, upgrade = _framing(headers, version)
+    if request_method == b"HEAD" or status < 200 or status in (204, 304):
+        framing = NO_BODY
+    elif framing < 0:
+        framing = UNTIL_CLOSE
+        keep_alive = False
+    elif framing == LENGTH and length == 0:
+        framing = NO_BODY
+    return ResponseHead(
+        lines[0], headers, framing, length, keep_alive, status == 101 and bool(upgrade), status
+    )
+
+
+def end_to_end(head: Head) -> list[tuple[bytes, bytes]]:
+    """The headers minus hop-by-hop ones and those the Connection header names."""
+    skip: set[bytes] | frozenset[bytes] = HOP_BY_HOP
+    for name, value in head.headers:
+        if name.lower() == b"connection":
+            skip = skip | {t.strip() for t in value.lower().split(b",")}
+    return [(n, v) for n, v in head.headers if n.lower() not in skip]
+
+
+def serialize(start: bytes, headers: list[tuple[bytes, bytes]], extra: bytes = b"") -> bytes:
+    """A head ready to send: start line, headers, ``extra`` (ready-made header lines), blank."""
+    return b"".join([start, CRLF, *(b"%s: %s\r\n" % h for h in headers), extra, CRLF])
+
+
+def upstream_request(request: RequestHead, peer: bytes) -> bytes:
+    """The head sent to the app: end-to-end headers, X-Forwarded-*, our own framing headers."""
+    headers = end_to_end(request)
+    forwarded_for = b""
+    has_proto = False
+    host = b""
+    has_fwd_host = False
+    kept = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"x-forwarded-for":
+            forwarded_for = forwarded_for + b", " + value if forwarded_for else value
+            continue
+        if lname == b"x-forwarded-proto":
+            has_proto = True
+        elif lname == b"x-forwarded-host":
+            has_fwd_host = True
+        elif lname == b"host":
+            host = value
+        kept.append((name, value))
+    if peer:
+        forwarded_for = forwarded_for + b", " + peer if forwarded_for else peer
+    if forwarded_for:
+        kept.append((b"X-Forwarded-For", forwarded_for))
+    if not has_proto:
+        kept.append((b"X-Forwarded-Proto", b"http"))
+    if host and not has_fwd_host:
+        kept.append((b"X-Forwarded-Host", host))
+    extra = b""
+    if request.framing == CHUNKED:
+        extra = b"Transfer-Encoding: chunked\r\n"
+    if request.upgrade:
+        upgrade = next(v for n, v in request.headers if n.lower() == b"upgrade")
+        extra += b"Connection: Upgrade\r\nUpgrade: " + upgrade + CRLF
+    elif request.version == b"HTTP/1.0":
+        extra += b"Connection: close\r\n"
+    return serialize(request.start, kept, extra)
+
+
+def downstream_response(response: ResponseHead, keep_alive: bool) -> bytes:
+    """The head sent back to the client; ``keep_alive`` says whether we keep its connection."""
+    extra = b""
+    if response.framing == CHUNKED:
+        extra = b"Transfer-Encoding: chunked\r\n"
+    if response.upgrade:
+        upgrade = next(v for n, v in response.headers if n.lower() == b"upgrade")
+        extra += b"Connection: Upgrade\r\nUpgrade: " + upgrade + CRLF
+    elif not keep_alive:
+        extra += b"Connection: close\r\n"
+    return serialize(response.start, end_to_end(response), extra)
+
+
+REASONS = {
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    431: b"Request Header Fields Too Large",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    505: b"HTTP Version Not Supported",
+}
+
+
+def json_response(status: int, body: bytes, keep_alive: bool = False) -> bytes:
+    """A complete response of our own (errors, health) with a JSON body."""
+    start = b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Unknown"))
+    headers = [(b"Content-Type", b"application/json"), (b"Content-Length", b"%d" % len(body))]
+    if not keep_alive:
+        headers.append((b"Connection", b"close"))
+    return serialize(start, headers) + body
+
+
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+class ChunkedScanner:
+    """Finds where a chunked body ends, without decoding it (the bytes are relayed as they are).
+
+    ``feed(data)`` returns how many bytes of ``data`` belong to the body, or -1 when all of it
+    does and more is needed. Trailer fields are passed through.
+    """
+
+    __slots__ = ("_line", "_remaining", "_state")
+
+    _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+
+    def __init__(self) -> None:
+        self._state = self._SIZE
+        self._remaining = 0
+        self._line = b""
+
+    def feed(self, data: bytes) -> int:
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if self._state == self._DATA:
+                take = min(self._remaining, end - pos)
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = self._DATA_END
+                continue
+            newline = data.find(b"\n", pos)
+            if newline < 0:
+                self._line += data[pos:]
+                if len(self._line) > 8192:
+                    raise HttpError(400, "chunk-size or trailer line too long")
+                return -1
+            line = self._line + data[pos:newline]
+            self._line = b""
+            pos = newline + 1
+            if line[-1:] != b"\r":
+                raise HttpError(400, "a chunked body line does not end in CRLF")
+            line = line[:-1]
+            if self._state == self._SIZE:
+                size_text = line.split(b";", 1)[0].rstrip(b" \t")
+                if not size_text or not _HEX.issuperset(size_text) or len(size_text) > 15:
+                    raise HttpError(400, f"malformed chunk size {size_text[:20]!r}")
+                size = int(size_text, 16)
+                if size == 0:
+                    self._state = self._TRAILER
+                else:
+                    self._state, self._remaining = self._DATA, size
+            elif self._state == self._DATA_END:
+                if line:
+                    raise HttpError(400, "chunk data longer than its declared size")
+                self._state = self._SIZE
+            elif not line:  # _TRAILER: the blank line ends the message
+                self._state = self._SIZE
+                return pos
+        return -1

@@ -1,0 +1,603 @@
+"""The HTTP/1.1 relay between queue-proxy and the app, on plain asyncio protocols.
+
+Heads are parsed (``http1.py``) and rewritten; bodies are copied as raw bytes the moment they
+arrive, both ways, with back-pressure (a slow reader pauses the other side). Keep-alive
+connections to the app are pooled. A ``101 Switching Protocols`` (websockets) turns the pair
+into a byte tunnel. No aiohttp here: this is the hot path, and its cost and memory are what the
+benchmarks measure (README, "Performance").
+
+Every request is admitted through an ``Admission`` (the freeze gate) before a byte of it reaches
+the app, and departs exactly once when its response has ended or either side went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Coroutine
+from typing import Any, Protocol, cast
+
+from freeze_proxy import http1
+from freeze_proxy.http1 import CHUNKED, END_OF_HEAD, LENGTH, NO_BODY, UNTIL_CLOSE, HttpError
+
+log = logging.getLogger("freeze_proxy.relay")
+
+REPLAY_LIMIT = 65536  # a request up to this size is re-sent when a pooled connection was stale
+MAX_POOLED = 256  # idle keep-alive connections kept to the app
+BUFFER_LIMIT = 262144  # bytes read ahead from a client before we stop reading it
+
+
+class Wakeup:
+    """One resume's outcome, awaited by every request parked behind it."""
+
+    __slots__ = ("event", "ok")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.ok = False
+
+
+class Admission(Protocol):
+    """Decides when a request may reach the app (``FreezeProxy`` in ``app.py``)."""
+
+    def arrive(self) -> Wakeup | None:
+        """None: forward now. Else wait for the wakeup; ``ok`` False means refuse (503)."""
+        ...
+
+    def depart(self) -> None: ...
+
+    def refused(self) -> None: ...
+
+
+class AlwaysAwake:
+    """Admission without freezing (``--no-freeze``)."""
+
+    def arrive(self) -> Wakeup | None:
+        return None
+
+    def depart(self) -> None:
+        pass
+
+    def refused(self) -> None:
+        pass
+
+
+def json_error(status: int, message: str, cause: str, keep_alive: bool = False) -> bytes:
+    body = json.dumps({"error": message, "cause": cause}).encode()
+    return http1.json_response(status, body, keep_alive)
+
+
+RESUME_FAILED = (
+    "the app could not be resumed, so the request was not forwarded; check that the "
+    "freeze-daemon on this node is running and accepts this pod's token (see the freeze-proxy "
+    "and freeze-daemon logs)"
+)
+
+# Why a client connection is not being read (several may hold at once).
+_HOLD_PIPELINED = 1  # a complete request waits for its response; the next one waits its turn
+_HOLD_UPSTREAM = 2  # the app reads the request body slower than the client sends it
+_HOLD_BUFFER = 4  # waiting for the app (or a resume) with BUFFER_LIMIT bytes read ahead
+
+
+class Upstream(asyncio.Protocol):
+    """One connection to the app; lent to a ``Downstream`` for one exchange at a time."""
+
+    __slots__ = ("closed", "owner", "relay", "reused", "transport")
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.owner: Downstream | None = None
+        self.transport: asyncio.Transport | None = None
+        self.reused = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self.owner is not None:
+            self.owner.upstream_data(data)
+        else:  # an idle connection must not speak: drop it
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False  # close; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.relay.forget(self)
+        if self.owner is not None:
+            owner, self.owner = self.owner, None
+            owner.upstream_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.hold(_HOLD_UPSTREAM)
+
+    def resume_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.unhold(_HOLD_UPSTREAM)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Downstream(asyncio.Protocol):
+    """One client connection (from queue-proxy): requests in order, each relayed to the app."""
+
+    __slots__ = (
+        "_buffer",
+        "_chunks",
+        "_closing",
+        "_head_sent",
+        "_held",
+        "_in_exchange",
+        "_peer",
+        "_remaining",
+        "_req",
+        "_req_done",
+        "_resp",
+        "_resp_buf",
+        "_resp_chunks",
+        "_resp_remaining",
+        "_sent",
+        "_tunnel",
+        "_up",
+        "relay",
+        "transport",
+    )
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.transport: asyncio.Transport | None = None
+        self._peer = b""
+        self._buffer = b""  # bytes read from the client not yet relayed
+        self._held = 0
+        self._closing = False  # close once the current exchange ends
+        self._in_exchange = False  # admitted: depart() is owed
+        self._req: http1.RequestHead | None = None
+        self._req_done = False
+        self._remaining = 0
+        self._chunks: http1.ChunkedScanner | None = None
+        self._up: Upstream | None = None
+        self._sent: list[bytes] | None = None  # what the app got so far, while replayable
+        self._resp: http1.ResponseHead | None = None
+        self._resp_buf = b""
+        self._resp_remaining = 0
+        self._resp_chunks: http1.ChunkedScanner | None = None
+        self._head_sent = False
+        self._tunnel = False
+
+    # -- asyncio callbacks (client side) ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self._peer = str(peer[0]).encode()
+        self.relay.downstreams.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._tunnel:
+            if self._up is not None:
+                self._up.write(data)
+            return
+        if self._req is not None and not self._req_done and self._up is not None:
+            self._relay_request_body(data)
+            return
+        self._buffer += data
+        if self._req is None:
+            self._next_request()
+        elif len(self._buffer) > BUFFER_LIMIT:
+            self.hold(_HOLD_BUFFER)
+
+    def eof_received(self) -> bool:
+        if self._req is None and not self._buffer:
+            return False
+        self._closing = True  # answer what was asked, then close
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.relay.closed(self)
+        up, self._up = self._up, None
+        if up is not None:
+            up.owner = None
+            up.close()
+        self._end_exchange()
+
+    def pause_writing(self) -> None:
+        if self._up is not None and self._up.transport is not None:
+            self._up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._up is not None and self._up.transport is not None and not self._up.closed:
+            self._up.transport.resume_reading()
+
+    def hold(self, reason: int) -> None:
+        if not self._held and self.transport is not None:
+            self.transport.pause_reading()
+        self._held |= reason
+
+    def unhold(self, reason: int) -> None:
+        was = self._held
+        self._held &= ~reason
+        if was and not self._held and self.transport is not None:
+            self.transport.resume_reading()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _next_request(self) -> None:
+        """Parse the next request head from the buffer and start relaying it."""
+        end = self._buffer.find(END_OF_HEAD)
+        if end < 0:
+            if len(self._buffer) > http1.MAX_HEAD:
+                self._refuse(431, "the request head is larger than 64 KiB", "bad-request")
+            return
+        try:
+            req = http1.parse_request(self._buffer[:end])
+        except HttpError as exc:
+            self._refuse(exc.status, str(exc), "bad-request")
+            return
+        self._buffer = self._buffer[end + 4 :]
+        self._req = req
+        self._req_done = req.framing == NO_BODY
+        self._remaining = req.length
+        self._chunks = http1.ChunkedScanner() if req.framing == CHUNKED else None
+        self._resp = None
+        self._resp_buf = b""
+        self._head_sent = False
+        if not req.keep_alive:
+            self._closing = True
+        self._in_exchange = True
+        wakeup = self.relay.admission.arrive()
+        if wakeup is None:
+            self._forward()
+        else:
+            self.relay.spawn(self._forward_after(wakeup))
+
+    async def _forward_after(self, wakeup: Wakeup) -> None:
+        await wakeup.event.wait()
+        if self.transport is None:
+            return  # the client left while the app was being resumed
+        if not wakeup.ok:
+            self.relay.admission.refused()
+            self._refuse(503, RESUME_FAILED, "resume-failed")
+            return
+        self._forward()
+
+    def _forward(self, replay: bytes | None = None) -> None:
+        """Send the request to the app on a pooled connection, or connect first."""
+        up = self.relay.acquire()
+        if up is None:
+            self.relay.spawn(self._connect_then_send(replay))
+            return
+        self._send(up, replay)
+
+    async def _connect_then_send(self, replay: bytes | None) -> None:
+        try:
+            up = await self.relay.connect()
+        except OSError as exc:
+            self._upstream_failed(exc)
+            return
+        if self.transport is None or self._req is None:
+            self.relay.release(up)
+            return
+        self._send(up, replay)
+
+    def _send(self, up: Upstream, replay: bytes | None) -> None:
+        assert self._req is not None
+        up.owner = self
+        self._up = up
+        if replay is not None:
+            self._sent = [replay]
+            up.write(replay)
+            if self._req_done:
+                self.hold(_HOLD_PIPELINED)
+            return
+        head = http1.upstream_request(self._req, self._peer)
+        self._sent = [head]
+        buffered, self._buffer = self._buffer, b""
+        if self._req_done:
+            up.write(head)
+            self._buffer = buffered
+            self.hold(_HOLD_PIPELINED)
+        else:
+            up.write(head)
+            self.unhold(_HOLD_BUFFER)
+            if buffered:
+                self._relay_request_body(buffered)
+
+    def _relay_request_body(self, data: bytes) -> None:
+        """Copy the body part of ``data`` to the app; keep what follows it for later."""
+        assert self._up is not None and self._req is not None
+        if self._chunks is not None:
+            try:
+                n = self._chunks.feed(data)
+            except HttpError as exc:
+                self._abort(f"bad chunked request body: {exc}")
+                return
+        else:
+            n = self._remaining if self._remaining < len(data) else -1
+            self._remaining -= len(data) if n < 0 else n
+        body, rest = (data, b"") if n < 0 else (data[:n], data[n:])
+        if self._sent is not None:
+            self._sent.append(body)
+            if sum(map(len, self._sent)) > REPLAY_LIMIT:
+                self._sent = None
+        self._up.write(body)
+        if n >= 0 or (self._chunks is None and self._remaining == 0):
+            self._req_done = True
+            self._buffer = rest + self._buffer
+            self.hold(_HOLD_PIPELINED)
+
+    # -- responses --------------------------------------------------------------------------
+
+    def upstream_data(self, data: bytes) -> None:
+        if self._tunnel:
+            if self.transport is not None:
+                self.transport.write(data)
+            return
+        self._sent = None  # the app has answered: never replay
+        if self._resp is None:
+            data = self._resp_buf + data if self._resp_buf else data
+            self._resp_buf = b""
+            self._response_head(data)
+        else:
+            self._response_body(data, b"")
+
+    def _response_head(self, data: bytes) -> None:
+        assert self._req is not None and self.transport is not None
+        while True:
+            end = data.find(END_OF_HEAD)
+            if end < 0:
+                if len(data) > http1.MAX_HEAD:
+                    self._abort("the app sent a response head larger than 64 KiB")
+                else:
+                    self._resp_buf = data
+                return
+            try:
+                resp = http1.parse_response(data[:end], self._req.method)
+            except HttpError as exc:
+                self._abort(str(exc))
+                return
+            data = data[end + 4 :]
+            if resp.status >= 200 or resp.status == 101:
+                break
+            # Interim (100 Continue, 103 Early Hints): pass on, the final answer follows.
+            self.transport.write(http1.serialize(resp.start, http1.end_to_end(resp)))
+        self._resp = resp
+        self._head_sent = True
+        if resp.upgrade and self._req.upgrade:
+            self._tunnel = True
+            self.unhold(_HOLD_PIPELINED | _HOLD_BUFFER)
+            self.transport.write(http1.downstream_response(resp, True))
+            if self._buffer and self._up is not None:
+                self._up.write(self._buffer)
+            self._buffer = b""
+            if data:
+                self.transport.write(data)
+            return
+        if resp.framing == UNTIL_CLOSE:
+            self._closing = True
+        self._resp_remaining = resp.length
+        self._resp_chunks = http1.ChunkedScanner() if resp.framing == CHUNKED else None
+        head = http1.downstream_response(resp, not self._closing)
+        self._response_body(data, head)
+
+    def _response_body(self, data: bytes, head: bytes) -> None:
+        """Copy the body part of ``data`` to the client (after ``head``, in one write)."""
+        assert self._resp is not None and self.transport is not None
+        framing = self._resp.framing
+        done = False
+        extra = False  # the app sent bytes after the end of its response
+        if framing == LENGTH:
+            if len(data) >= self._resp_remaining:
+                extra = len(data) > self._resp_remaining
+                data = data[: self._resp_remaining]
+                done = True
+            self._resp_remaining -= len(data)
+        elif framing == CHUNKED:
+            assert self._resp_chunks is not None
+            try:
+                n = self._resp_chunks.feed(data)
+            except HttpError as exc:
+                self._abort(f"the app sent a bad chunked body: {exc}")
+                return
+            if n >= 0:
+                extra = n < len(data)
+                data = data[:n]
+                done = True
+        elif framing == NO_BODY:
+            extra = bool(data)
+            data = b""
+            done = True
+        out = head + data if head else data
+        if out:
+            self.transport.write(out)
+        if done:
+            self._response_done(reuse=not extra)
+
+    def _response_done(self, reuse: bool) -> None:
+        assert self._req is not None and self._resp is not None
+        up, self._up = self._up, None
+        if up is not None:
+            up.owner = None
+            if (
+                reuse
+                and self._req_done
+                and self._resp.keep_alive
+                and self._req.version == b"HTTP/1.1"
+            ):
+                self.relay.release(up)
+            else:
+                up.close()
+                self._closing = self._closing or not self._req_done
+        self._end_exchange()
+        self._req = None
+        self._resp = None
+        if self._closing:
+            self._close()
+            return
+        self.unhold(_HOLD_PIPELINED | _HOLD_BUFFER)
+        if self._buffer:
+            self._next_request()
+
+    def upstream_lost(self, up: Upstream, exc: Exception | None) -> None:
+        """The app's side closed during our exchange."""
+        self._up = None
+        if self._tunnel:
+            self._close()
+            return
+        if self._resp is None:
+            if up.reused and self._sent is not None and self.transport is not None:
+                # A pooled connection the app had closed (idle timeout, often right after a
+                # resume): nothing was answered, so sending it again is safe.
+                replay = b"".join(self._sent)
+                self._forward(replay)
+                return
+            self._upstream_failed(exc or ConnectionError("the app closed the connection"))
+            return
+        if self._resp.framing == UNTIL_CLOSE:
+            self._response_done(reuse=False)
+            return
+        self._abort("the app closed the connection in the middle of a response")
+
+    # -- endings ----------------------------------------------------------------------------
+
+    def _upstream_failed(self, exc: BaseException) -> None:
+        log.warning(
+            "the app did not answer", extra={"upstream": self.relay.address, "err": str(exc)}
+        )
+        if self._head_sent:
+            self._abort(f"the app went away: {exc}")
+            return
+        message = f"the app at {self.relay.address} did not answer: {exc}"
+        self._refuse(502, message, "upstream")
+
+    def _refuse(self, status: int, message: str, cause: str) -> None:
+        """Answer with our own error and close (what follows in the stream is unknowable)."""
+        if self.transport is not None:
+            self.transport.write(json_error(status, message, cause))
+        self._end_exchange()
+        self._close()
+
+    def _abort(self, why: str) -> None:
+        log.warning("relay aborted", extra={"upstream": self.relay.address, "err": why})
+        up, self._up = self._up, None
+        if up is not None:
+            up.owner = None
+            up.close()
+        self._end_exchange()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _end_exchange(self) -> None:
+        if self._in_exchange:
+            self._in_exchange = False
+            self.relay.admission.depart()
+
+    def _close(self) -> None:
+        up, self._up = self._up, None
+        if up is not None:
+            up.owner = None
+            up.close()
+        if self.transport is not None:
+            self.transport.close()
+
+    @property
+    def idle(self) -> bool:
+        return self._req is None and not self._buffer
+
+    def shutdown(self) -> None:
+        """Stop after the current exchange; an idle connection or a tunnel closes now."""
+        self._closing = True
+        if self.idle or self._tunnel:
+            self._close()
+
+
+class Relay:
+    """What the connections share: the app's address, the pool, the admission, the tasks."""
+
+    def __init__(
+        self, host: str, port: int, admission: Admission, connect_timeout: float = 10.0
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.address = f"{host}:{port}"
+        self.admission = admission
+        self.connect_timeout = connect_timeout
+        self.downstreams: set[Downstream] = set()
+        self._idle: list[Upstream] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._all_closed: asyncio.Event | None = None  # set up by drain()
+
+    def protocol(self) -> Downstream:
+        return Downstream(self)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def acquire(self) -> Upstream | None:
+        while self._idle:
+            up = self._idle.pop()
+            if not up.closed:
+                up.reused = True
+                return up
+        return None
+
+    async def connect(self) -> Upstream:
+        loop = asyncio.get_running_loop()
+        try:
+            _, up = await asyncio.wait_for(
+                loop.create_connection(lambda: Upstream(self), self.host, self.port),
+                self.connect_timeout,
+            )
+        except TimeoutError as exc:
+            raise OSError(f"connect timed out after {self.connect_timeout} s") from exc
+        return up
+
+    def release(self, up: Upstream) -> None:
+        if up.closed or len(self._idle) >= MAX_POOLED:
+            up.close()
+            return
+        if up.transport is not None:
+            up.transport.resume_reading()  # idle: read, to notice when the app closes it
+        self._idle.append(up)
+
+    def forget(self, up: Upstream) -> None:
+        if up in self._idle:
+            self._idle.remove(up)
+
+    def closed(self, down: Downstream) -> None:
+        self.downstreams.discard(down)
+        if not self.downstreams and self._all_closed is not None:
+            self._all_closed.set()
+
+    async def drain(self, within: float) -> None:
+        """Finish the exchanges in progress (at most ``within`` s), then close everything."""
+        self._all_closed = asyncio.Event()
+        for down in list(self.downstreams):
+            down.shutdown()
+        if self.downstreams:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), within)
+        for down in list(self.downstreams):
+            if down.transport is not None:
+                down.transport.abort()
+        for up in list(self._idle):
+            up.close()
+        self._idle.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
