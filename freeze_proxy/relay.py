@@ -76,9 +76,10 @@ RESUME_FAILED = (
 )
 
 # Why a client connection is not being read (several may hold at once).
-_HOLD_PIPELINED = 1  # a complete request waits for its response; the next one waits its turn
-_HOLD_UPSTREAM = 2  # the app reads the request body slower than the client sends it
-_HOLD_BUFFER = 4  # waiting for the app (or a resume) with BUFFER_LIMIT bytes read ahead
+# (A client is read even while its request waits for the answer, so a client that goes away
+# is noticed at once and its request departs: the app may freeze without waiting for it.)
+_HOLD_UPSTREAM = 1  # the app reads the request body slower than the client sends it
+_HOLD_BUFFER = 2  # BUFFER_LIMIT bytes read ahead (pipelined, or waiting for the app/a resume)
 
 
 class Upstream(asyncio.Protocol):
@@ -200,10 +201,9 @@ class Downstream(asyncio.Protocol):
             self.hold(_HOLD_BUFFER)
 
     def eof_received(self) -> bool:
-        if self._req is None and not self._buffer:
-            return False
-        self._closing = True  # answer what was asked, then close
-        return True
+        # Like Go's net/http server: a client that stops sending has gone away, and its request
+        # is abandoned (the app may freeze rather than finish work nobody will read).
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -238,9 +238,10 @@ class Downstream(asyncio.Protocol):
     def _next_request(self) -> None:
         """Parse the next request head from the buffer and start relaying it."""
         end = self._buffer.find(END_OF_HEAD)
-        if end < 0:
-            if len(self._buffer) > http1.MAX_HEAD:
-                self._refuse(431, "the request head is larger than 64 KiB", "bad-request")
+        if end < 0 and len(self._buffer) <= http1.MAX_HEAD:
+            return
+        if end < 0 or end > http1.MAX_HEAD:
+            self._refuse(431, "the request head is larger than 64 KiB", "bad-request")
             return
         try:
             req = http1.parse_request(self._buffer[:end])
@@ -300,8 +301,6 @@ class Downstream(asyncio.Protocol):
         if replay is not None:
             self._sent = [replay]
             up.write(replay)
-            if self._req_done:
-                self.hold(_HOLD_PIPELINED)
             return
         head = http1.upstream_request(self._req, self._peer)
         self._sent = [head]
@@ -309,7 +308,6 @@ class Downstream(asyncio.Protocol):
         if self._req_done:
             up.write(head)
             self._buffer = buffered
-            self.hold(_HOLD_PIPELINED)
         else:
             up.write(head)
             self.unhold(_HOLD_BUFFER)
@@ -337,7 +335,6 @@ class Downstream(asyncio.Protocol):
         if n >= 0 or (self._chunks is None and self._remaining == 0):
             self._req_done = True
             self._buffer = rest + self._buffer
-            self.hold(_HOLD_PIPELINED)
 
     # -- responses --------------------------------------------------------------------------
 
@@ -358,11 +355,11 @@ class Downstream(asyncio.Protocol):
         assert self._req is not None and self.transport is not None
         while True:
             end = data.find(END_OF_HEAD)
-            if end < 0:
-                if len(data) > http1.MAX_HEAD:
-                    self._abort("the app sent a response head larger than 64 KiB")
-                else:
-                    self._resp_buf = data
+            if end < 0 and len(data) <= http1.MAX_HEAD:
+                self._resp_buf = data
+                return
+            if end < 0 or end > http1.MAX_HEAD:
+                self._abort("the app sent a response head larger than 64 KiB")
                 return
             try:
                 resp = http1.parse_response(data[:end], self._req.method)
@@ -378,7 +375,7 @@ class Downstream(asyncio.Protocol):
         self._head_sent = True
         if resp.upgrade and self._req.upgrade:
             self._tunnel = True
-            self.unhold(_HOLD_PIPELINED | _HOLD_BUFFER)
+            self.unhold(_HOLD_BUFFER)
             self.transport.write(http1.downstream_response(resp, True))
             if self._buffer and self._up is not None:
                 self._up.write(self._buffer)
@@ -447,7 +444,7 @@ class Downstream(asyncio.Protocol):
         if self._closing:
             self._close()
             return
-        self.unhold(_HOLD_PIPELINED | _HOLD_BUFFER)
+        self.unhold(_HOLD_BUFFER)
         if self._buffer:
             self._next_request()
 

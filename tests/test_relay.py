@@ -1,0 +1,355 @@
+"""The relay over real sockets, against scripted apps: the HTTP/1.1 corners a proxy gets wrong.
+
+Each test drives raw bytes from a client socket through ``Relay`` to an app that answers with
+exactly the bytes the test wants, and checks what the client sees and that every admitted
+request departed exactly once (a missed ``depart()`` would keep the app awake forever; an extra
+one would let it freeze under a request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from freeze_proxy.relay import Relay, Wakeup
+
+AppHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class CountingAdmission:
+    arrived: int = 0
+    departed: int = 0
+    wakeup: Wakeup | None = None  # when set, requests wait on it
+    refusals: int = 0
+
+    def arrive(self) -> Wakeup | None:
+        self.arrived += 1
+        return self.wakeup
+
+    def depart(self) -> None:
+        self.departed += 1
+        assert self.departed <= self.arrived, "depart() without arrive()"
+
+    def refused(self) -> None:
+        self.refusals += 1
+
+
+@dataclass
+class Bed:
+    admission: CountingAdmission
+    relay: Relay
+    port: int
+    app_requests: list[bytes] = field(default_factory=list)
+
+    async def client(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+    async def exchange(self, raw: bytes, read_until_close: bool = True) -> bytes:
+        reader, writer = await self.client()
+        writer.write(raw)
+        try:
+            return await asyncio.wait_for(reader.read(), 5) if read_until_close else b""
+        finally:
+            writer.close()
+
+    async def settled(self) -> None:
+        """Every admitted request departed (give the loop a moment to see closes)."""
+        for _ in range(200):
+            if self.admission.arrived == self.admission.departed:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{self.admission} never settled")
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One Content-Length response: (head, body)."""
+    head = await read_head(reader)
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head, await reader.readexactly(length)
+
+
+@pytest.fixture
+async def make_bed() -> AsyncIterator[Callable[[AppHandler], Awaitable[Bed]]]:
+    servers: list[asyncio.Server] = []
+    relays: list[Relay] = []
+
+    async def make(app: AppHandler) -> Bed:
+        app_server = await asyncio.start_server(app, "127.0.0.1", 0)
+        servers.append(app_server)
+        app_port = app_server.sockets[0].getsockname()[1]
+        admission = CountingAdmission()
+        relay = Relay("127.0.0.1", app_port, admission)
+        relays.append(relay)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(relay.protocol, "127.0.0.1", 0)
+        servers.append(server)
+        return Bed(admission, relay, server.sockets[0].getsockname()[1])
+
+    yield make
+    for relay in relays:
+        await relay.drain(1)
+    for server in servers:
+        server.close()
+
+
+def ok(body: bytes = b"hello", extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+async def keepalive_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers every request on the connection with its request line as the body."""
+    try:
+        while True:
+            head = await read_head(reader)
+            writer.write(ok(head.split(b"\r\n")[0]))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(make_bed: Callable[..., Any]) -> None:
+    bed: Bed = await make_bed(keepalive_app)
+    reader, writer = await bed.client()
+    writer.write(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (await read_response(reader))[1] == b"GET /1 HTTP/1.1"
+    assert (await read_response(reader))[1] == b"GET /2 HTTP/1.1"
+    writer.close()
+    await bed.settled()
+    assert bed.admission.arrived == 2
+
+
+async def test_chunked_request_body_reaches_the_app_intact(make_bed: Callable[..., Any]) -> None:
+    received: list[bytes] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_head(reader)
+        assert b"transfer-encoding: chunked" in head.lower()
+        received.append(await reader.readuntil(b"0\r\n\r\n"))
+        writer.write(ok())
+        await writer.drain()
+        writer.close()
+
+    bed: Bed = await make_bed(app)
+    body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n"
+    reader, writer = await bed.client()
+    writer.write(b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    await writer.drain()
+    for i in range(0, len(body), 7):  # dribbled, split across chunk boundaries
+        writer.write(body[i : i + 7])
+        await writer.drain()
+        await asyncio.sleep(0.005)
+    head, answer = await read_response(reader)
+    assert head.startswith(b"HTTP/1.1 200") and answer == b"hello"
+    assert received == [body]
+    writer.close()
+    await bed.settled()
+
+
+async def test_ambiguous_framing_is_refused_and_never_reaches_the_app(
+    make_bed: Callable[..., Any],
+) -> None:
+    bed: Bed = await make_bed(keepalive_app)
+    answer = await bed.exchange(
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert b"ambiguous" in answer and b"smuggled" not in answer
+    assert bed.admission.arrived == 0
+
+
+async def test_expect_100_continue_is_passed_through(make_bed: Callable[..., Any]) -> None:
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = await reader.readexactly(4)
+        writer.write(ok(body))
+        await writer.drain()
+
+    bed: Bed = await make_bed(app)
+    reader, writer = await bed.client()
+    writer.write(b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+    assert (await read_head(reader)).startswith(b"HTTP/1.1 100")
+    writer.write(b"data")
+    assert (await read_response(reader))[1] == b"data"
+    writer.close()
+    await bed.settled()
+
+
+async def test_a_pooled_connection_the_app_closed_is_replaced_without_an_error(
+    make_bed: Callable[..., Any],
+) -> None:
+    """An app's idle timeout fires right after a resume: the request is sent again, once."""
+    connections = 0
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_head(reader)
+        writer.write(ok())
+        await writer.drain()
+        if connections == 1:
+            await read_head(reader)  # the second request arrives ... and the app drops it
+            writer.transport.abort()
+
+    bed: Bed = await make_bed(app)
+    reader, writer = await bed.client()
+    writer.write(b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+    assert (await read_response(reader))[1] == b"hello"
+    writer.write(b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+    head, body = await read_response(reader)
+    assert head.startswith(b"HTTP/1.1 200") and body == b"hello"
+    assert connections == 2
+    writer.close()
+    await bed.settled()
+
+
+async def test_an_app_that_answers_nothing_gives_502_not_a_retry_loop(
+    make_bed: Callable[..., Any],
+) -> None:
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.transport.abort()
+
+    bed: Bed = await make_bed(app)
+    answer = await bed.exchange(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 502")
+    assert b'"cause": "upstream"' in answer
+    await bed.settled()
+
+
+async def test_a_response_ending_at_close_reaches_the_client_whole(
+    make_bed: Callable[..., Any],
+) -> None:
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\npart one, ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"part two")
+        writer.close()
+
+    bed: Bed = await make_bed(app)
+    answer = await bed.exchange(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"connection: close" in head.lower()
+    assert body == b"part one, part two"
+    await bed.settled()
+
+
+async def test_a_truncated_response_is_not_passed_off_as_complete(
+    make_bed: Callable[..., Any],
+) -> None:
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this")
+        await writer.drain()
+        writer.close()
+
+    bed: Bed = await make_bed(app)
+    reader, writer = await bed.client()
+    writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    await read_head(reader)
+    with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+        await asyncio.wait_for(reader.readexactly(100), 5)
+    writer.close()
+    await bed.settled()
+
+
+async def test_http10_client_gets_its_answer_and_a_close(make_bed: Callable[..., Any]) -> None:
+    seen: list[bytes] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_head(reader))
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    bed: Bed = await make_bed(app)
+    answer = await bed.exchange(b"GET / HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 200") and answer.endswith(b"\r\n\r\nok")
+    assert b"connection: close" in seen[0].lower()
+    await bed.settled()
+
+
+async def test_client_leaving_mid_response_departs_once(make_bed: Callable[..., Any]) -> None:
+    release = asyncio.Event()
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nsome")
+        await writer.drain()
+        await release.wait()
+
+    bed: Bed = await make_bed(app)
+    reader, writer = await bed.client()
+    writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    await read_head(reader)
+    assert bed.admission.departed == 0, "departed while the response was still streaming"
+    writer.transport.abort()
+    await bed.settled()
+    release.set()
+    assert bed.admission.arrived == 1
+
+
+async def test_a_refused_resume_answers_503_and_the_app_sees_nothing(
+    make_bed: Callable[..., Any],
+) -> None:
+    hits: list[bytes] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hits.append(await read_head(reader))
+
+    bed: Bed = await make_bed(app)
+    wakeup = bed.admission.wakeup = Wakeup()
+    reader, writer = await bed.client()
+    writer.write(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+    await asyncio.sleep(0.05)
+    assert bed.admission.arrived == 1 and hits == []
+    wakeup.ok = False
+    wakeup.event.set()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 503") and b"resume-failed" in answer
+    assert bed.admission.refusals == 1 and hits == []
+    writer.close()
+    await bed.settled()
+
+
+async def test_oversized_head_is_refused_with_431(make_bed: Callable[..., Any]) -> None:
+    bed: Bed = await make_bed(keepalive_app)
+    answer = await bed.exchange(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 431")
+    assert bed.admission.arrived == 0
+
+
+async def test_drain_lets_a_slow_response_finish_then_closes(make_bed: Callable[..., Any]) -> None:
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await asyncio.sleep(0.2)
+        writer.write(ok(b"late"))
+        await writer.drain()
+
+    bed: Bed = await make_bed(app)
+    reader, writer = await bed.client()
+    writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    await asyncio.sleep(0.05)
+    idle_reader, idle_writer = await bed.client()
+    drain = asyncio.ensure_future(bed.relay.drain(5))
+    head, body = await read_response(reader)
+    assert body == b"late" and b"connection: close" in head.lower()
+    assert await asyncio.wait_for(idle_reader.read(), 5) == b"", "idle connection kept open"
+    await drain
+    for w in (writer, idle_writer):
+        w.close()
+    await bed.settled()
