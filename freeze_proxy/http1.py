@@ -96,16 +96,15 @@ def _framing(
                 raise HttpError(400, f"invalid Content-Length {value[:40]!r}")
             length = int(value)
         elif lname == b"transfer-encoding":
-            codings = [c.strip().lower() for c in value.split(b",")]
-            if codings[-1] != b"chunked" or chunked:
-                raise HttpError(
-                    400, f"unsupported Transfer-Encoding {value[:40]!r}: the last must be chunked"
-                )
+            # Only plain chunked: a coding before it (gzip, chunked) would be lost with the
+            # hop-by-hop header, and the receiver would take coded bytes for the body.
+            if value.lower() != b"chunked" or chunked:
+                raise HttpError(400, f"unsupported Transfer-Encoding {value[:40]!r}: only chunked")
             chunked = True
         elif lname == b"connection":
             connection = connection + b"," + value.lower() if connection else value.lower()
-        elif lname == b"upgrade":
-            upgrade = value
+        elif lname == b"upgrade" and not upgrade:
+            upgrade = value  # the first, as the one the rewritten head carries
     if chunked and length >= 0:
         raise HttpError(400, "both Transfer-Encoding and Content-Length: ambiguous framing")
     tokens = {t.strip() for t in connection.split(b",")} if connection else set()
@@ -119,6 +118,10 @@ def _framing(
 
 def _lines(head: bytes) -> list[bytes]:
     lines = head.split(CRLF)
+    breaks = len(lines) - 1
+    if head.count(b"\n") != breaks or head.count(b"\r") != breaks or b"\0" in head:
+        # A bare CR or LF is a line break to some parsers and not to others: smuggling.
+        raise HttpError(400, "a bare CR, LF or NUL inside a request line or header field")
     for line in lines[1:]:
         if line[:1] in (b" ", b"\t"):
             raise HttpError(400, "obsolete header line folding is not accepted")
@@ -152,11 +155,19 @@ def parse_response(head: bytes, request_method: bytes) -> ResponseHead:
     lines = _lines(head)
     version, _, rest = lines[0].partition(b" ")
     code = rest[:3]
-    if version[:7] != b"HTTP/1." or not code.isdigit() or len(code) != 3:
+    if (
+        version[:7] != b"HTTP/1."
+        or not code.isdigit()
+        or len(code) != 3
+        or rest[3:4] not in (b"", b" ")
+    ):
         raise HttpError(502, f"the app sent a malformed status line {lines[0][:80]!r}")
     status = int(code)
-    headers = _split_headers(lines[1:])
-    framing, length, keep_alive, _, upgrade = _framing(headers, version)
+    try:
+        headers = _split_headers(lines[1:])
+        framing, length, keep_alive, _, upgrade = _framing(headers, version)
+    except HttpError as exc:
+        raise HttpError(502, f"the app sent a response we cannot relay: {exc}") from None
     if request_method == b"HEAD" or status < 200 or status in (204, 304):
         framing = NO_BODY
     elif framing < 0:
@@ -294,6 +305,8 @@ class ChunkedScanner:
             line = self._line + data[pos:newline]
             self._line = b""
             pos = newline + 1
+            if len(line) > 8192:
+                raise HttpError(400, "chunk-size or trailer line too long")
             if line[-1:] != b"\r":
                 raise HttpError(400, "a chunked body line does not end in CRLF")
             line = line[:-1]
