@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import Table, percentile, wrk
+from bench.common import Table, percentile, proxy_python, wrk
 from testbed.containerd import shim_pids
 from testbed.stack import Proxy, Stack, stack
 
@@ -48,7 +48,7 @@ async def back_to_back(table: Table, st: Stack, app_port: int, seconds: float) -
     variants += [(f"grace {g}", [f"--grace={g}"]) for g in GRACES]
     base_rps = 0.0
     for name, flags in variants:
-        async with st.proxy(pod, app_port, *flags) as proxy:
+        async with st.proxy(pod, app_port, *flags, python=proxy_python()) as proxy:
             await asyncio.sleep(0.3)  # let grace-0 proxies settle into the frozen state
             before = await _cycles(proxy) if "--no-freeze" not in flags else 0
             r = await asyncio.to_thread(wrk, f"{proxy.url}/?sleep=0", 1, seconds)
@@ -75,7 +75,7 @@ async def paced(table: Table, st: Stack, app_port: int, quick: bool) -> None:
         for name, flags in [("disabled", ["--no-freeze"])] + [
             (f"grace {g}", [f"--grace={g}"]) for g in GRACES
         ]:
-            async with st.proxy(pod, app_port, *flags) as proxy:
+            async with st.proxy(pod, app_port, *flags, python=proxy_python()) as proxy:
                 await asyncio.sleep(0.3)
                 before = await _cycles(proxy) if name != "disabled" else 0
                 latencies = await _paced_run(proxy.url, rate, counts[rate])

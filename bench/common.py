@@ -136,9 +136,35 @@ def bench_app(port: int) -> list[str]:
     return [sys.executable, "-m", "bench.app", "--port", str(port)]
 
 
-def freeze_proxy_cmd(port: int, upstream_port: int, *extra: str) -> list[str]:
+def proxy_python(fast: bool = False) -> str:
+    """An interpreter that sees what the proxy image's clean venv has: the repo only, or (with
+    ``fast``) also uvloop, as ``pip install freeze-proxy[fast]`` would.
+
+    This machine's own site-packages runs .pth start-up hooks (a CA injector importing certifi,
+    setuptools' distutils shim) in every Python process, memory a pod never pays; a venv without
+    system site-packages runs none of them.
+    """
+    venv = GO_CACHE / ("bench-venv-fast" if fast else "bench-venv")
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    paths = [str(REPO)]
+    if fast:
+        import uvloop
+
+        paths.append(str(Path(uvloop.__file__).parent.parent))
+    # Plain path lines: the .pth files inside those paths are not run (only a site dir's are).
+    pth = venv / "lib" / version / "site-packages" / "freeze-proxy-bench.pth"
+    pth.write_text("\n".join(paths) + "\n")
+    return str(python)
+
+
+def freeze_proxy_cmd(
+    port: int, upstream_port: int, *extra: str, python: str = sys.executable
+) -> list[str]:
     return [
-        sys.executable,
+        python,
         "-m",
         "freeze_proxy",
         f"--listen=127.0.0.1:{port}",

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Table, bench_app, free_port, freeze_proxy_cmd, process, wrk
+from bench.common import Table, free_port, process, proxy_python, wrk
+from bench.idle_cpu import wait_frozen
+from testbed.containerd import missing_prerequisites
+from testbed.stack import stack
 from testbed.tokens import new_rsa_key, write_jwks
 
 
@@ -32,28 +36,52 @@ def memory_mib(pid: int) -> dict[str, float]:
     }
 
 
-def import_time_ms(module: str) -> float:
+def import_time_ms(module: str, python: str = sys.executable) -> float:
     """Wall time of a fresh interpreter importing the program's entry module."""
     best = float("inf")
     for _ in range(3):
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", f"import {module}"], check=True)
+        subprocess.run([python, "-c", f"import {module}"], check=True)
         best = min(best, (time.perf_counter() - started) * 1000)
     return round(best, 1)
 
 
 def run(table: Table, quick: bool = False) -> None:
-    app_port, proxy_port = free_port(), free_port()
-    with (
-        process(bench_app(app_port), app_port),
-        process(freeze_proxy_cmd(proxy_port, app_port, "--no-freeze"), proxy_port) as proxy,
-    ):
-        time.sleep(0.3)
-        table.add(
-            "footprint", "freeze-proxy idle", **memory_mib(proxy.pid), note="target RSS <= 25 MiB"
-        )
-        wrk(f"http://127.0.0.1:{proxy_port}/big", 32, 1 if quick else 5, threads=2)
-        table.add_row("footprint", "freeze-proxy after load (c=32)", memory_mib(proxy.pid))
+    why = missing_prerequisites()
+    if why:
+        table.add("footprint", "freeze-proxy", result=f"skipped: {why}")
+    else:
+        asyncio.run(_proxy_rows(table, 1 if quick else 5))
+    _daemon_row(table)
+    _import_rows(table)
+
+
+async def _proxy_rows(table: Table, load_seconds: float) -> None:
+    """The proxy as in a pod (an interpreter with only what its image has, see
+    ``proxy_python``): freezing a real app on containerd, idle (app frozen), then after load at
+    c=32; as the image ships it, and with the `fast` extra."""
+    async with stack() as st:
+        st.sleeptalker_image()
+        pod, app_port = await st.sleeptalker_pod(name="footprint")
+        for fast, label in ((False, ""), (True, ", with uvloop ([fast] extra)")):
+            async with st.proxy(pod, app_port, python=proxy_python(fast)) as proxy:
+                await wait_frozen(pod)
+                await asyncio.sleep(0.5)
+                pid = proxy.proc.pid
+                note = "target RSS <= 25 MiB" if not fast else "uvloop loads OpenSSL"
+                table.add(
+                    "footprint",
+                    f"freeze-proxy idle, app frozen{label}",
+                    **memory_mib(pid),
+                    note=note,
+                )
+                await asyncio.to_thread(wrk, f"{proxy.url}/?sleep=0", 32, load_seconds, 2)
+                table.add_row(
+                    "footprint", f"freeze-proxy after load (c=32){label}", memory_mib(pid)
+                )
+
+
+def _daemon_row(table: Table) -> None:
     daemon_port = free_port()
     jwks = write_jwks(Path(tempfile.mkdtemp(prefix="freeze-bench-")) / "jwks.json", new_rsa_key())
     with process(
@@ -72,9 +100,12 @@ def run(table: Table, quick: bool = False) -> None:
     ) as daemon:
         time.sleep(0.3)
         table.add_row("footprint", "freeze-daemon idle", memory_mib(daemon.pid))
-    for program, module in (
-        ("freeze-proxy", "freeze_proxy.app"),
-        ("freeze-daemon", "daemon.api"),
-        ("freeze-webhook", "webhook.app"),
+
+
+def _import_rows(table: Table) -> None:
+    for program, module, python in (
+        ("freeze-proxy", "freeze_proxy.__main__", proxy_python()),  # as its image runs it
+        ("freeze-daemon", "daemon.api", sys.executable),
+        ("freeze-webhook", "webhook.app", sys.executable),
     ):
-        table.add("footprint", f"{program} import", ms=import_time_ms(module))
+        table.add("footprint", f"{program} import", ms=import_time_ms(module, python))

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import Table
+from bench.common import Table, proxy_python
 from testbed.containerd import missing_prerequisites
 from testbed.pods import Pod
 from testbed.stack import stack
@@ -62,7 +62,7 @@ def process_cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
-async def _wait_frozen(pod: Pod, timeout: float = 20.0) -> None:
+async def wait_frozen(pod: Pod, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while pod.freezer_state(CONTAINER) != "FROZEN":
         if time.monotonic() > deadline:
@@ -92,8 +92,8 @@ async def _run(table: Table, segments: int, seconds: float) -> None:
             if pod.freezer_state(CONTAINER) != "THAWED":
                 raise RuntimeError("the app is still frozen after its freeze-proxy exited")
             await _measure(pod, seconds, without, None)
-            async with st.proxy(pod, app_port, "--grace=0") as proxy:
-                await _wait_frozen(pod)
+            async with st.proxy(pod, app_port, "--grace=0", python=proxy_python()) as proxy:
+                await wait_frozen(pod)
                 await _measure(pod, seconds, with_, proxy.proc.pid)
     tick = "sleeptalker ticks every 0.5 s: 120 ticks/min awake"
     table.add(

@@ -14,6 +14,7 @@ from bench.common import (
     freeze_proxy_cmd,
     go_proxy_binary,
     process,
+    proxy_python,
     wrk,
 )
 
@@ -21,19 +22,27 @@ from bench.common import (
 def run(table: Table, quick: bool = False) -> None:
     """Interleave the variants over rounds so machine noise hits all of them alike.
 
+    ``freeze-proxy`` runs as its image ships it (stdlib event loop, no OpenSSL loaded);
+    ``freeze-proxy+uvloop`` with the `fast` extra, the trade-off the image declines.
+
     With ``BENCH_BEFORE_REF`` set (``make bench ARGS="--before REF"``) the proxy as of that git
     ref runs beside the current one: an optimisation's before/after in the same run.
     """
     seconds, rounds = (1.0, 1) if quick else (5.0, 3)
-    app_port, ours_port, go_port = free_port(), free_port(), free_port()
+    app_port, ours_port, fast_port, go_port = (free_port() for _ in range(4))
     go = go_proxy_binary()
-    ports = {"direct": app_port, "freeze-proxy": ours_port, "go-httputil": go_port}
+    ports = {
+        "direct": app_port,
+        "freeze-proxy": ours_port,
+        "freeze-proxy+uvloop": fast_port,
+        "go-httputil": go_port,
+    }
     before_ref = os.environ.get("BENCH_BEFORE_REF")
     with contextlib.ExitStack() as stack:
         stack.enter_context(process(bench_app(app_port), app_port))
-        stack.enter_context(
-            process(freeze_proxy_cmd(ours_port, app_port, "--no-freeze"), ours_port)
-        )
+        for port, fast in ((ours_port, False), (fast_port, True)):
+            cmd = freeze_proxy_cmd(port, app_port, "--no-freeze", python=proxy_python(fast))
+            stack.enter_context(process(cmd, port))
         stack.enter_context(
             process(
                 [str(go), f"-listen=127.0.0.1:{go_port}", f"-upstream=http://127.0.0.1:{app_port}"],

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import grpc.aio
 
-from bench.common import Table, percentile
+from bench.common import Table, percentile, proxy_python
 from daemon._proto import tasks_pb2, tasks_pb2_grpc
 from daemon.auth import JwksFile, JwtVerifier, KeyCache, PodTokenAuthenticator
 from daemon.runtimes.containerd import ContainerdRuntime
@@ -264,7 +264,7 @@ async def _run(table: Table, rounds: int) -> None:
             async with (
                 _token_review() as review,
                 aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
-                st.proxy(pod, app_port, "--grace=0") as proxy,
+                st.proxy(pod, app_port, "--grace=0", python=proxy_python()) as proxy,
             ):
                 bed = _Bed(
                     st,

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import sys
+from types import ModuleType
+
+uvloop: ModuleType | None
+try:
+    import uvloop  # the `fast` extra: more throughput under heavy load, +6.7 MiB RSS
+except ImportError:
+    uvloop = None
+    # The proxy never speaks TLS, and asyncio imports ssl only if it can: not loading OpenSSL
+    # keeps ~4.6 MiB out of every pod's sidecar (README, "Performance"). Before asyncio!
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+
 import argparse
 import asyncio
 import os
-import sys
 
 from freeze_proxy import jsonlog
 from freeze_proxy.app import Settings, serve
@@ -121,9 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = parse_args(argv)
     except ValueError as exc:  # a bad FREEZE_GRACE in the environment
         sys.exit(f"freeze-proxy: {exc}")
-    try:
-        import uvloop
-    except ImportError:
+    if uvloop is None:
         asyncio.run(serve(settings))
     else:
         uvloop.run(serve(settings))

@@ -54,11 +54,13 @@ async def wait_http(url: str, limit: float = 60.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def program(args: Sequence[str], log_file: Path) -> AsyncIterator[subprocess.Popen[bytes]]:
+async def program(
+    args: Sequence[str], log_file: Path, python: str = sys.executable
+) -> AsyncIterator[subprocess.Popen[bytes]]:
     """``python -m <args>`` as a child, logging to ``log_file``; SIGTERM (then KILL) at exit."""
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", *args], stderr=log, stdout=log, start_new_session=True
+            [python, "-m", *args], stderr=log, stdout=log, start_new_session=True
         )
     try:
         yield proc
@@ -156,7 +158,9 @@ class Stack:
         return pod, port
 
     @contextlib.asynccontextmanager
-    async def proxy(self, pod: Pod, app_port: int, *extra: str) -> AsyncIterator[Proxy]:
+    async def proxy(
+        self, pod: Pod, app_port: int, *extra: str, python: str = sys.executable
+    ) -> AsyncIterator[Proxy]:
         """A freeze-proxy process in front of ``app_port`` for ``pod``; stopped with SIGTERM."""
         port, health = free_port(), free_port()
         log_file = self.work / f"proxy-{port}.log"
@@ -170,7 +174,7 @@ class Stack:
             "--container=user-container",
             *extra,
         ]
-        async with program(args, log_file) as proc:
+        async with program(args, log_file, python) as proc:
             health_url = f"http://127.0.0.1:{health}/healthz"
             await wait_http(health_url)
             yield Proxy(f"http://127.0.0.1:{port}", health_url, log_file, proc)

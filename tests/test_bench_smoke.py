@@ -20,7 +20,7 @@ from testbed.containerd import missing_prerequisites
 
 REPO = Path(__file__).resolve().parent.parent
 # Rows that run only loopback processes; every other row drives a real containerd.
-NO_CONTAINERD = frozenset({"overhead", "footprint"})
+NO_CONTAINERD = frozenset({"overhead"})
 NEEDS_WRK = frozenset({"overhead", "footprint", "churn"})
 # Rows whose table rows carry the row's own name as their bench.
 OWN_NAME = frozenset({"overhead", "footprint", "wake", "capacity", "idle_cpu"})

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from freeze_proxy.__main__ import parse_args
 from freeze_proxy.durations import parse_duration
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
@@ -43,3 +49,22 @@ def test_invalid_grace_in_the_environment_is_refused(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         parse_args([], env={"FREEZE_GRACE": "soon"})
     assert "invalid duration 'soon'" in capsys.readouterr().err
+
+
+def test_the_proxy_needs_only_the_standard_library_and_never_loads_openssl() -> None:
+    """Without uvloop (the image), the running proxy imports no third-party module and no ssl:
+    its RSS is the footprint target (README, "Performance")."""
+    probe = (
+        "import sys\n"
+        "sys.modules['uvloop'] = None\n"  # as in the image: not installed
+        "before = set(sys.modules)\n"
+        "import freeze_proxy.__main__, freeze_proxy.app\n"
+        "import asyncio, freeze_proxy.relay, freeze_proxy.daemon_client\n"
+        "new = {n.split('.')[0] for n in set(sys.modules) - before}\n"
+        "print(sorted(new - set(sys.stdlib_module_names) - {'freeze_proxy'}))\n"
+        "print(sys.modules.get('ssl', 'absent'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.split()
+    assert out == ["[]", "None"], out
