@@ -79,8 +79,10 @@ async def _wait_proxy_frozen(
         await asyncio.sleep(0.002)
 
 
-async def _get(session: aiohttp.ClientSession, url: str) -> tuple[float, float]:
-    """One ``GET /?sleep=0``: ms until the first body byte, ms until the whole response."""
+async def _get(session: aiohttp.ClientSession, url: str) -> tuple[float, float, float]:
+    """One ``GET /?sleep=0``: ms until the app has it (its ``X-Received-At``, on the node's
+    monotonic clock), until the first body byte, until the whole response."""
+    sent = time.monotonic()
     started = time.perf_counter()
     async with session.get(f"{url}/?sleep=0") as r:
         first = await r.content.readany()
@@ -89,7 +91,8 @@ async def _get(session: aiohttp.ClientSession, url: str) -> tuple[float, float]:
     total = _ms(started)
     if r.status != 200 or b"world" not in first + rest:
         raise RuntimeError(f"{url} answered {r.status}: {(first + rest)[:200]!r}")
-    return ttfb, total
+    seen = (float(r.headers["X-Received-At"]) - sent) * 1000
+    return seen, ttfb, total
 
 
 async def _daemon_call(session: aiohttp.ClientSession, url: str, token: str) -> tuple[float, float]:
@@ -188,7 +191,8 @@ class _Bed:
         # The product: a request to the app frozen by freeze-proxy.
         await _wait_frozen(pod)
         await asyncio.sleep(SETTLE)
-        ttfb, total = await _get(session, self.proxy.url)
+        seen, ttfb, total = await _get(session, self.proxy.url)
+        s["wake_seen"].append(seen)
         s["wake_ttfb"].append(ttfb)
         s["wake_total"].append(total)
         await _wait_proxy_frozen(session, self.proxy, pauses=self.base_pauses + index + 1)
@@ -201,7 +205,8 @@ class _Bed:
         )
         s["thaw_total"].append(thaw_total)
         s["thaw_took"].append(thaw_took)
-        ttfb, _ = await _get(session, f"http://127.0.0.1:{self.app_port}")
+        seen, ttfb, _ = await _get(session, f"http://127.0.0.1:{self.app_port}")
+        s["direct_seen"].append(seen)
         s["direct_ttfb"].append(ttfb)
         await asyncio.sleep(SETTLE)
         freeze_total, freeze_took = await _daemon_call(
@@ -296,11 +301,18 @@ def _report(table: Table, s: Samples, proxy_resume: list[float], review_skip: st
     add = table.add
     add(
         BENCH,
+        "frozen app: request → app has it",
+        **_p(s["wake_seen"]),
+        note="the app's X-Received-At: the wake itself, without the app's own work",
+    )
+    add(
+        BENCH,
         "frozen app: request → first byte",
         **_p(s["wake_ttfb"]),
         note="via freeze-proxy (grace 0); the app writes its first line at once",
     )
     add(BENCH, "frozen app: request → full response", **_p(s["wake_total"]))
+    add(BENCH, "awake app direct: request → app has it", **_p(s["direct_seen"]))
     add(BENCH, "awake app direct: request → 1st byte", **_p(s["direct_ttfb"]))
     add(BENCH, "proxy's resume call (its log)", **_p(proxy_resume))
     add(BENCH, "daemon POST /thaw round trip", **_p(s["thaw_total"]))
@@ -335,13 +347,16 @@ def _report(table: Table, s: Samples, proxy_resume: list[float], review_skip: st
         note=f"per round: {what}" + ("" if review_skip is None else "; TokenReview skipped"),
     )
     add(BENCH, "ours: daemon /thaw took_ms", **_p(s["thaw_took"]))
-    wake_p99 = percentile(s["wake_ttfb"], 99)
     resume_p99 = percentile(s["resume"], 99)
-    add(
-        BENCH,
-        "target: wake p99 <= Resume p99 + 1 ms",
-        wake_p99_ms=round(wake_p99, 3),
-        resume_p99_ms=round(resume_p99, 3),
-        over_ms=round(wake_p99 - resume_p99 - 1.0, 3),
-        result="pass" if wake_p99 <= resume_p99 + 1.0 else "fail",
-    )
+    # The wake ends when the app has the request; the first byte also waits for the app's own
+    # work (its handler, its response) and one more hop, shown beside it.
+    for sample, what in (("wake_seen", "app has it"), ("wake_ttfb", "first byte")):
+        wake_p99 = percentile(s[sample], 99)
+        add(
+            BENCH,
+            f"target: wake p99 <= Resume p99 + 1 ms ({what})",
+            wake_p99_ms=round(wake_p99, 3),
+            resume_p99_ms=round(resume_p99, 3),
+            over_ms=round(wake_p99 - resume_p99 - 1.0, 3),
+            result="pass" if wake_p99 <= resume_p99 + 1.0 else "fail",
+        )

@@ -172,15 +172,16 @@ class FreezeProxy:
         started = time.perf_counter()
         try:
             await self._client.resume(self._resume_timeout)
-            self._marker.clear()
-            ok = True
-            self.counters.resumes += 1
-            log.info("app resumed", extra={"took_ms": _ms_since(started)})
         except DaemonError as exc:
-            ok = False
             self.counters.resume_failures += 1
+            self._apply(self.gate.resume_done(False, self._loop.time()))
             log.error("resume failed; waiting requests get 503", extra={"err": str(exc)})
-        self._apply(self.gate.resume_done(ok, self._loop.time()))
+            return
+        took_ms = _ms_since(started)
+        self._marker.clear()
+        self.counters.resumes += 1
+        self._apply(self.gate.resume_done(True, self._loop.time()))  # release the requests...
+        log.info("app resumed", extra={"took_ms": took_ms})  # ...then take time to log it
 
     # -- life cycle -------------------------------------------------------------------------
 

@@ -96,6 +96,9 @@ class App:
             resp.content_type = "text/plain"
             resp.charset = "utf-8"
             resp.headers["X-Sleep-Seconds"] = f"{seconds:g}"
+            # When the request reached us, on the node's monotonic clock (containers share it):
+            # lets a client on the node time a wake up to the moment the app has the request.
+            resp.headers["X-Received-At"] = f"{started:.6f}"
             await resp.prepare(request)
             await resp.write(FIRST_LINE)  # write() drains: the line is on the wire now
             await asyncio.sleep(seconds)
