@@ -152,6 +152,7 @@ class Downstream(asyncio.Protocol):
         "_sent",
         "_tunnel",
         "_up",
+        "_write_paused",
         "relay",
         "transport",
     )
@@ -176,6 +177,7 @@ class Downstream(asyncio.Protocol):
         self._resp_chunks: http1.ChunkedScanner | None = None
         self._head_sent = False
         self._tunnel = False
+        self._write_paused = False  # the client reads slower than the app answers
 
     # -- asyncio callbacks (client side) ----------------------------------------------------
 
@@ -215,10 +217,12 @@ class Downstream(asyncio.Protocol):
         self._end_exchange()
 
     def pause_writing(self) -> None:
+        self._write_paused = True
         if self._up is not None and self._up.transport is not None:
             self._up.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._write_paused = False
         if self._up is not None and self._up.transport is not None and not self._up.closed:
             self._up.transport.resume_reading()
 
@@ -298,6 +302,8 @@ class Downstream(asyncio.Protocol):
         assert self._req is not None
         up.owner = self
         self._up = up
+        if self._write_paused and up.transport is not None:
+            up.transport.pause_reading()
         if replay is not None:
             self._sent = [replay]
             up.write(replay)
@@ -433,6 +439,8 @@ class Downstream(asyncio.Protocol):
                 and self._req_done
                 and self._resp.keep_alive
                 and self._req.version == b"HTTP/1.1"
+                and up.transport is not None
+                and not up.transport.get_write_buffer_size()  # still sending it the body
             ):
                 self.relay.release(up)
             else:
@@ -444,7 +452,7 @@ class Downstream(asyncio.Protocol):
         if self._closing:
             self._close()
             return
-        self.unhold(_HOLD_BUFFER)
+        self.unhold(_HOLD_BUFFER | _HOLD_UPSTREAM)  # that app connection is no longer ours
         if self._buffer:
             self._next_request()
 

@@ -353,3 +353,106 @@ async def test_drain_lets_a_slow_response_finish_then_closes(make_bed: Callable[
     for w in (writer, idle_writer):
         w.close()
     await bed.settled()
+
+
+async def test_an_app_answering_before_reading_the_body_never_stalls_the_client(
+    make_bed: Callable[..., Any],
+) -> None:
+    """The app answers at once and reads the upload later: when the response ends the proxy
+    may still be blocked writing the body to it. The client's connection must then either
+    close (its body was not all relayed) or serve the next request, never hang."""
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await read_head(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            if not head.startswith(b"POST /upload"):
+                writer.write(ok(head.split(b"\r\n")[0]))
+                continue
+            size = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            writer.write(ok(b"early"))
+            await writer.drain()
+            await asyncio.sleep(0.2)  # the proxy's writes to us back up meanwhile
+            await reader.readexactly(size)
+
+    bed: Bed = await make_bed(app)
+    for size in (64 << 10, 1 << 20, 8 << 20):  # within the kernel's buffers, and beyond
+        reader, writer = await bed.client()
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size)
+        sending = asyncio.ensure_future(_send_all(writer, b"u" * size))
+        assert (await asyncio.wait_for(read_response(reader), 5))[1] == b"early"
+        await asyncio.wait({sending}, timeout=5)
+        writer.write(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+        try:
+            _, body = await asyncio.wait_for(read_response(reader), 5)
+            assert body == b"GET /next HTTP/1.1"
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # closed: allowed, the client retries on a new connection
+        writer.close()
+        sending.cancel()
+    await bed.settled()
+
+
+async def _send_all(writer: asyncio.StreamWriter, data: bytes) -> None:
+    try:
+        writer.write(data)
+        await writer.drain()
+    except ConnectionError:
+        pass
+
+
+class FakeTransport:
+    """Records flow control; a unit stand-in for one socket (only for the test below)."""
+
+    def __init__(self, buffered: int = 0) -> None:
+        self.reading = True
+        self.closed = False
+        self.written = b""
+        self.buffered = buffered
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def get_extra_info(self, name: str) -> object:
+        return ("127.0.0.1", 1) if name == "peername" else None
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+
+async def test_backpressure_from_an_app_connection_ends_with_its_exchange() -> None:
+    """The app answered while its connection still had our writes queued (it had not read the
+    whole body): that connection's back-pressure must not keep the client paused afterwards,
+    and a connection with bytes still queued is not pooled for the next request."""
+    from freeze_proxy.relay import Downstream, Upstream
+
+    relay = Relay("127.0.0.1", 1, CountingAdmission())
+    down, client = Downstream(relay), FakeTransport()
+    down.connection_made(client)  # type: ignore[arg-type]
+    up, app = Upstream(relay), FakeTransport(buffered=300_000)
+    up.connection_made(app)  # type: ignore[arg-type]
+    relay.release(up)
+    down.data_received(b"POST /u HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+    assert app.written.endswith(b"hello")
+    up.pause_writing()  # the app is not reading: its socket and our buffer are full
+    assert not client.reading
+    up.data_received(ok(b"early"))
+    assert client.written.endswith(b"early")
+    assert client.reading, "the client stays paused by a connection that is no longer its own"
+    assert app.closed and relay.acquire() is None, "a connection mid-body was pooled"
+    down.data_received(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert relay.admission.arrived == 2  # type: ignore[attr-defined]
