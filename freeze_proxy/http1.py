@@ -222,28 +222,22 @@ def upstream_request(request: RequestHead, peer: bytes) -> bytes:
         kept.append((b"X-Forwarded-Proto", b"http"))
     if host and not has_fwd_host:
         kept.append((b"X-Forwarded-Host", host))
-    extra = b""
-    if request.framing == CHUNKED:
-        extra = b"Transfer-Encoding: chunked\r\n"
-    if request.upgrade:
-        upgrade = next(v for n, v in request.headers if n.lower() == b"upgrade")
-        extra += b"Connection: Upgrade\r\nUpgrade: " + upgrade + CRLF
-    elif request.version == b"HTTP/1.0":
-        extra += b"Connection: close\r\n"
-    return serialize(request.start, kept, extra)
+    return serialize(request.start, kept, _own_headers(request, request.version == b"HTTP/1.0"))
 
 
 def downstream_response(response: ResponseHead, keep_alive: bool) -> bytes:
     """The head sent back to the client; ``keep_alive`` says whether we keep its connection."""
-    extra = b""
-    if response.framing == CHUNKED:
-        extra = b"Transfer-Encoding: chunked\r\n"
-    if response.upgrade:
-        upgrade = next(v for n, v in response.headers if n.lower() == b"upgrade")
-        extra += b"Connection: Upgrade\r\nUpgrade: " + upgrade + CRLF
-    elif not keep_alive:
-        extra += b"Connection: close\r\n"
-    return serialize(response.start, end_to_end(response), extra)
+    return serialize(response.start, end_to_end(response), _own_headers(response, not keep_alive))
+
+
+def _own_headers(head: Head, close: bool) -> bytes:
+    """The hop-by-hop headers a relayed head gets from us: its chunked framing, the protocol
+    switch it asks for or grants, else ``Connection: close`` when ``close``."""
+    extra = b"Transfer-Encoding: chunked\r\n" if head.framing == CHUNKED else b""
+    if head.upgrade:
+        upgrade = next(v for n, v in head.headers if n.lower() == b"upgrade")
+        return extra + b"Connection: Upgrade\r\nUpgrade: " + upgrade + CRLF
+    return extra + b"Connection: close\r\n" if close else extra
 
 
 REASONS = {
