@@ -310,12 +310,9 @@ class Downstream(asyncio.Protocol):
             return
         head = http1.upstream_request(self._req, self._peer)
         self._sent = [head]
-        buffered, self._buffer = self._buffer, b""
-        if self._req_done:
-            up.write(head)
-            self._buffer = buffered
-        else:
-            up.write(head)
+        up.write(head)
+        if not self._req_done:  # what was read ahead starts the body (a done one keeps it)
+            buffered, self._buffer = self._buffer, b""
             self.unhold(_HOLD_BUFFER)
             if buffered:
                 self._relay_request_body(buffered)
