@@ -89,12 +89,16 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 
 @contextmanager
 def process(
-    cmd: Sequence[str], port: int | None = None, env: dict[str, str] | None = None
+    cmd: Sequence[str],
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run a helper process for the duration of a block; wait for its port if given."""
     proc = subprocess.Popen(
         list(cmd),
         env={**os.environ, **(env or {})},
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -114,7 +118,12 @@ def process(
 
 
 def before_tree(ref: str) -> Path:
-    """A checkout of ``ref`` (a git worktree under /tmp) to run the code as it was."""
+    """A checkout of ``ref`` (a git worktree under /tmp) to run the code as it was.
+
+    Run its programs with ``cwd`` and ``PYTHONPATH`` both set to it (``before_env``): ``python
+    -m`` puts the working directory first on ``sys.path``, so from the repo it would run the
+    current code under the old code's name.
+    """
     sha = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--short", ref],
         check=True,
@@ -129,6 +138,10 @@ def before_tree(ref: str) -> Path:
             capture_output=True,
         )
     return tree
+
+
+def before_env(tree: Path) -> dict[str, str]:
+    return {"PYTHONPATH": str(tree)}
 
 
 def bench_app(port: int) -> list[str]:

@@ -8,6 +8,7 @@ import os
 from bench.common import (
     Table,
     WrkResult,
+    before_env,
     before_tree,
     bench_app,
     free_port,
@@ -51,10 +52,9 @@ def run(table: Table, quick: bool = False) -> None:
         )
         if before_ref:
             port = ports[f"freeze-proxy@{before_ref}"] = free_port()
-            env = {"PYTHONPATH": str(before_tree(before_ref))}
-            stack.enter_context(
-                process(freeze_proxy_cmd(port, app_port, "--no-freeze"), port, env=env)
-            )
+            tree = before_tree(before_ref)
+            cmd = freeze_proxy_cmd(port, app_port, "--no-freeze")
+            stack.enter_context(process(cmd, port, env=before_env(tree), cwd=tree))
         variants = list(ports)
         for path, body in (("/small", "64B"), ("/big", "64KiB")):
             for conns in (1, 32):

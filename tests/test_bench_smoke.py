@@ -72,3 +72,20 @@ def test_quick_row(row: str, tmp_path: Path) -> None:
     assert data["rows"], f"{row}: the run wrote no rows to {out}\n{proc.stdout[-3000:]}"
     mine = [r for r in data["rows"] if r["bench"] == row]
     assert mine or row not in OWN_NAME, f"no {row!r} rows in {out}: {data['rows']}"
+
+
+def test_the_before_variant_runs_the_old_code() -> None:
+    """``--before REF`` must import freeze_proxy from REF's checkout: run from the repo, ``python
+    -m`` would put the current code first on sys.path and compare a commit with itself."""
+    from bench.common import before_env, before_tree
+
+    tree = before_tree("HEAD")
+    found = subprocess.run(
+        [sys.executable, "-c", "import freeze_proxy; print(freeze_proxy.__file__)"],
+        env={**os.environ, **before_env(tree)},
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert Path(found).resolve().is_relative_to(tree.resolve()), found
