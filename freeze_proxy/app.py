@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from freeze_proxy import http1
-from freeze_proxy.backlog import read_queued_connections
+from freeze_proxy.backlog import read_accept_queue, wake_at
 from freeze_proxy.daemon_client import DaemonError, FreezeClient, HttpDaemonClient, TokenFile
 from freeze_proxy.gate import AppState, Decision, Gate
 from freeze_proxy.marker import FrozenMarker
@@ -237,33 +237,38 @@ async def wait_for_app(upstream: str, poll: float = 0.05) -> None:
             await asyncio.sleep(poll)
 
 
-# How often the frozen app's accept queue is checked. kubelet probes at most once a second, so a
-# queue of 128 takes minutes to fill; each check costs the idle proxy ~0.5 ms of CPU (most of
-# what it burns while the app is frozen).
+# How often the frozen app's accept queue is checked. kubelet probes at most once a second, and
+# the app is woken at half its queue's limit (``wake_at``), so even a backlog of 5 has room for
+# what arrives between two checks; each check costs the idle proxy ~0.5 ms of CPU (most of what
+# it burns while the app is frozen).
 BACKLOG_CHECK_INTERVAL = 2.0
 
 
 async def watch_backlog(
     proxy: FreezeProxy, port: int, threshold: int, interval: float = BACKLOG_CHECK_INTERVAL
 ) -> None:
-    """While the app is frozen, resume it whenever ``threshold`` connections wait to be
-    accepted on ``port`` (see freeze_proxy/backlog.py). Runs until cancelled."""
+    """While the app is frozen, resume it whenever ``threshold`` connections (at most half its
+    accept queue) wait to be accepted on ``port`` (see freeze_proxy/backlog.py). Runs until
+    cancelled."""
 
     async def queued() -> int | None:
-        return read_queued_connections(port)  # ~35 µs, no I/O wait (see backlog.py)
+        found = read_accept_queue(port)  # ~35 µs, no I/O wait (see backlog.py)
+        return None if found is None else found.queued
 
     while True:
         await asyncio.sleep(interval)
         if proxy.gate.state is not AppState.FROZEN:
             continue
         try:
-            waiting = await queued()
-            if waiting is None or waiting < threshold or proxy.gate.state is not AppState.FROZEN:
+            found = read_accept_queue(port)
+            if found is None or found.queued < wake_at(threshold, found.limit):
+                continue
+            if proxy.gate.state is not AppState.FROZEN:
                 continue
             log.info(
                 "connections are waiting at the frozen app's port (TCP probes): resuming it to "
                 "accept them",
-                extra={"port": port, "queued": waiting},
+                extra={"port": port, "queued": found.queued, "queue_limit": found.limit},
             )
             await proxy.wake_for_backlog(queued)
         except Exception:  # never let the watcher die (it runs beside the token refresh)

@@ -11,7 +11,8 @@ the app for a moment when connections pile up (see ``FreezeProxy.wake_for_backlo
 
 The number comes from the kernel's socket diagnostics (netlink ``SOCK_DIAG_BY_FAMILY``, what
 ``ss -ltn`` uses), asked for LISTEN sockets on one port in the pod's network namespace: for a
-listening socket ``idiag_rqueue`` is the accept queue's length. That query walks only the
+listening socket ``idiag_rqueue`` is the accept queue's length and ``idiag_wqueue`` its limit
+(the app's listen backlog, capped by ``net.core.somaxconn``). That query walks only the
 listening sockets (~35 µs); reading ``/proc/net/tcp`` walks the node's whole TCP hash table
 (~3 ms of CPU on a 24 GiB node, every check, in every frozen pod).
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from typing import NamedTuple
 
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
@@ -31,6 +33,18 @@ _HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
 _NO_COOKIE = struct.pack("=II", 0xFFFFFFFF, 0xFFFFFFFF)  # INET_DIAG_NOCOOKIE
 
 
+class AcceptQueue(NamedTuple):
+    queued: int  # connections the app has not accepted yet
+    limit: int  # the kernel drops new handshakes beyond this (the app's listen backlog)
+
+
+def wake_at(threshold: int, limit: int) -> int:
+    """How many queued connections wake the app: ``threshold``, but at most half the queue's
+    limit, so an app with a tiny backlog (Python's ``http.server``: 5) still has room for the
+    probes that arrive before the next check."""
+    return max(1, min(threshold, limit // 2))
+
+
 def _request(family: int, port: int) -> bytes:
     """An inet_diag_req_v2 for the LISTEN TCP sockets of ``family`` on source port ``port``."""
     sockid = struct.pack("!HH", port, 0) + bytes(32) + struct.pack("=I", 0) + _NO_COOKIE
@@ -39,11 +53,13 @@ def _request(family: int, port: int) -> bytes:
                         _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) + body  # fmt: skip
 
 
-def read_queued_connections(port: int) -> int | None:
-    """The longest accept queue of the LISTEN sockets on ``port`` (IPv4 and IPv6: an app may
-    listen on both); ``None`` when nothing listens there. Raises OSError if the kernel refuses
-    the query. One non-blocking netlink round trip per family: fine on the event loop."""
+def read_accept_queue(port: int) -> AcceptQueue | None:
+    """The accept queue of the LISTEN sockets on ``port`` (IPv4 and IPv6: an app may listen on
+    both; the longest queue and the smallest limit); ``None`` when nothing listens there. Raises
+    OSError if the kernel refuses the query. One non-blocking netlink round trip per family:
+    fine on the event loop."""
     longest: int | None = None
+    smallest = 0
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as nl:
         for family in (socket.AF_INET, socket.AF_INET6):
             nl.send(_request(family, port))
@@ -64,8 +80,11 @@ def read_queued_connections(port: int) -> int | None:
                     msg = offset + _HEADER.size
                     state = data[msg + 1]
                     (sport,) = struct.unpack_from("!H", data, msg + 4)
-                    (queued,) = struct.unpack_from("=I", data, msg + 4 + 48 + 4)
+                    queued, limit = struct.unpack_from("=II", data, msg + 4 + 48 + 4)
                     if state == _TCP_LISTEN and sport == port:
-                        longest = queued if longest is None else max(longest, queued)
+                        if longest is None:
+                            longest, smallest = queued, limit
+                        else:
+                            longest, smallest = max(longest, queued), min(smallest, limit)
                     offset += (length + 3) & ~3
-    return longest
+    return None if longest is None else AcceptQueue(longest, smallest)

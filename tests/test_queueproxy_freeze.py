@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from freeze_proxy.backlog import read_queued_connections
+from freeze_proxy.backlog import read_accept_queue
 from testbed.pods import Pod
 from testbed.queueproxy import QueueProxy, http_probe, tcp_probe
 from testbed.stack import Proxy, Stack, stack
@@ -184,6 +184,11 @@ async def test_readiness_probe_answers_while_the_app_is_frozen(chain: Chain, kin
         assert await chain.frozen_and_quiet()
 
 
+def _queued(port: int) -> int:
+    found = read_accept_queue(port)
+    return 0 if found is None else found.queued
+
+
 async def test_tcp_probes_of_a_frozen_app_never_fill_its_accept_queue(chain: Chain) -> None:
     """Knative's default readiness probe (tcpSocket at the app's port, which the webhook leaves
     alone) completes a handshake with a frozen app, and the connection stays in the app's
@@ -198,12 +203,12 @@ async def test_tcp_probes_of_a_frozen_app_never_fill_its_accept_queue(chain: Cha
         results, queued = [], []
         for _ in range(probes):
             results.append(qp.probe(timeout=15)[0])
-            queued.append(read_queued_connections(chain.app_port) or 0)
+            queued.append(_queued(chain.app_port))
             await asyncio.sleep(0.04)  # paced: the proxy looks at the queue every 2 s
         assert results == [200] * probes, results
         assert max(queued) < 100, queued  # far from sleeptalker's backlog of 128
         # The last probes' connections are accepted in the next wake; then it stays frozen.
-        assert await eventually(lambda: (read_queued_connections(chain.app_port) or 0) < 4)
+        assert await eventually(lambda: _queued(chain.app_port) < 4)
         assert await chain.frozen_and_quiet()
         after = await chain.health()
         # The app was resumed for the queued connections only a few times (threshold 4, checked
