@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 from bench.common import Table, free_port, process, proxy_python, wrk
-from bench.idle_cpu import wait_frozen
 from testbed.containerd import missing_prerequisites
 from testbed.stack import stack
 from testbed.tokens import new_rsa_key, write_jwks
@@ -65,7 +64,7 @@ async def _proxy_rows(table: Table, load_seconds: float) -> None:
         pod, app_port = await st.sleeptalker_pod(name="footprint")
         for fast, label in ((False, ""), (True, ", with uvloop ([fast] extra)")):
             async with st.proxy(pod, app_port, python=proxy_python(fast)) as proxy:
-                await wait_frozen(pod)
+                await pod.wait_frozen("user-container")
                 await asyncio.sleep(0.5)
                 pid = proxy.proc.pid
                 note = "target RSS <= 25 MiB" if not fast else "uvloop loads OpenSSL"

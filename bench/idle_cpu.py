@@ -62,14 +62,6 @@ def process_cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
-async def wait_frozen(pod: Pod, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while pod.freezer_state(CONTAINER) != "FROZEN":
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{CONTAINER} was not frozen within {timeout:.0f} s")
-        await asyncio.sleep(0.02)
-
-
 async def _measure(pod: Pod, seconds: float, phase: Phase, proxy_pid: int | None) -> None:
     cpu0, ticks0 = pod.cpu_usage_seconds(CONTAINER), _ticks(pod)
     proxy0 = process_cpu_seconds(proxy_pid) if proxy_pid else 0.0
@@ -93,7 +85,7 @@ async def _run(table: Table, segments: int, seconds: float) -> None:
                 raise RuntimeError("the app is still frozen after its freeze-proxy exited")
             await _measure(pod, seconds, without, None)
             async with st.proxy(pod, app_port, "--grace=0", python=proxy_python()) as proxy:
-                await wait_frozen(pod)
+                await pod.wait_frozen(CONTAINER)
                 await _measure(pod, seconds, with_, proxy.proc.pid)
     tick = "sleeptalker ticks every 0.5 s: 120 ticks/min awake"
     table.add(

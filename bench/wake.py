@@ -56,14 +56,6 @@ async def _timed(call: Awaitable[Any]) -> float:
     return _ms(started)
 
 
-async def _wait_frozen(pod: Pod, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while pod.freezer_state(CONTAINER) != "FROZEN":
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{CONTAINER} not FROZEN within {timeout:.0f} s")
-        await asyncio.sleep(0.002)
-
-
 async def _wait_proxy_frozen(
     session: aiohttp.ClientSession, proxy: Proxy, pauses: int, timeout: float = 20.0
 ) -> None:
@@ -189,7 +181,7 @@ class _Bed:
         query = f"?container={CONTAINER}"
 
         # The product: a request to the app frozen by freeze-proxy.
-        await _wait_frozen(pod)
+        await pod.wait_frozen(CONTAINER, poll=0.002)
         await asyncio.sleep(SETTLE)
         seen, ttfb, total = await _get(session, self.proxy.url)
         s["wake_seen"].append(seen)
@@ -285,7 +277,7 @@ async def _run(table: Table, rounds: int) -> None:
                 )
                 if bed.review is not None:
                     await bed.review()  # warm the client's connection
-                await _wait_frozen(pod)
+                await pod.wait_frozen(CONTAINER, poll=0.002)
                 bed.base_pauses = int((await proxy.health())["pauses"])
                 for i in range(rounds):
                     await bed.round(i, s)

@@ -169,7 +169,7 @@ async def run(args: argparse.Namespace) -> Summary:
         grace = [f"--grace={args.grace}"] if args.grace is not None else []
         done = _progress("starting freeze-proxy in front of the app, with the pod's token")
         async with st.proxy(pod, app_port, *grace) as proxy:
-            await _wait_frozen(pod, proxy.health_url)
+            await pod.wait_frozen(CONTAINER, hint=f"; see {proxy.health_url} and the logs")
             done(f"{proxy.url}: the app is frozen")
             timeline = Timeline(pod, proxy.health_url, started)
             print(f"\n• the app idle WITH freeze-proxy for {args.idle:.0f} s", flush=True)
@@ -180,7 +180,7 @@ async def run(args: argparse.Namespace) -> Summary:
 
             print(f"\n• {args.requests} requests, each asking the app to take 1 s", flush=True)
             for _ in range(args.requests):
-                await _wait_frozen(pod, proxy.health_url)
+                await pod.wait_frozen(CONTAINER, hint=f"; see {proxy.health_url} and the logs")
                 ticks0 = _ticks(pod)
                 request = asyncio.ensure_future(_request(proxy.url, 1.0))
                 await _watch(timeline, "request", 1.0, every=0.25)
@@ -198,16 +198,6 @@ async def run(args: argparse.Namespace) -> Summary:
         done = _progress("tearing down (pods, shims, cgroups, mounts)")
     done("nothing left behind")
     return summary
-
-
-async def _wait_frozen(pod: Pod, health_url: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while pod.freezer_state(CONTAINER) != "FROZEN":
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"the app was not frozen within {timeout:.0f} s; see {health_url} and the logs"
-            )
-        await asyncio.sleep(0.02)
 
 
 async def _keep(url: str, pod: Pod, work: Path) -> None:

@@ -118,6 +118,17 @@ class Pod:
         """FROZEN, FREEZING or THAWED, as the kernel says."""
         return (self.cgroup_dir(container_name) / "freezer.state").read_text().strip()
 
+    async def wait_frozen(
+        self, container_name: str, timeout: float = 20.0, poll: float = 0.02, hint: str = ""
+    ) -> None:
+        """Return once the kernel says FROZEN; RuntimeError (ending with ``hint``) after
+        ``timeout`` seconds."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.freezer_state(container_name) != "FROZEN":
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"{container_name} was not frozen within {timeout:.0f} s{hint}")
+            await asyncio.sleep(poll)
+
     def cpu_usage_seconds(self, container_name: str) -> float:
         """CPU time the container has used (cpuacct.usage)."""
         usage = self.cgroup_dir(container_name, "cpuacct") / "cpuacct.usage"
