@@ -32,6 +32,7 @@ from daemon.auth import (
 )
 from daemon.runtimes import Runtime
 from freeze_proxy import jsonlog
+from freeze_proxy.addresses import parse_listen
 from freeze_proxy.durations import parse_duration
 
 log = logging.getLogger("daemon")
@@ -55,14 +56,6 @@ class Settings:
     review_cache_ttl: float
     kubeconfig: str | None
     log_level: str
-
-
-def _parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--listen {value!r}: expected HOST:PORT, e.g. 0.0.0.0:8080")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Settings:
@@ -130,7 +123,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     args = parser.parse_args(argv)
 
     try:
-        host, port = _parse_listen(args.listen)
+        host, port = parse_listen(args.listen)
     except ValueError as e:
         parser.error(str(e))
     try:

@@ -19,6 +19,7 @@ import asyncio
 import os
 
 from freeze_proxy import jsonlog
+from freeze_proxy.addresses import parse_listen
 from freeze_proxy.app import Settings, serve
 from freeze_proxy.durations import parse_duration
 
@@ -105,6 +106,11 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     )
     p.add_argument("--log-level", default=env.get("LOG_LEVEL", "info"))
     args = p.parse_args(argv)
+    for flag, value in (("--listen", args.listen), ("--health-listen", args.health_listen)):
+        try:
+            parse_listen(value, flag)
+        except ValueError as exc:
+            p.error(str(exc))
     if args.wake_backlog < 0:
         p.error("--wake-backlog must be 0 (never) or a positive number of connections")
     containers = args.container

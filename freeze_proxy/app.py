@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from freeze_proxy import http1
+from freeze_proxy.addresses import parse_listen
 from freeze_proxy.backlog import read_accept_queue, wake_at
 from freeze_proxy.daemon_client import DaemonError, FreezeClient, HttpDaemonClient, TokenFile
 from freeze_proxy.gate import AppState, Decision, Gate
@@ -206,11 +207,6 @@ def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
 
 
-def _host_port(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 def upstream_address(upstream: str) -> tuple[str, int]:
     """The app's host and port, from ``--upstream``."""
     parts = urlsplit(upstream)
@@ -338,10 +334,12 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     relay = Relay(*upstream_address(settings.upstream), admission)
     stopping = asyncio.Event()
     server = await loop.create_server(
-        relay.protocol, *_host_port(settings.listen), reuse_address=True, backlog=1024
+        relay.protocol, *parse_listen(settings.listen), reuse_address=True, backlog=1024
     )
     health = await asyncio.start_server(
-        health_handler(proxy, stopping), *_host_port(settings.health_listen), reuse_address=True
+        health_handler(proxy, stopping),
+        *parse_listen(settings.health_listen, "--health-listen"),
+        reuse_address=True,
     )
     log.info(
         "listening",

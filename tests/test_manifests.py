@@ -19,8 +19,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from freeze_proxy.addresses import parse_listen
 from freeze_proxy.durations import parse_duration
-from webhook.app import WebhookSettings, create_app, split_listen
+from webhook.app import WebhookSettings, create_app
 from webhook.mutation import ANNOTATION_GRACE, MutationSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,7 +144,7 @@ def test_webhook_names_agree_with_its_defaults() -> None:
     (svc_port,) = service["spec"]["ports"]
     assert ref.get("port", 443) == svc_port["port"] == 443
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    listen_port = split_listen(DEFAULTS.listen)[1]
+    listen_port = parse_listen(DEFAULTS.listen)[1]
     assert svc_port["targetPort"] == listen_port == 8443
     assert [p["containerPort"] for p in container["ports"]] == [listen_port]
     for probe in ("readinessProbe", "livenessProbe"):

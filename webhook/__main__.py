@@ -12,7 +12,8 @@ from freeze_proxy.extras import require_extra
 require_extra("freeze-webhook", "webhook", ("kubernetes", "cryptography"))
 
 from freeze_proxy import jsonlog
-from webhook.app import WebhookSettings, serve, split_listen
+from freeze_proxy.addresses import parse_listen
+from webhook.app import WebhookSettings, serve
 from webhook.certs import san_entry
 
 
@@ -57,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> WebhookSettings:
     if bool(args.tls_cert_file) != bool(args.tls_private_key_file):
         p.error("--tls-cert-file and --tls-private-key-file go together")
     try:
-        split_listen(args.listen)
+        parse_listen(args.listen)
     except ValueError as err:
         p.error(str(err))
     if args.extra_san and args.tls_cert_file:

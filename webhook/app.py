@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from freeze_proxy.addresses import parse_listen
 from webhook.admission import BadReview, Mutator, Outcome, parse_review, review_pod
 from webhook.mutation import MutationSettings, mutate
 from webhook.tls import CertReconciler, FileWatcher, LiveTLS
@@ -87,15 +88,6 @@ def create_app(settings: MutationSettings, mutator: Mutator = mutate) -> web.App
     return app
 
 
-def split_listen(listen: str) -> tuple[str, int]:
-    """'0.0.0.0:8443' / '[::]:8443' / ':8443' -> (host, port)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"--listen must be HOST:PORT, got {listen!r}")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
-
-
 async def _first_tls(settings: WebhookSettings, tls: LiveTLS) -> asyncio.Task[None]:
     """Load the first certificate (retrying), then return the task that keeps it fresh."""
     if settings.tls_cert_file and settings.tls_private_key_file:
@@ -127,7 +119,7 @@ async def _first_tls(settings: WebhookSettings, tls: LiveTLS) -> asyncio.Task[No
 
 async def serve(settings: WebhookSettings) -> None:
     """Run until SIGTERM/SIGINT."""
-    host, port = split_listen(settings.listen)
+    host, port = parse_listen(settings.listen)
     tls = LiveTLS()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
