@@ -81,10 +81,8 @@ def _split_headers(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-def _framing(
-    headers: list[tuple[bytes, bytes]], version: bytes
-) -> tuple[int, int, bool, bytes, bytes]:
-    """(framing, length, keep_alive, connection tokens, upgrade) from the headers."""
+def _framing(headers: list[tuple[bytes, bytes]], version: bytes) -> tuple[int, int, bool, bool]:
+    """(framing, length, keep_alive, upgrade) from the headers; framing -1: none stated."""
     length = -1
     chunked = False
     connection = b""
@@ -113,7 +111,7 @@ def _framing(
     else:
         keep_alive = b"keep-alive" in tokens
     framing = CHUNKED if chunked else LENGTH if length >= 0 else -1
-    return framing, max(length, 0), keep_alive, connection, upgrade if b"upgrade" in tokens else b""
+    return framing, max(length, 0), keep_alive, bool(upgrade) and b"upgrade" in tokens
 
 
 def _lines(head: bytes) -> list[bytes]:
@@ -140,13 +138,13 @@ def parse_request(head: bytes) -> RequestHead:
     if not _TOKEN_CHARS.issuperset(method):
         raise HttpError(400, f"malformed method {method[:20]!r}")
     headers = _split_headers(lines[1:])
-    framing, length, keep_alive, _, upgrade = _framing(headers, version)
+    framing, length, keep_alive, upgrade = _framing(headers, version)
     if framing < 0:
         framing = NO_BODY  # a request without framing headers has no body (RFC 9112 §6.3)
     elif framing == LENGTH and length == 0:
         framing = NO_BODY
     return RequestHead(
-        lines[0], headers, framing, length, keep_alive, bool(upgrade), method, target, version
+        lines[0], headers, framing, length, keep_alive, upgrade, method, target, version
     )
 
 
@@ -165,7 +163,7 @@ def parse_response(head: bytes, request_method: bytes) -> ResponseHead:
     status = int(code)
     try:
         headers = _split_headers(lines[1:])
-        framing, length, keep_alive, _, upgrade = _framing(headers, version)
+        framing, length, keep_alive, upgrade = _framing(headers, version)
     except HttpError as exc:
         raise HttpError(502, f"the app sent a response we cannot relay: {exc}") from None
     if request_method == b"HEAD" or status < 200 or status in (204, 304):
@@ -176,7 +174,7 @@ def parse_response(head: bytes, request_method: bytes) -> ResponseHead:
     elif framing == LENGTH and length == 0:
         framing = NO_BODY
     return ResponseHead(
-        lines[0], headers, framing, length, keep_alive, status == 101 and bool(upgrade), status
+        lines[0], headers, framing, length, keep_alive, status == 101 and upgrade, status
     )
 
 
