@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from freeze_proxy.__main__ import parse_args
+from freeze_proxy.addresses import parse_listen
 from freeze_proxy.durations import parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,3 +69,19 @@ def test_the_proxy_needs_only_the_standard_library_and_never_loads_openssl() -> 
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout.split()
     assert out == ["[]", "None"], out
+
+
+@pytest.mark.parametrize("flag", ["--listen", "--health-listen"])
+@pytest.mark.parametrize("value", ["9999", "0.0.0.0:http", "0.0.0.0:0", "0.0.0.0:70000"])
+def test_a_bad_listen_address_is_refused_at_start_naming_the_flag(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args([flag, value], env={})
+    assert f"{flag} {value!r}: expected HOST:PORT" in capsys.readouterr().err
+
+
+def test_listen_addresses_of_every_form_are_read() -> None:
+    assert parse_listen("0.0.0.0:9999") == ("0.0.0.0", 9999)
+    assert parse_listen("[::]:9998") == ("::", 9998)
+    assert parse_listen(":8080") == ("0.0.0.0", 8080)
