@@ -21,7 +21,7 @@ from freeze_proxy import http1
 from freeze_proxy.addresses import parse_listen
 from freeze_proxy.backlog import read_accept_queue, wake_at
 from freeze_proxy.daemon_client import DaemonError, FreezeClient, HttpDaemonClient, TokenFile
-from freeze_proxy.gate import AppState, Decision, Gate
+from freeze_proxy.gate import AppState, Decision, Gate, PauseOutcome
 from freeze_proxy.marker import FrozenMarker
 from freeze_proxy.relay import Admission, AlwaysAwake, Relay, Wakeup
 
@@ -76,6 +76,8 @@ class FreezeProxy:
         self._timer: asyncio.TimerHandle | None = None
         self._wakeup: Wakeup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # "unknown" until the first call; "unreachable" while no daemon takes our connections.
+        self.daemon = "unknown"
 
     def arrive(self) -> Wakeup | None:
         """Count one more piece of work in flight; pair it with exactly one ``depart()``.
@@ -154,20 +156,56 @@ class FreezeProxy:
                 "it frozen unknown to us); check the freeze-proxy-state volume",
                 extra={"path": self._marker.path, "err": str(exc)},
             )
-            self._apply(self.gate.pause_done(False, self._loop.time()))
+            self._apply(self.gate.pause_done(PauseOutcome.NOT_FROZEN, self._loop.time()))
             return
         try:
             await self._client.pause()
-            ok = True
+            outcome = PauseOutcome.FROZEN
+            self._reached()
             self.counters.pauses += 1
             log.info("app paused", extra={"took_ms": _ms_since(started)})
         except DaemonError as exc:
-            ok = False
             self.counters.pause_failures += 1
+            if exc.sent:
+                outcome = PauseOutcome.MAYBE_FROZEN
+                self._reached()
+                log.warning(
+                    "pause outcome unknown: the next request resumes the app first; the pause "
+                    "is retried",
+                    extra={"err": str(exc)},
+                )
+            else:
+                outcome = PauseOutcome.NOT_FROZEN
+                if exc.unreachable:
+                    self._unreachable(exc)
+                else:
+                    self._reached()
+                    log.warning(
+                        "pause failed; the app stays awake and it is retried",
+                        extra={"err": str(exc), "status": exc.status},
+                    )
+        self._apply(self.gate.pause_done(outcome, self._loop.time()))
+        if self.gate.state is AppState.AWAKE:
+            self._marker.clear()  # nothing froze it: a restarted proxy need not resume first
+
+    def _reached(self) -> None:
+        if self.daemon == "unreachable":
+            log.info("the freeze-daemon is reachable again: the app is paused when idle")
+        self.daemon = "reachable"
+
+    def _unreachable(self, exc: DaemonError) -> None:
+        """No daemon takes the connection: said once, not at every retry."""
+        if self.daemon != "unreachable":
             log.warning(
-                "pause failed; the app stays awake and it is retried", extra={"err": str(exc)}
+                "the freeze-daemon is unreachable, so the app stays awake (unfrozen) and the "
+                "pause is retried with backoff; on a node without the DaemonSet (not labelled "
+                "knative.dev/container-runtime=containerd) that is expected, else check the "
+                "freeze-daemon pod on this node and --daemon-url",
+                extra={"err": str(exc)},
             )
-        self._apply(self.gate.pause_done(ok, self._loop.time()))
+        else:
+            log.debug("the freeze-daemon is still unreachable", extra={"err": str(exc)})
+        self.daemon = "unreachable"
 
     async def _resume(self) -> None:
         started = time.perf_counter()
@@ -175,10 +213,13 @@ class FreezeProxy:
             await self._client.resume(self._resume_timeout)
         except DaemonError as exc:
             self.counters.resume_failures += 1
+            if exc.unreachable:
+                self.daemon = "unreachable"
             self._apply(self.gate.resume_done(False, self._loop.time()))
             log.error("resume failed; waiting requests get 503", extra={"err": str(exc)})
             return
         took_ms = _ms_since(started)
+        self._reached()
         self._marker.clear()
         self.counters.resumes += 1
         self._apply(self.gate.resume_done(True, self._loop.time()))  # release the requests...
@@ -281,6 +322,7 @@ def health_handler(
         if proxy is not None:
             out.update(
                 state=proxy.gate.state.value,
+                daemon=proxy.daemon,
                 in_flight=proxy.gate.in_flight,
                 **vars(proxy.counters),
             )
