@@ -113,6 +113,14 @@ class TokenFile:
             await self.refresh()
 
 
+# Each call carries the time it was sent (CLOCK_MONOTONIC, shared by every container of a node,
+# so it keeps increasing across proxy restarts): the daemon refuses (409) a call older than one it
+# has already carried out for this pod, so a pause that arrives late (after its caller timed out
+# and resumed on another connection) cannot freeze an app the proxy believes awake. The daemon
+# reads it in daemon/ordering.py.
+SEQUENCE_HEADER = "Freeze-Sequence"
+
+
 @dataclass
 class _Progress:
     sent: bool = False
@@ -212,7 +220,8 @@ class HttpDaemonClient:
         host = f"[{self._host}]" if ":" in self._host else self._host
         request = (
             f"POST {path} HTTP/1.1\r\nHost: {host}:{self._port}\r\n"
-            f"Token: {self._token.token}\r\nContent-Length: 0\r\n\r\n"
+            f"Token: {self._token.token}\r\n"
+            f"{SEQUENCE_HEADER}: {time.monotonic_ns()}\r\nContent-Length: 0\r\n\r\n"
         ).encode()
         try:
             for attempt in (1, 2):

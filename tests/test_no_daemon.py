@@ -54,12 +54,17 @@ class RealProxy:
 
 @contextlib.asynccontextmanager
 async def real_proxy(
-    tmp_path: Path, app_port: int, daemon_url: str, *extra: str, host: str = "127.0.0.1"
+    tmp_path: Path,
+    app_port: int,
+    daemon_url: str,
+    *extra: str,
+    host: str = "127.0.0.1",
+    token: str = "token-1",
 ) -> AsyncIterator[RealProxy]:
     """``python -m freeze_proxy`` in front of ``app_port``; SIGTERM (then KILL) at exit."""
     port, health = free_port(), free_port()
-    token = tmp_path / "token"
-    token.write_text("token-1")
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
     state = tmp_path / "state"
     state.mkdir(exist_ok=True)
     log_file = tmp_path / f"proxy-{port}.log"
@@ -74,7 +79,7 @@ async def real_proxy(
                 f"--health-listen={shown}:{health}",
                 f"--upstream=http://127.0.0.1:{app_port}",
                 f"--daemon-url={daemon_url}",
-                f"--token-file={token}",
+                f"--token-file={token_file}",
                 f"--state-file={state / 'may-be-frozen'}",
                 *extra,
             ],

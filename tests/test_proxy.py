@@ -151,8 +151,8 @@ async def test_transient_resume_failure_is_retried_within_the_budget(tmp_path: P
 
 async def test_failed_pause_leaves_the_app_serving(tmp_path: Path) -> None:
     (tmp_path / "state").mkdir()
-    h = await start_harness(tmp_path, state_file=tmp_path / "state" / "may-be-frozen")
-    h.daemon.fail_freeze = True
+    h = await start_harness(tmp_path, grace=0.2, state_file=tmp_path / "state" / "may-be-frozen")
+    h.daemon.fail_freeze = True  # before the first pause, due after the grace
     try:
         await asyncio.sleep(0.3)
         async with aiohttp.ClientSession() as s, s.get(h.proxy_url + "/x") as r:
