@@ -312,6 +312,11 @@ async def watch_backlog(
             log.exception("checking the app's accept queue failed", extra={"port": port})
 
 
+# A probe sends its request at once and reads a small answer: a connection that takes longer
+# (a client holding it open) is answered 408 and closed, so it cannot keep a task forever.
+HEALTH_TIMEOUT = 2.0
+
+
 def health_handler(
     proxy: FreezeProxy | None, stopping: asyncio.Event
 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
@@ -330,6 +335,15 @@ def health_handler(
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            async with asyncio.timeout(HEALTH_TIMEOUT):
+                await answer(reader, writer)
+        except TimeoutError:
+            writer.write(http1.json_response(408, b'{"error": "no complete request in time"}'))
+        finally:
+            writer.close()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
             head = await reader.readuntil(http1.END_OF_HEAD)
             request = http1.parse_request(head[: -len(http1.END_OF_HEAD)])
             if request.target.partition(b"?")[0] == b"/healthz":
@@ -342,8 +356,6 @@ def health_handler(
             pass
         except http1.HttpError as exc:
             writer.write(http1.json_response(exc.status, json.dumps({"error": str(exc)}).encode()))
-        finally:
-            writer.close()
 
     return handle
 

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -168,3 +169,20 @@ async def test_without_a_daemon_the_app_serves_normally_and_health_says_why(
     said = [line for line in proxy.log_lines() if "unreachable" in line["msg"]]
     assert len(said) == 1, said
     assert said[0]["level"] == "warning" and "knative.dev/container-runtime" in said[0]["msg"]
+
+
+async def test_the_health_port_drops_a_client_that_never_finishes_its_request(
+    tmp_path: Path,
+) -> None:
+    """A connection holding the health port open must not keep a task in the proxy forever."""
+    async with app_site() as app_port, real_proxy(tmp_path, app_port, refused_url()) as proxy:
+        port = urlsplit(proxy.health_url).port
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        held[0][1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+        started = time.monotonic()
+        for reader, writer in held:
+            answer = await asyncio.wait_for(reader.read(), 8)
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 408 "), answer
+            writer.close()
+        assert time.monotonic() - started < 5
+        assert (await proxy.health())["status"] == "ok"  # and it still serves probes
