@@ -75,8 +75,8 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         "--grace",
         type=_duration,
         default=env.get("FREEZE_GRACE", DEFAULT_GRACE),
-        help="idle time before pausing, e.g. 0, 250ms, 2s; a request within it cancels the "
-        "pause (env FREEZE_GRACE)",
+        help="idle time before pausing, e.g. 0, 250ms, 1m30s (Go's format); a request within it "
+        "cancels the pause (env FREEZE_GRACE)",
     )
     p.add_argument(
         "--resume-timeout",
