@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from freeze_proxy import http1
-from freeze_proxy.addresses import parse_listen
+from freeze_proxy.addresses import bind_host, host_port, parse_listen
 from freeze_proxy.backlog import read_accept_queue, wake_at
 from freeze_proxy.daemon_client import DaemonError, FreezeClient, HttpDaemonClient, TokenFile
 from freeze_proxy.gate import AppState, Decision, Gate, PauseOutcome
@@ -387,18 +387,21 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
     relay = Relay(*upstream_address(settings.upstream), admission)
     stopping = asyncio.Event()
+    # A wildcard host listens on every address family the pod has (IPv4, and IPv6 where it has
+    # it); asyncio skips a family the kernel lacks.
+    host, port = parse_listen(settings.listen)
     server = await loop.create_server(
-        relay.protocol, *parse_listen(settings.listen), reuse_address=True, backlog=1024
+        relay.protocol, bind_host(host), port, reuse_address=True, backlog=1024
     )
+    host, port = parse_listen(settings.health_listen, "--health-listen")
     health = await asyncio.start_server(
-        health_handler(proxy, stopping),
-        *parse_listen(settings.health_listen, "--health-listen"),
-        reuse_address=True,
+        health_handler(proxy, stopping), bind_host(host), port, reuse_address=True
     )
     log.info(
         "listening",
         extra={
             "listen": settings.listen,
+            "addresses": [host_port(*s.getsockname()[:2]) for s in server.sockets],
             "upstream": settings.upstream,
             "daemon_url": settings.daemon_url if settings.freeze else None,
             "grace_s": settings.grace,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import quote, urlsplit
 
+from freeze_proxy.addresses import host_port
 from freeze_proxy.http1 import (
     CHUNKED,
     END_OF_HEAD,
@@ -217,9 +218,8 @@ class HttpDaemonClient:
         """One request/response; a stale pooled connection is replaced once (calls are
         idempotent). Any failure drops the connection: its state is unknown. ``progress.sent``
         is set once request bytes have left on a connection."""
-        host = f"[{self._host}]" if ":" in self._host else self._host
         request = (
-            f"POST {path} HTTP/1.1\r\nHost: {host}:{self._port}\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {host_port(self._host, self._port)}\r\n"
             f"Token: {self._token.token}\r\n"
             f"{SEQUENCE_HEADER}: {time.monotonic_ns()}\r\nContent-Length: 0\r\n\r\n"
         ).encode()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -53,33 +54,42 @@ class RealProxy:
         return [json.loads(line) for line in self.log_file.read_text().splitlines() if line]
 
 
+def bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 @contextlib.asynccontextmanager
 async def real_proxy(
     tmp_path: Path,
     app_port: int,
-    daemon_url: str,
+    daemon_url: str | None,
     *extra: str,
     host: str = "127.0.0.1",
+    connect: str | None = None,
     token: str = "token-1",
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[RealProxy]:
-    """``python -m freeze_proxy`` in front of ``app_port``; SIGTERM (then KILL) at exit."""
+    """``python -m freeze_proxy`` in front of ``app_port``, listening on ``host`` (empty: the
+    wildcard) and reached at ``connect`` (default ``host``); ``daemon_url`` None leaves the
+    default (from ``HOST_IP`` in ``env``). SIGTERM (then KILL) at exit."""
     port, health = free_port(), free_port()
+    connect = connect or host
     token_file = tmp_path / "token"
     token_file.write_text(token)
     state = tmp_path / "state"
     state.mkdir(exist_ok=True)
     log_file = tmp_path / f"proxy-{port}.log"
-    shown = f"[{host}]" if ":" in host else host
+    daemon_flag = [] if daemon_url is None else [f"--daemon-url={daemon_url}"]
     with open(log_file, "w") as log:
         proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "freeze_proxy",
-                f"--listen={shown}:{port}",
-                f"--health-listen={shown}:{health}",
+                f"--listen={bracketed(host)}:{port}",
+                f"--health-listen={bracketed(host)}:{health}",
                 f"--upstream=http://127.0.0.1:{app_port}",
-                f"--daemon-url={daemon_url}",
+                *daemon_flag,
                 f"--token-file={token_file}",
                 f"--state-file={state / 'may-be-frozen'}",
                 *extra,
@@ -87,14 +97,16 @@ async def real_proxy(
             stderr=log,
             text=True,
             cwd=ROOT,
+            env={**os.environ, **(env or {})},
         )
+    shown = bracketed(connect)
     proxy = RealProxy(f"http://{shown}:{port}", f"http://{shown}:{health}/healthz", proc, log_file)
     try:
         deadline = time.monotonic() + 20
         while True:
             assert proc.poll() is None, log_file.read_text()
             try:
-                with socket.create_connection((host, health), timeout=0.2):
+                with socket.create_connection((connect, health), timeout=0.2):
                     break
             except OSError:
                 assert time.monotonic() < deadline, "the proxy did not listen within 20 s"
