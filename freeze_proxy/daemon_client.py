@@ -225,6 +225,8 @@ class HttpDaemonClient:
         ).encode()
         try:
             for attempt in (1, 2):
+                if self._conn is not None and self._conn[0].at_eof():
+                    self._drop()  # the daemon closed it while idle (a restart): never sent on
                 reused = self._conn is not None
                 if self._conn is None:
                     self._conn = await asyncio.open_connection(self._host, self._port)
