@@ -338,7 +338,8 @@ def health_handler(
             async with asyncio.timeout(HEALTH_TIMEOUT):
                 await answer(reader, writer)
         except TimeoutError:
-            writer.write(http1.json_response(408, b'{"error": "no complete request in time"}'))
+            if not writer.transport.get_write_buffer_size():  # not mid-answer to a slow reader
+                writer.write(http1.json_response(408, b'{"error": "no complete request in time"}'))
         finally:
             writer.close()
 
