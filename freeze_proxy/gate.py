@@ -61,6 +61,7 @@ class Gate:
     __slots__ = (
         "_deadline",
         "_frozen_before_pause",
+        "_last_depart",
         "_pause_backoff",
         "_retry_at",
         "_started",
@@ -96,6 +97,7 @@ class Gate:
         self._pause_backoff = pause_retry
         self._retry_at = 0.0  # after a failed pause, no new pause before this time
         self._frozen_before_pause = False  # the app may have been frozen when the pause began
+        self._last_depart = float("-inf")  # when a request last left: a pause waits out its grace
 
     @property
     def may_forward(self) -> bool:
@@ -129,6 +131,7 @@ class Gate:
         self.in_flight -= 1
         if self.in_flight < 0:
             raise AssertionError("depart() without arrive()")
+        self._last_depart = now
         return self._idle_from(now, self.grace)
 
     def timer(self, now: float) -> Decision:
@@ -165,14 +168,14 @@ class Gate:
                 return _RELEASE
             if self._stopped:
                 return NOTHING
-            return self._arm(self._retry_at)
+            return self._arm(self._retry_deadline())
         # It may have frozen the app (or the app may have been frozen already): a request resumes
         # it (a no-op if it is awake) before being forwarded.
         self.state = AppState.FROZEN
         if self.in_flight or self._stopped:
             self.state = AppState.RESUMING
             return _RESUME
-        return self._arm(self._retry_at)
+        return self._arm(self._retry_deadline())
 
     def resume_done(self, ok: bool, now: float) -> Decision:
         """The resume call returned (after its own retries). ``ok=False``: waiters get refused."""
@@ -209,6 +212,11 @@ class Gate:
         if deadline <= now:
             return self._begin_pause()
         return self._arm(deadline)
+
+    def _retry_deadline(self) -> float:
+        """When a failed pause may be retried: after its backoff, and never within the grace of
+        a request that came and went while it was in flight."""
+        return max(self._retry_at, self._last_depart + self.grace)
 
     def _arm(self, deadline: float) -> Decision:
         self._deadline = deadline
