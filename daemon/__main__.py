@@ -32,7 +32,7 @@ from daemon.auth import (
 )
 from daemon.runtimes import Runtime
 from freeze_proxy import jsonlog
-from freeze_proxy.addresses import parse_listen
+from freeze_proxy.addresses import bind_host, parse_listen
 from freeze_proxy.durations import parse_duration
 
 log = logging.getLogger("daemon")
@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         web.run_app(
             build_app(settings),
-            host=settings.host,
+            host=bind_host(settings.host),  # a wildcard: every address family (IPv4 and IPv6)
             port=settings.port,
             print=None,
             access_log=None,

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from daemon.auth import Authenticator, AuthUnavailable
 from daemon.claims import Identity, TokenRefused
+from daemon.ordering import SEQUENCE_HEADER, CallOrder, parse_sequence
 from daemon.runtimes import (
     NEVER_FROZEN,
     ContainerNotFound,
@@ -67,6 +68,14 @@ class _PodLocks:
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 RUNTIME = web.AppKey("runtime", Runtime)
 POD_LOCKS = web.AppKey("pod_locks", _PodLocks)
+CALL_ORDER = web.AppKey("call_order", CallOrder)
+
+
+class _OutOfOrder(Exception):
+    """A later call for this pod was already carried out (see daemon.ordering)."""
+
+    def __init__(self, newer: int) -> None:
+        self.newer = newer
 
 
 def _error(status: int, message: str, **fields: Any) -> web.Response:
@@ -128,6 +137,10 @@ async def _act(request: web.Request, action: Action | None) -> web.Response:
             action = await _knative_action(request)
         token = _token(request)
         containers = _containers(request)
+        try:
+            sequence = parse_sequence(request.headers.get(SEQUENCE_HEADER))
+        except ValueError as e:
+            raise _BadRequest(str(e)) from e
     except _BadRequest as e:
         log.warning(
             "bad request", extra={"path": request.path, "error": str(e), "outcome": "bad_request"}
@@ -158,9 +171,36 @@ async def _act(request: web.Request, action: Action | None) -> web.Response:
     call = runtime.pause if action == "freeze" else runtime.resume
     who = _who(identity)
     runtime_started = time.perf_counter()
+
+    async def in_order() -> list[str]:
+        # Under the pod's lock, so a call overtaken while authenticating is refused here.
+        if sequence is not None:
+            newer = request.app[CALL_ORDER].admit(identity.pod_uid, sequence, time.monotonic())
+            if newer is not None:
+                raise _OutOfOrder(newer)
+        return await call(identity.pod_uid, containers)
+
     try:
-        done = await request.app[POD_LOCKS].run(
-            identity.pod_uid, lambda: call(identity.pod_uid, containers)
+        done = await request.app[POD_LOCKS].run(identity.pod_uid, in_order)
+    except _OutOfOrder as e:
+        log.warning(
+            f"{action} refused: a later call for this pod was already carried out",
+            extra={
+                "action": action,
+                **who,
+                "sequence": sequence,
+                "newer": e.newer,
+                "outcome": "out_of_order",
+            },
+        )
+        return _error(
+            409,
+            f"{action} not carried out: a later call for this pod ({SEQUENCE_HEADER} {e.newer}) "
+            f"was already carried out, and this one ({sequence}) is older; nothing was changed",
+            cause="out-of-order",
+            pod_uid=identity.pod_uid,
+            sequence=sequence,
+            newer=e.newer,
         )
     except ContainerNotFound as e:
         return _failed(404, action, who, containers, started, f"not found on this node: {e}")
@@ -285,6 +325,7 @@ def make_app(authenticator: Authenticator, runtime: Runtime) -> web.Application:
     app[AUTHENTICATOR] = authenticator
     app[RUNTIME] = runtime
     app[POD_LOCKS] = _PodLocks()
+    app[CALL_ORDER] = CallOrder()
     app.router.add_post("/freeze", _freeze)
     app.router.add_post("/thaw", _thaw)
     app.router.add_post("/", _knative)

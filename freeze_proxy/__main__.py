@@ -19,7 +19,7 @@ import asyncio
 import os
 
 from freeze_proxy import jsonlog
-from freeze_proxy.addresses import parse_listen
+from freeze_proxy.addresses import host_port, parse_listen
 from freeze_proxy.app import Settings, serve
 from freeze_proxy.durations import parse_duration
 
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     p.add_argument("--upstream", default="http://127.0.0.1:8080", help="the app's URL")
     p.add_argument(
         "--daemon-url",
-        default=f"http://{host_ip}:9696",
+        default=f"http://{host_port(host_ip, 9696)}",
         help="the node's freeze-daemon (default from env HOST_IP)",
     )
     p.add_argument(
@@ -75,8 +75,8 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         "--grace",
         type=_duration,
         default=env.get("FREEZE_GRACE", DEFAULT_GRACE),
-        help="idle time before pausing, e.g. 0, 250ms, 2s; a request within it cancels the "
-        "pause (env FREEZE_GRACE)",
+        help="idle time before pausing, e.g. 0, 250ms, 1m30s (Go's format); a request within it "
+        "cancels the pause (env FREEZE_GRACE)",
     )
     p.add_argument(
         "--resume-timeout",

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from freeze_proxy import http1
-from freeze_proxy.addresses import parse_listen
+from freeze_proxy.addresses import bind_host, host_port, parse_listen
 from freeze_proxy.backlog import read_accept_queue, wake_at
 from freeze_proxy.daemon_client import DaemonError, FreezeClient, HttpDaemonClient, TokenFile
-from freeze_proxy.gate import AppState, Decision, Gate
+from freeze_proxy.gate import AppState, Decision, Gate, PauseOutcome
 from freeze_proxy.marker import FrozenMarker
 from freeze_proxy.relay import Admission, AlwaysAwake, Relay, Wakeup
 
@@ -76,6 +76,8 @@ class FreezeProxy:
         self._timer: asyncio.TimerHandle | None = None
         self._wakeup: Wakeup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # "unknown" until the first call; "unreachable" while no daemon takes our connections.
+        self.daemon = "unknown"
 
     def arrive(self) -> Wakeup | None:
         """Count one more piece of work in flight; pair it with exactly one ``depart()``.
@@ -154,20 +156,56 @@ class FreezeProxy:
                 "it frozen unknown to us); check the freeze-proxy-state volume",
                 extra={"path": self._marker.path, "err": str(exc)},
             )
-            self._apply(self.gate.pause_done(False, self._loop.time()))
+            self._apply(self.gate.pause_done(PauseOutcome.NOT_FROZEN, self._loop.time()))
             return
         try:
             await self._client.pause()
-            ok = True
+            outcome = PauseOutcome.FROZEN
+            self._reached()
             self.counters.pauses += 1
             log.info("app paused", extra={"took_ms": _ms_since(started)})
         except DaemonError as exc:
-            ok = False
             self.counters.pause_failures += 1
+            if exc.sent:
+                outcome = PauseOutcome.MAYBE_FROZEN
+                self._reached()
+                log.warning(
+                    "pause outcome unknown: the next request resumes the app first; the pause "
+                    "is retried",
+                    extra={"err": str(exc)},
+                )
+            else:
+                outcome = PauseOutcome.NOT_FROZEN
+                if exc.unreachable:
+                    self._unreachable(exc)
+                else:
+                    self._reached()
+                    log.warning(
+                        "pause failed; the app stays awake and it is retried",
+                        extra={"err": str(exc), "status": exc.status},
+                    )
+        self._apply(self.gate.pause_done(outcome, self._loop.time()))
+        if self.gate.state is AppState.AWAKE:
+            self._marker.clear()  # nothing froze it: a restarted proxy need not resume first
+
+    def _reached(self) -> None:
+        if self.daemon == "unreachable":
+            log.info("the freeze-daemon is reachable again: the app is paused when idle")
+        self.daemon = "reachable"
+
+    def _unreachable(self, exc: DaemonError) -> None:
+        """No daemon takes the connection: said once, not at every retry."""
+        if self.daemon != "unreachable":
             log.warning(
-                "pause failed; the app stays awake and it is retried", extra={"err": str(exc)}
+                "the freeze-daemon is unreachable, so the app stays awake (unfrozen) and the "
+                "pause is retried with backoff; on a node without the DaemonSet (not labelled "
+                "knative.dev/container-runtime=containerd) that is expected, else check the "
+                "freeze-daemon pod on this node and --daemon-url",
+                extra={"err": str(exc)},
             )
-        self._apply(self.gate.pause_done(ok, self._loop.time()))
+        else:
+            log.debug("the freeze-daemon is still unreachable", extra={"err": str(exc)})
+        self.daemon = "unreachable"
 
     async def _resume(self) -> None:
         started = time.perf_counter()
@@ -175,10 +213,13 @@ class FreezeProxy:
             await self._client.resume(self._resume_timeout)
         except DaemonError as exc:
             self.counters.resume_failures += 1
+            if exc.unreachable:
+                self.daemon = "unreachable"
             self._apply(self.gate.resume_done(False, self._loop.time()))
             log.error("resume failed; waiting requests get 503", extra={"err": str(exc)})
             return
         took_ms = _ms_since(started)
+        self._reached()
         self._marker.clear()
         self.counters.resumes += 1
         self._apply(self.gate.resume_done(True, self._loop.time()))  # release the requests...
@@ -271,6 +312,11 @@ async def watch_backlog(
             log.exception("checking the app's accept queue failed", extra={"port": port})
 
 
+# A probe sends its request at once and reads a small answer: a connection that takes longer
+# (a client holding it open) is answered 408 and closed, so it cannot keep a task forever.
+HEALTH_TIMEOUT = 2.0
+
+
 def health_handler(
     proxy: FreezeProxy | None, stopping: asyncio.Event
 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
@@ -281,12 +327,23 @@ def health_handler(
         if proxy is not None:
             out.update(
                 state=proxy.gate.state.value,
+                daemon=proxy.daemon,
                 in_flight=proxy.gate.in_flight,
                 **vars(proxy.counters),
             )
         return out
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT):
+                await answer(reader, writer)
+        except TimeoutError:
+            if not writer.transport.get_write_buffer_size():  # not mid-answer to a slow reader
+                writer.write(http1.json_response(408, b'{"error": "no complete request in time"}'))
+        finally:
+            writer.close()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(http1.END_OF_HEAD)
             request = http1.parse_request(head[: -len(http1.END_OF_HEAD)])
@@ -300,8 +357,6 @@ def health_handler(
             pass
         except http1.HttpError as exc:
             writer.write(http1.json_response(exc.status, json.dumps({"error": str(exc)}).encode()))
-        finally:
-            writer.close()
 
     return handle
 
@@ -333,18 +388,21 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
     relay = Relay(*upstream_address(settings.upstream), admission)
     stopping = asyncio.Event()
+    # A wildcard host listens on every address family the pod has (IPv4, and IPv6 where it has
+    # it); asyncio skips a family the kernel lacks.
+    host, port = parse_listen(settings.listen)
     server = await loop.create_server(
-        relay.protocol, *parse_listen(settings.listen), reuse_address=True, backlog=1024
+        relay.protocol, bind_host(host), port, reuse_address=True, backlog=1024
     )
+    host, port = parse_listen(settings.health_listen, "--health-listen")
     health = await asyncio.start_server(
-        health_handler(proxy, stopping),
-        *parse_listen(settings.health_listen, "--health-listen"),
-        reuse_address=True,
+        health_handler(proxy, stopping), bind_host(host), port, reuse_address=True
     )
     log.info(
         "listening",
         extra={
             "listen": settings.listen,
+            "addresses": [host_port(*s.getsockname()[:2]) for s in server.sockets],
             "upstream": settings.upstream,
             "daemon_url": settings.daemon_url if settings.freeze else None,
             "grace_s": settings.grace,

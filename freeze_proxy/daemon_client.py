@@ -10,9 +10,11 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import quote, urlsplit
 
+from freeze_proxy.addresses import host_port
 from freeze_proxy.http1 import (
     CHUNKED,
     END_OF_HEAD,
@@ -27,13 +29,34 @@ log = logging.getLogger("freeze_proxy.daemon_client")
 
 
 class DaemonError(Exception):
-    """A pause or resume did not happen; the message names the cause and the fix."""
+    """A pause or resume did not happen (or may not have); the message names cause and fix.
+
+    ``sent``: the call may have reached the daemon, which may still carry it out (no answer came:
+    a timeout, a connection lost mid-call). Otherwise nothing was done: ``unreachable`` (no daemon
+    took the connection: a node without the DaemonSet, or a wrong URL), an error answer
+    (``status``), or the call could not be made (no token yet).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sent: bool = False,
+        status: int | None = None,
+        unreachable: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.sent = sent
+        self.status = status
+        self.unreachable = unreachable
 
 
 class FreezeClient(Protocol):
     """What the proxy needs from the node daemon."""
 
-    async def pause(self) -> None: ...
+    async def pause(self) -> None:
+        """Pause once; raise DaemonError (its ``sent`` says whether the app may be frozen)."""
+        ...
 
     async def resume(self, budget: float) -> None:
         """Resume, retrying with backoff for at most ``budget`` seconds; raise DaemonError."""
@@ -91,6 +114,19 @@ class TokenFile:
             await self.refresh()
 
 
+# Each call carries the time it was sent (CLOCK_MONOTONIC, shared by every container of a node,
+# so it keeps increasing across proxy restarts): the daemon refuses (409) a call older than one it
+# has already carried out for this pod, so a pause that arrives late (after its caller timed out
+# and resumed on another connection) cannot freeze an app the proxy believes awake. The daemon
+# reads it in daemon/ordering.py.
+SEQUENCE_HEADER = "Freeze-Sequence"
+
+
+@dataclass
+class _Progress:
+    sent: bool = False
+
+
 class HttpDaemonClient:
     """``POST /freeze`` and ``/thaw`` on the daemon, with header ``Token``, over one keep-alive
     connection (calls are serialized: the gate never overlaps a pause and a resume)."""
@@ -135,7 +171,12 @@ class HttpDaemonClient:
             except DaemonError as exc:
                 remaining = deadline - time.monotonic()
                 if remaining <= delay:
-                    raise DaemonError(f"resume failed after {attempt} attempts: {exc}") from exc
+                    raise DaemonError(
+                        f"resume failed after {attempt} attempts: {exc}",
+                        sent=exc.sent,
+                        status=exc.status,
+                        unreachable=exc.unreachable,
+                    ) from exc
                 log.warning("resume failed, retrying", extra={"attempt": attempt, "err": str(exc)})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
@@ -145,13 +186,25 @@ class HttpDaemonClient:
 
     async def _call(self, action: str, limit: float) -> None:
         url = f"{self._base}/{action}"
+        progress = _Progress()
         try:
             async with self._lock, asyncio.timeout(limit):
-                status, body = await self._exchange(self._paths[action])
+                status, body = await self._exchange(self._paths[action], progress)
         except (OSError, TimeoutError, EOFError, ValueError, HttpError) as exc:
+            what = (
+                f"did not answer within {limit:g} s" if isinstance(exc, TimeoutError) else "failed"
+            )
+            if progress.sent:
+                raise DaemonError(
+                    f"daemon at {url} {what} after receiving the call ({type(exc).__name__}: "
+                    f"{exc}); it may still carry it out",
+                    sent=True,
+                ) from exc
             raise DaemonError(
                 f"daemon at {url} unreachable ({type(exc).__name__}: {exc}); is the freeze-daemon "
-                "DaemonSet running on this node and is --daemon-url (HOST_IP) right?"
+                "DaemonSet running on this node (label knative.dev/container-runtime) and is "
+                "--daemon-url (HOST_IP) right?",
+                unreachable=True,
             ) from exc
         if status == 200:
             return
@@ -159,23 +212,28 @@ class HttpDaemonClient:
             # Maybe kubelet rotated the token a moment ago: re-read before the retry.
             await self._token.refresh()
         text = body[:500].decode(errors="replace")
-        raise DaemonError(f"daemon at {url} answered {status}: {text}")
+        raise DaemonError(f"daemon at {url} answered {status}: {text}", status=status)
 
-    async def _exchange(self, path: str) -> tuple[int, bytes]:
+    async def _exchange(self, path: str, progress: _Progress) -> tuple[int, bytes]:
         """One request/response; a stale pooled connection is replaced once (calls are
-        idempotent). Any failure drops the connection: its state is unknown."""
+        idempotent). Any failure drops the connection: its state is unknown. ``progress.sent``
+        is set once request bytes have left on a connection."""
         request = (
-            f"POST {path} HTTP/1.1\r\nHost: {self._host}:{self._port}\r\n"
-            f"Token: {self._token.token}\r\nContent-Length: 0\r\n\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {host_port(self._host, self._port)}\r\n"
+            f"Token: {self._token.token}\r\n"
+            f"{SEQUENCE_HEADER}: {time.monotonic_ns()}\r\nContent-Length: 0\r\n\r\n"
         ).encode()
         try:
             for attempt in (1, 2):
+                if self._conn is not None and self._conn[0].at_eof():
+                    self._drop()  # the daemon closed it while idle (a restart): never sent on
                 reused = self._conn is not None
                 if self._conn is None:
                     self._conn = await asyncio.open_connection(self._host, self._port)
                 reader, writer = self._conn
                 try:
                     writer.write(request)
+                    progress.sent = True
                     head = await reader.readuntil(END_OF_HEAD)
                 except (ConnectionError, asyncio.IncompleteReadError):
                     self._drop()

@@ -3,7 +3,10 @@
 No I/O and no clock of its own: the proxy feeds it events with the current time and carries out
 the decisions it returns. Its invariants, proven by ``tests/test_gate.py`` over random schedules:
 
-* a request is forwarded only while the app is known to be awake (a resume has completed);
+* a request is forwarded only while the app is known to be awake: a resume has completed, or no
+  call that may have frozen it has been made since (a pause that never reached the daemon, or
+  that it refused, leaves the app as it was);
+* a failed pause is retried with backoff, and requests in between do not shorten it;
 * a pause starts only when nothing is in flight and the app has been idle for ``grace`` seconds;
 * one idle period costs at most one pause, and a request arriving during the grace costs nothing;
 * a request arriving while a pause is in flight waits for it, then for a resume;
@@ -14,6 +17,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+
+
+class PauseOutcome(enum.Enum):
+    """What a pause call did to the app, as far as the proxy can tell."""
+
+    FROZEN = "frozen"  # the daemon answered: done
+    NOT_FROZEN = "not_frozen"  # it never reached a daemon, or the daemon refused: nothing changed
+    MAYBE_FROZEN = "maybe_frozen"  # sent but unanswered (a timeout): it may still be carried out
 
 
 class AppState(enum.Enum):
@@ -49,7 +60,10 @@ class Gate:
 
     __slots__ = (
         "_deadline",
+        "_frozen_before_pause",
+        "_last_depart",
         "_pause_backoff",
+        "_retry_at",
         "_started",
         "_stopped",
         "_timer_at",
@@ -81,6 +95,9 @@ class Gate:
         self._started = False  # the app has accepted connections: pausing is allowed
         self._stopped = False  # shutting down: never pause again
         self._pause_backoff = pause_retry
+        self._retry_at = 0.0  # after a failed pause, no new pause before this time
+        self._frozen_before_pause = False  # the app may have been frozen when the pause began
+        self._last_depart = float("-inf")  # when a request last left: a pause waits out its grace
 
     @property
     def may_forward(self) -> bool:
@@ -114,6 +131,7 @@ class Gate:
         self.in_flight -= 1
         if self.in_flight < 0:
             raise AssertionError("depart() without arrive()")
+        self._last_depart = now
         return self._idle_from(now, self.grace)
 
     def timer(self, now: float) -> Decision:
@@ -127,26 +145,37 @@ class Gate:
             return Decision(timer_at=deadline)
         return self._begin_pause()
 
-    def pause_done(self, ok: bool, now: float) -> Decision:
-        """The pause call returned (``ok=False``: it failed or its outcome is unknown)."""
+    def pause_done(self, outcome: PauseOutcome, now: float) -> Decision:
+        """The pause call returned, with what it did to the app."""
         if self.state is not AppState.PAUSING:
             raise AssertionError(f"pause_done() in state {self.state}")
-        if ok:
+        if outcome is PauseOutcome.FROZEN:
             self._pause_backoff = self.pause_retry
+            self._retry_at = 0.0
             self.state = AppState.FROZEN
             if self.in_flight or self._stopped:
                 self.state = AppState.RESUMING
                 return _RESUME
             return NOTHING
-        # The failed call may still have frozen the app (a timeout, say): it counts as frozen,
-        # so a request resumes it (a no-op if it is awake) before being forwarded. Retry later.
+        # Failed: retry later, and not sooner for requests in between.
+        delay = self._pause_backoff
+        self._pause_backoff = min(self._pause_backoff * 2, self.max_pause_backoff)
+        self._retry_at = now + delay
+        if outcome is PauseOutcome.NOT_FROZEN and not self._frozen_before_pause:
+            # Nothing happened to an awake app: waiters go ahead, no resume is owed.
+            self.state = AppState.AWAKE
+            if self.in_flight:
+                return _RELEASE
+            if self._stopped:
+                return NOTHING
+            return self._arm(self._retry_deadline())
+        # It may have frozen the app (or the app may have been frozen already): a request resumes
+        # it (a no-op if it is awake) before being forwarded.
         self.state = AppState.FROZEN
         if self.in_flight or self._stopped:
             self.state = AppState.RESUMING
             return _RESUME
-        delay = self._pause_backoff
-        self._pause_backoff = min(self._pause_backoff * 2, self.max_pause_backoff)
-        return self._arm(now + delay)
+        return self._arm(self._retry_deadline())
 
     def resume_done(self, ok: bool, now: float) -> Decision:
         """The resume call returned (after its own retries). ``ok=False``: waiters get refused."""
@@ -179,9 +208,15 @@ class Gate:
             return NOTHING
         if self.state is not AppState.AWAKE:
             return NOTHING
-        if delay <= 0:
+        deadline = max(now + delay, self._retry_at)
+        if deadline <= now:
             return self._begin_pause()
-        return self._arm(now + delay)
+        return self._arm(deadline)
+
+    def _retry_deadline(self) -> float:
+        """When a failed pause may be retried: after its backoff, and never within the grace of
+        a request that came and went while it was in flight."""
+        return max(self._retry_at, self._last_depart + self.grace)
 
     def _arm(self, deadline: float) -> Decision:
         self._deadline = deadline
@@ -192,5 +227,6 @@ class Gate:
 
     def _begin_pause(self) -> Decision:
         self._deadline = None
+        self._frozen_before_pause = self.state is AppState.FROZEN
         self.state = AppState.PAUSING
         return _PAUSE

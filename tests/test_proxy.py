@@ -150,8 +150,9 @@ async def test_transient_resume_failure_is_retried_within_the_budget(tmp_path: P
 
 
 async def test_failed_pause_leaves_the_app_serving(tmp_path: Path) -> None:
-    h = await start_harness(tmp_path)
-    h.daemon.fail_freeze = True
+    (tmp_path / "state").mkdir()
+    h = await start_harness(tmp_path, grace=0.2, state_file=tmp_path / "state" / "may-be-frozen")
+    h.daemon.fail_freeze = True  # before the first pause, due after the grace
     try:
         await asyncio.sleep(0.3)
         async with aiohttp.ClientSession() as s, s.get(h.proxy_url + "/x") as r:
@@ -159,6 +160,9 @@ async def test_failed_pause_leaves_the_app_serving(tmp_path: Path) -> None:
         async with aiohttp.ClientSession() as s, s.get(h.health_url) as r:
             health = await r.json()
         assert health["pause_failures"] >= 1
+        # An error answer means the daemon did nothing: no resume is owed before forwarding.
+        assert h.daemon.count("thaw") == 0, h.daemon.events
+        assert health["daemon"] == "reachable" and health["state"] == "awake", health
     finally:
         await h.close()
 
