@@ -32,7 +32,13 @@ from daemon.claims import (
 
 log = logging.getLogger("daemon.auth")
 
-ALGORITHMS = ("RS256", "ES256")
+# What the API server (or an external signer, KEP-740) can sign service-account tokens with.
+ALGORITHMS = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+)  # fmt: skip
+_RSA_ALGORITHMS = frozenset(a for a in ALGORITHMS if a[:2] in ("RS", "PS"))
+_EC_CURVES = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
+_OKP_CURVES = frozenset({"Ed25519", "Ed448"})
 REQUIRED_CLAIMS = ["exp", "iat", "nbf", "iss", "aud", "sub"]
 MAX_TOKEN_BYTES = 16 * 1024  # real tokens are ~1 KiB; anything huge is junk
 
@@ -130,6 +136,75 @@ class ApiServerJwks:
         return KeyDocument(jwks=document, issuer=issuer)
 
 
+def key_algorithms(entry: Mapping[str, Any]) -> frozenset[str]:
+    """The algorithms one JWKS entry may verify: those its key type allows (RSA: RS*/PS*, EC: the
+    one of its curve, OKP: EdDSA), narrowed to its ``alg`` when it states one. Empty for
+    symmetric (``oct``) and unknown keys: they are never used."""
+    kty, crv = entry.get("kty"), entry.get("crv")
+    allowed: frozenset[str] = frozenset()
+    if kty == "RSA":
+        allowed = _RSA_ALGORITHMS
+    elif kty == "EC" and isinstance(crv, str) and crv in _EC_CURVES:
+        allowed = frozenset({_EC_CURVES[crv]})
+    elif kty == "OKP" and crv in _OKP_CURVES:
+        allowed = frozenset({"EdDSA"})
+    stated = entry.get("alg")
+    if stated is None:
+        return allowed
+    return allowed & {stated} if isinstance(stated, str) else frozenset()
+
+
+def refuse_algorithm(alg: object) -> str | None:
+    """Why a token header's ``alg`` is refused before any key is looked at; None if allowed."""
+    if alg in ALGORITHMS:
+        return None
+    if not alg or (isinstance(alg, str) and alg.lower() == "none"):
+        return f"algorithm {alg!r} not allowed: the token is unsigned"
+    if isinstance(alg, str) and alg.upper().startswith("HS"):
+        return (
+            f"algorithm {alg!r} not allowed: symmetric (HMAC) signatures are never accepted; "
+            "service-account tokens are signed with the API server's private key"
+        )
+    return f"algorithm {alg!r} not allowed: only {', '.join(ALGORITHMS)}"
+
+
+class PublicKey:
+    """One usable JWKS entry: its key id, the algorithms it may verify, a PyJWK per algorithm."""
+
+    def __init__(self, entry: Mapping[str, Any]) -> None:
+        self.kid: str | None = entry.get("kid") if isinstance(entry.get("kid"), str) else None
+        self.algorithms = key_algorithms(entry)
+        if not self.algorithms:
+            raise ValueError(
+                f"no asymmetric algorithm of {', '.join(ALGORITHMS)} fits this key "
+                f"(kty {entry.get('kty')!r}, crv {entry.get('crv')!r}, alg {entry.get('alg')!r})"
+            )
+        self._entry = dict(entry)
+        self._built: dict[str, jwt.PyJWK] = {}
+        self.for_algorithm(min(self.algorithms))  # a malformed key fails here, at load time
+
+    def describe(self) -> str:
+        kind = self._entry.get("crv") or self._entry.get("kty")
+        return f"{kind}: {', '.join(sorted(self.algorithms))}"
+
+    def for_algorithm(self, alg: str) -> jwt.PyJWK:
+        """The key bound to ``alg``; TokenRefused when this key may not verify ``alg``."""
+        if alg not in self.algorithms:
+            raise TokenRefused(
+                f"algorithm {alg!r} not allowed for key {self.kid!r} ({self.describe()}): "
+                "the token was not signed by this cluster's service-account key"
+            )
+        key = self._built.get(alg)
+        if key is None:
+            entry = {k: v for k, v in self._entry.items() if k != "alg"}
+            try:
+                key = jwt.PyJWK(entry, algorithm=alg)
+            except (jwt.PyJWTError, TypeError, ValueError) as e:
+                raise ValueError(f"unusable key: {e}") from e
+            self._built[alg] = key
+        return key
+
+
 class KeyCache:
     """The current key set, refetched on an unknown kid at most once per ``refetch_interval``."""
 
@@ -145,7 +220,7 @@ class KeyCache:
         self._issuer = issuer
         self._interval = refetch_interval
         self._clock = clock
-        self._keys: dict[str | None, jwt.PyJWK] | None = None
+        self._keys: dict[str | None, PublicKey] | None = None
         self._last_fetch: float | None = None
         self._lock = asyncio.Lock()
         self.fetches = 0
@@ -154,28 +229,35 @@ class KeyCache:
         self._last_fetch = self._clock()
         self.fetches += 1
         document = await self._fetch()
-        keys: dict[str | None, jwt.PyJWK] = {}
+        keys: dict[str | None, PublicKey] = {}
         for entry in document.jwks.get("keys", []) if isinstance(document.jwks, Mapping) else []:
             try:
-                key = jwt.PyJWK(entry)
-            except (jwt.PyJWTError, TypeError, ValueError) as e:
+                if not isinstance(entry, Mapping):
+                    raise ValueError("not a JSON object")
+                key = PublicKey(entry)
+            except ValueError as e:
                 log.warning(
                     "skipping unusable key in JWKS", extra={"kid": _kid_of(entry), "error": str(e)}
                 )
                 continue
-            if key.algorithm_name in ALGORITHMS:
-                keys[key.key_id] = key
+            keys[key.kid] = key
         if not keys:
-            raise AuthUnavailable("the JWKS holds no usable RS256/ES256 key")
+            raise AuthUnavailable(
+                f"the JWKS holds no usable key (accepted: {', '.join(ALGORITHMS)}; "
+                "symmetric keys are never used)"
+            )
         if self._issuer is None:
             self._issuer = document.issuer
         self._keys = keys
-        log.info("loaded service-account keys", extra={"kids": sorted(str(k) for k in keys)})
+        log.info(
+            "loaded service-account keys",
+            extra={"keys": {str(kid): key.describe() for kid, key in keys.items()}},
+        )
 
     def _may_refetch(self) -> bool:
         return self._last_fetch is None or self._clock() - self._last_fetch >= self._interval
 
-    async def _ensure_loaded(self) -> dict[str | None, jwt.PyJWK]:
+    async def _ensure_loaded(self) -> dict[str | None, PublicKey]:
         if self._keys is None:
             async with self._lock:
                 if self._keys is None:
@@ -192,7 +274,7 @@ class KeyCache:
             raise AuthUnavailable("no issuer configured or discovered")
         return self._issuer
 
-    async def key(self, kid: str | None) -> jwt.PyJWK:
+    async def key(self, kid: str | None) -> PublicKey:
         """The public key for ``kid`` (a kid-less token only when the set has exactly one key)."""
         keys = await self._ensure_loaded()
         found = _pick(keys, kid)
@@ -214,7 +296,7 @@ def _kid_of(entry: object) -> object:
     return entry.get("kid") if isinstance(entry, dict) else None
 
 
-def _pick(keys: Mapping[str | None, jwt.PyJWK], kid: str | None) -> jwt.PyJWK | None:
+def _pick(keys: Mapping[str | None, PublicKey], kid: str | None) -> PublicKey | None:
     if kid is None:
         return next(iter(keys.values())) if len(keys) == 1 else None
     return keys.get(kid)
@@ -271,18 +353,20 @@ class JwtVerifier:
         except jwt.PyJWTError as e:
             raise TokenRefused(f"malformed token: {e}") from e
         alg = header.get("alg")
-        if alg not in ALGORITHMS:
-            raise TokenRefused(f"algorithm {alg!r} not allowed: only {', '.join(ALGORITHMS)}")
+        why = refuse_algorithm(alg)
+        if why is not None:
+            raise TokenRefused(why)
+        assert isinstance(alg, str)
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise TokenRefused("malformed token: kid is not a string")
-        key = await self._keys.key(kid)
+        key = (await self._keys.key(kid)).for_algorithm(alg)
         issuer = await self._keys.issuer()
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
                 key,
-                algorithms=list(ALGORITHMS),
+                algorithms=[alg],
                 audience=self.audience,
                 issuer=issuer,
                 leeway=self._leeway,

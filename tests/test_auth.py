@@ -27,6 +27,7 @@ from daemon.auth import (
     KubernetesTokenReview,
     PodTokenAuthenticator,
     TokenReviewer,
+    key_algorithms,
 )
 from daemon.claims import Identity, TokenRefused
 from testbed.tokens import (
@@ -36,6 +37,7 @@ from testbed.tokens import (
     jwks,
     mint_token,
     new_ec_key,
+    new_key,
     new_rsa_key,
     review_status,
     write_jwks,
@@ -181,6 +183,66 @@ async def test_tampered_pod_uid(rsa_key: SigningKey) -> None:
     claims["kubernetes.io"]["pod"]["uid"] = OTHER_UID
     body = b64(json.dumps(claims).encode())
     assert "bad signature" in await refused(verifier(rsa_key).verify(f"{head}.{body}.{sig}"))
+
+
+KUBERNETES_ALGORITHMS = [
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("jwk_states_alg", [True, False], ids=["alg-in-jwk", "no-alg-in-jwk"])
+@pytest.mark.parametrize("alg", [*KUBERNETES_ALGORITHMS, "EdDSA-Ed448"])
+async def test_every_asymmetric_signing_algorithm_verifies(alg: str, jwk_states_alg: bool) -> None:
+    """An API server (or external signer) signing with any asymmetric JWS algorithm works."""
+    key = new_key(alg)
+    fetch = StaticKeys(key)
+    if not jwk_states_alg:
+        for entry in fetch.document.jwks["keys"]:
+            entry.pop("alg")
+    claims = await JwtVerifier(KeyCache(fetch, issuer=DEFAULT_ISSUER)).verify(
+        mint_token(key, **POD)
+    )
+    assert claims["kubernetes.io"]["pod"]["uid"] == UID
+
+
+async def test_token_alg_must_match_the_alg_the_jwks_states() -> None:
+    """A PS256 token under a kid the JWKS publishes as RS256 is refused (no alg switching)."""
+    key = new_key("RS256")
+    ps = SigningKey(kid=key.kid, algorithm="PS256", private_key=key.private_key)
+    reason = await refused(verifier(key).verify(mint_token(ps, **POD)))
+    assert "PS256" in reason and "RS256" in reason
+
+
+async def test_curve_decides_the_ec_algorithm_when_the_jwks_states_none() -> None:
+    key = new_key("ES384")
+    fetch = StaticKeys(key)
+    fetch.document.jwks["keys"][0].pop("alg")
+    token = forge({"alg": "ES256", "kid": key.kid}, payload(mint_token(key, **POD)), b"x" * 64)
+    reason = await refused(JwtVerifier(KeyCache(fetch, issuer=DEFAULT_ISSUER)).verify(token))
+    assert "ES256" in reason and "P-384" in reason
+
+
+@pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512"])
+async def test_symmetric_algorithms_are_refused_with_the_reason(
+    rsa_key: SigningKey, alg: str
+) -> None:
+    claims = payload(mint_token(rsa_key, **POD))
+    token = forge({"alg": alg, "kid": rsa_key.kid}, claims, b"x" * 32)
+    reason = await refused(verifier(rsa_key).verify(token))
+    assert "not allowed" in reason and "symmetric" in reason
+
+
+async def test_unsigned_token_is_refused_with_the_reason(rsa_key: SigningKey) -> None:
+    token = forge({"alg": "none", "kid": rsa_key.kid}, payload(mint_token(rsa_key, **POD)))
+    reason = await refused(verifier(rsa_key).verify(token))
+    assert "not allowed" in reason and "unsigned" in reason
+
+
+async def test_keys_of_every_algorithm_load_from_one_jwks() -> None:
+    keys = [new_key(alg) for alg in KUBERNETES_ALGORITHMS]
+    v = verifier(*keys)
+    for key in keys:
+        assert await v.verify(mint_token(key, **POD)), key.algorithm
 
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE", ""])
@@ -721,3 +783,29 @@ async def test_refused_tokens_are_not_cached_as_good(rsa_key: SigningKey) -> Non
     bad = mint_token(rsa_key, **POD, audience="other")
     for _ in range(2):
         assert "wrong audience" in await refused(v.verify(bad))
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ({"kty": "RSA"}, {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
+        ({"kty": "RSA", "alg": "PS384"}, {"PS384"}),
+        ({"kty": "RSA", "alg": "ES256"}, set()),
+        ({"kty": "RSA", "alg": "HS256"}, set()),
+        ({"kty": "EC", "crv": "P-256"}, {"ES256"}),
+        ({"kty": "EC", "crv": "P-384"}, {"ES384"}),
+        ({"kty": "EC", "crv": "P-521"}, {"ES512"}),
+        ({"kty": "EC", "crv": "P-521", "alg": "ES256"}, set()),
+        ({"kty": "EC", "crv": "secp256k1"}, set()),
+        ({"kty": "EC"}, set()),
+        ({"kty": "OKP", "crv": "Ed25519"}, {"EdDSA"}),
+        ({"kty": "OKP", "crv": "Ed448", "alg": "EdDSA"}, {"EdDSA"}),
+        ({"kty": "OKP", "crv": "X25519"}, set()),
+        ({"kty": "oct", "k": "c2VjcmV0"}, set()),
+        ({"kty": "oct", "alg": "HS256"}, set()),
+        ({}, set()),
+        ({"kty": "RSA", "alg": 5}, set()),
+    ],
+)
+def test_key_algorithms(entry: dict[str, Any], expected: set[str]) -> None:
+    assert key_algorithms(entry) == expected
