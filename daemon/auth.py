@@ -251,7 +251,10 @@ class KeyCache:
         self._keys = keys
         log.info(
             "loaded service-account keys",
-            extra={"keys": {str(kid): key.describe() for kid, key in keys.items()}},
+            extra={
+                "kids": sorted(str(k) for k in keys),
+                "algorithms": {str(kid): key.describe() for kid, key in keys.items()},
+            },
         )
 
     def _may_refetch(self) -> bool:
