@@ -29,6 +29,7 @@ from daemon.claims import (
     identity_from_review,
     same_pod,
 )
+from freeze_proxy.durations import format_duration
 
 log = logging.getLogger("daemon.auth")
 
@@ -44,13 +45,31 @@ MAX_TOKEN_BYTES = 16 * 1024  # real tokens are ~1 KiB; anything huge is junk
 
 
 class AuthUnavailable(Exception):
-    """The token could not be checked right now (key fetch or TokenReview failed): answered 503."""
+    """The token could not be checked right now (key fetch or TokenReview failed): answered 503.
+
+    ``str(e)`` is the detail for the daemon's log (it may quote the API server); ``cause`` is
+    what an unauthenticated caller is told.
+    """
+
+    def __init__(
+        self, detail: str, *, cause: str = "the token cannot be checked right now"
+    ) -> None:
+        super().__init__(detail)
+        self.cause = cause
+
+
+_KEYS_CAUSE = "the cluster's service-account keys cannot be loaded right now"
+_REVIEW_CAUSE = "the API server's TokenReview is unavailable"
 
 
 class Authenticator(Protocol):
-    """What the HTTP layer needs: a token in, the verified pod out (or TokenRefused)."""
+    """What the HTTP layer needs: a token in, the verified pod out (or TokenRefused).
 
-    async def authenticate(self, token: str) -> Identity: ...
+    ``thaw`` says the caller wants to thaw: that (safe) direction may proceed on a locally
+    verified token while TokenReview is unavailable (see PodTokenAuthenticator).
+    """
+
+    async def authenticate(self, token: str, *, thaw: bool = False) -> Identity: ...
 
 
 # --------------------------------------------------------------------------- keys
@@ -83,7 +102,9 @@ class JwksFile:
         try:
             return await asyncio.to_thread(self._read)
         except (OSError, ValueError) as e:
-            raise AuthUnavailable(f"cannot read JWKS file {self.path}: {e}") from e
+            raise AuthUnavailable(
+                f"cannot read JWKS file {self.path}: {e}", cause=_KEYS_CAUSE
+            ) from e
 
 
 HeaderSource = Callable[[], Awaitable[Mapping[str, str]]]
@@ -118,10 +139,14 @@ class ApiServerJwks:
             ) as resp:
                 if resp.status != 200:
                     body = (await resp.text())[:200]
-                    raise AuthUnavailable(f"GET {url} answered {resp.status}: {body}")
+                    raise AuthUnavailable(
+                        f"GET {url} answered {resp.status}: {body}", cause=_KEYS_CAUSE
+                    )
                 return await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-            raise AuthUnavailable(f"GET {url} failed: {e or type(e).__name__}") from e
+            raise AuthUnavailable(
+                f"GET {url} failed: {e or type(e).__name__}", cause=_KEYS_CAUSE
+            ) from e
 
     async def __call__(self) -> KeyDocument:
         issuer: str | None = None
@@ -129,10 +154,12 @@ class ApiServerJwks:
             discovery = await self._get_json("/.well-known/openid-configuration")
             issuer = discovery.get("issuer") if isinstance(discovery, dict) else None
             if not isinstance(issuer, str) or not issuer:
-                raise AuthUnavailable("the API server's OIDC discovery document has no issuer")
+                raise AuthUnavailable(
+                    "the API server's OIDC discovery document has no issuer", cause=_KEYS_CAUSE
+                )
         document = await self._get_json("/openid/v1/jwks")
         if not isinstance(document, dict):
-            raise AuthUnavailable("the API server's JWKS is not a JSON object")
+            raise AuthUnavailable("the API server's JWKS is not a JSON object", cause=_KEYS_CAUSE)
         return KeyDocument(jwks=document, issuer=issuer)
 
 
@@ -244,7 +271,8 @@ class KeyCache:
         if not keys:
             raise AuthUnavailable(
                 f"the JWKS holds no usable key (accepted: {', '.join(ALGORITHMS)}; "
-                "symmetric keys are never used)"
+                "symmetric keys are never used)",
+                cause=_KEYS_CAUSE,
             )
         if self._issuer is None:
             self._issuer = document.issuer
@@ -265,7 +293,9 @@ class KeyCache:
             async with self._lock:
                 if self._keys is None:
                     if not self._may_refetch():
-                        raise AuthUnavailable("service-account keys unavailable; retrying soon")
+                        raise AuthUnavailable(
+                            "service-account keys unavailable; retrying soon", cause=_KEYS_CAUSE
+                        )
                     await self._refresh()
         assert self._keys is not None
         return self._keys
@@ -274,7 +304,7 @@ class KeyCache:
         """The expected ``iss``: as configured, else as discovered with the keys."""
         await self._ensure_loaded()
         if self._issuer is None:
-            raise AuthUnavailable("no issuer configured or discovered")
+            raise AuthUnavailable("no issuer configured or discovered", cause=_KEYS_CAUSE)
         return self._issuer
 
     async def key(self, kid: str | None) -> PublicKey:
@@ -414,8 +444,11 @@ _Outcome = Identity | TokenRefused
 class TokenReviewer:
     """TokenReview with a cache keyed by sha256(token), so repeat callers make no API call.
 
-    An entry lives until min(token exp, now + ttl); refusals are cached the same way (a token
-    the API server invalidated stays invalid). Concurrent reviews of one token share one call.
+    A confirmation lives until min(token exp, now + ttl); a refusal only ``refusal_ttl`` (the
+    API server answers ``authenticated: false`` for transient failures too, and a refusal
+    cached for the whole TTL would lock a pod out that long). A failed call is not cached, but
+    remembered as an outage (``outage``) until a call succeeds. Concurrent reviews of one token
+    share one call.
     """
 
     def __init__(
@@ -424,12 +457,15 @@ class TokenReviewer:
         *,
         audience: str = "freeze",
         ttl: float = 30.0,
+        refusal_ttl: float = 2.0,
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._call = call
         self.audience = audience
         self._ttl = ttl
+        self._refusal_ttl = refusal_ttl
+        self._failing_since: float | None = None
         self._max = max_entries
         self._clock = clock
         self._cache: dict[bytes, tuple[float, _Outcome]] = {}
@@ -438,6 +474,12 @@ class TokenReviewer:
 
     def __len__(self) -> int:
         return len(self._cache)
+
+    def outage(self) -> float | None:
+        """Seconds since TokenReview calls began failing (None: the last call got an answer)."""
+        if self._failing_since is None:
+            return None
+        return max(0.0, self._clock() - self._failing_since)
 
     async def review(self, token: str, *, expires_at: float | None = None) -> Identity:
         """The pod the API server says ``token`` belongs to; TokenRefused if it does not."""
@@ -465,16 +507,23 @@ class TokenReviewer:
         self.calls += 1
         try:
             status = await self._call(token, [self.audience])
-        except AuthUnavailable:
-            raise
         except Exception as e:
-            raise AuthUnavailable(f"TokenReview failed: {e or type(e).__name__}") from e
+            if self._failing_since is None:
+                self._failing_since = self._clock()
+            if isinstance(e, AuthUnavailable):
+                e.cause = _REVIEW_CAUSE
+                raise
+            raise AuthUnavailable(
+                f"TokenReview failed: {e or type(e).__name__}", cause=_REVIEW_CAUSE
+            ) from e
+        self._failing_since = None
         outcome: _Outcome
         try:
             outcome = identity_from_review(status, audience=self.audience)
         except TokenRefused as refused:
             outcome = refused
-        deadline = self._clock() + self._ttl
+        ttl = self._refusal_ttl if isinstance(outcome, TokenRefused) else self._ttl
+        deadline = self._clock() + ttl
         if expires_at is not None:
             deadline = min(deadline, expires_at)
         self._store(digest, deadline, outcome)
@@ -522,7 +571,9 @@ class KubernetesTokenReview:
                     " (the daemon's service account needs 'create tokenreviews': apply "
                     "config/200-tokenreview-rbac.yaml)"
                 )
-            raise AuthUnavailable(f"TokenReview answered {e.status} {e.reason}{hint}") from e
+            raise AuthUnavailable(
+                f"TokenReview answered {e.status} {e.reason}{hint}", cause=_REVIEW_CAUSE
+            ) from e
         status = result.status
         return dict(status.to_dict()) if status is not None else {}
 
@@ -531,13 +582,30 @@ class KubernetesTokenReview:
 
 
 class PodTokenAuthenticator:
-    """Local JWT check first (free), then the cached TokenReview; both must name the same pod."""
+    """Local JWT check first (free), then the cached TokenReview; both must name the same pod.
 
-    def __init__(self, verifier: JwtVerifier, reviewer: TokenReviewer | None) -> None:
+    While TokenReview is unavailable (the API server is down or unreachable), a *thaw* may
+    proceed on the local check alone (signature against the last loaded keys, issuer,
+    audience, exp/nbf, pod claims) for the first ``outage_thaw_grace`` seconds of the outage:
+    thawing is the safe direction (a frozen pod whose wake fails stays down), and the worst an
+    unreviewed token can do is thaw its own pod early (e.g. a deleted pod's token, not yet
+    expired). Freezing always needs a review. 0 turns this off.
+    """
+
+    def __init__(
+        self,
+        verifier: JwtVerifier,
+        reviewer: TokenReviewer | None,
+        *,
+        outage_thaw_grace: float = 300.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._verifier = verifier
         self._reviewer = reviewer
+        self._grace = outage_thaw_grace
+        self._clock = clock
 
-    async def authenticate(self, token: str) -> Identity:
+    async def authenticate(self, token: str, *, thaw: bool = False) -> Identity:
         token = token.strip()
         if token[:7].lower() == "bearer ":
             token = token[7:].strip()
@@ -550,9 +618,26 @@ class PodTokenAuthenticator:
         if self._reviewer is None:
             return local
         exp = claims.get("exp")
-        reviewed = await self._reviewer.review(
-            token, expires_at=float(exp) if isinstance(exp, int | float) else None
-        )
+        try:
+            reviewed = await self._reviewer.review(
+                token, expires_at=float(exp) if isinstance(exp, int | float) else None
+            )
+        except AuthUnavailable as e:
+            outage = self._reviewer.outage()
+            if not thaw or self._grace <= 0 or outage is None or outage > self._grace:
+                raise
+            log.warning(
+                "thawing on a locally verified token: TokenReview unavailable",
+                extra={
+                    "pod_uid": local.pod_uid,
+                    "pod_name": local.pod_name,
+                    "namespace": local.namespace,
+                    "outage": format_duration(outage),
+                    "grace": format_duration(self._grace),
+                    "error": str(e),
+                },
+            )
+            return local
         return same_pod(local, reviewed)
 
 

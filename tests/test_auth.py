@@ -809,3 +809,83 @@ async def test_refused_tokens_are_not_cached_as_good(rsa_key: SigningKey) -> Non
 )
 def test_key_algorithms(entry: dict[str, Any], expected: set[str]) -> None:
     assert key_algorithms(entry) == expected
+
+
+# ------------------------------------------------------------------ API server outages
+
+
+async def test_denial_is_cached_only_briefly() -> None:
+    """A transient ``authenticated: false`` must not lock a pod out for the whole review TTL."""
+    fake, clock = FakeReview({"authenticated": False, "error": "etcd timed out"}), FakeClock()
+    reviewer = TokenReviewer(fake, ttl=30, refusal_ttl=2, clock=clock)
+    await refused(reviewer.review("tok", expires_at=clock.now + 600))
+    clock.now += 1.5
+    await refused(reviewer.review("tok", expires_at=clock.now + 600))
+    assert len(fake.calls) == 1
+    fake.status = review_status(**POD)  # the API server recovered
+    clock.now += 1
+    assert (await reviewer.review("tok", expires_at=clock.now + 600)).pod_uid == UID
+    assert len(fake.calls) == 2
+
+
+def outage_authenticator(
+    key: SigningKey, fake: FakeReview, clock: FakeClock, grace: float = 300
+) -> PodTokenAuthenticator:
+    reviewer = TokenReviewer(fake, ttl=30, clock=clock)
+    return PodTokenAuthenticator(verifier(key), reviewer, outage_thaw_grace=grace, clock=clock)
+
+
+async def test_thaw_proceeds_on_a_verified_token_while_reviews_fail(rsa_key: SigningKey) -> None:
+    fake, clock = FakeReview(), FakeClock(time.time())
+    auth = outage_authenticator(rsa_key, fake, clock)
+    token = mint_token(rsa_key, **POD)
+    fake.fail = ConnectionRefusedError("connection refused")
+    ident = await auth.authenticate(token, thaw=True)
+    assert ident == Identity(UID, "cart-1", "shop", "default")
+    with pytest.raises(AuthUnavailable):  # freezing still needs a review
+        await auth.authenticate(token)
+    # Junk is still refused during the outage: only the review is skipped, never the signature.
+    await refused(auth.authenticate(mint_token(new_rsa_key(), **POD), thaw=True))
+    await refused(auth.authenticate(mint_token(rsa_key, **POD, audience="x"), thaw=True))
+
+
+async def test_outage_thaws_are_bounded_by_the_grace(rsa_key: SigningKey) -> None:
+    fake, clock = FakeReview(), FakeClock(time.time())
+    auth = outage_authenticator(rsa_key, fake, clock, grace=300)
+    token = mint_token(rsa_key, **POD, lifetime=3600)
+    fake.fail = ConnectionRefusedError("connection refused")
+    clock.now += 10
+    assert await auth.authenticate(token, thaw=True)  # the outage starts here
+    clock.now += 299
+    assert await auth.authenticate(token, thaw=True)
+    clock.now += 2
+    with pytest.raises(AuthUnavailable):
+        await auth.authenticate(token, thaw=True)
+    fake.fail = None  # a successful review ends the outage; a later one gets a fresh grace
+    assert await auth.authenticate(token, thaw=True)
+    clock.now += 31
+    fake.fail = ConnectionRefusedError("connection refused")
+    assert await auth.authenticate(token, thaw=True)
+
+
+async def test_outage_grace_zero_never_thaws_unreviewed(rsa_key: SigningKey) -> None:
+    fake, clock = FakeReview(), FakeClock(time.time())
+    auth = outage_authenticator(rsa_key, fake, clock, grace=0)
+    fake.fail = ConnectionRefusedError("connection refused")
+    with pytest.raises(AuthUnavailable):
+        await auth.authenticate(mint_token(rsa_key, **POD), thaw=True)
+
+
+async def test_a_review_denial_is_no_outage(rsa_key: SigningKey) -> None:
+    fake = FakeReview({"authenticated": False, "error": "token has been invalidated"})
+    auth = outage_authenticator(rsa_key, fake, FakeClock(time.time()))
+    assert "invalidated" in await refused(auth.authenticate(mint_token(rsa_key, **POD), thaw=True))
+
+
+async def test_unavailable_says_a_generic_cause_and_keeps_the_detail() -> None:
+    fake = FakeReview()
+    fake.fail = AuthUnavailable("TokenReview answered 500 Internal Server Error: etcd at 10.0.0.3")
+    with pytest.raises(AuthUnavailable) as info:
+        await TokenReviewer(fake).review("tok")
+    assert "10.0.0.3" in str(info.value) and "10.0.0.3" not in info.value.cause
+    assert "TokenReview" in info.value.cause
