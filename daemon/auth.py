@@ -55,9 +55,10 @@ class AuthUnavailable(Exception):
         self, detail: str, *, cause: str = "the token cannot be checked right now"
     ) -> None:
         super().__init__(detail)
-        self.cause = cause
+        self.cause = cause or _DEFAULT_CAUSE
 
 
+_DEFAULT_CAUSE = "the token cannot be checked right now"
 _KEYS_CAUSE = "the cluster's service-account keys cannot be loaded right now"
 _REVIEW_CAUSE = "the API server's TokenReview is unavailable"
 
@@ -511,7 +512,8 @@ class TokenReviewer:
             if self._failing_since is None:
                 self._failing_since = self._clock()
             if isinstance(e, AuthUnavailable):
-                e.cause = _REVIEW_CAUSE
+                if e.cause == _DEFAULT_CAUSE:
+                    e.cause = _REVIEW_CAUSE
                 raise
             raise AuthUnavailable(
                 f"TokenReview failed: {e or type(e).__name__}", cause=_REVIEW_CAUSE
@@ -545,6 +547,12 @@ def _unwrap(outcome: _Outcome) -> Identity:
     return outcome
 
 
+_RBAC_HINT = (
+    "the daemon's service account needs 'create tokenreviews': apply "
+    "config/200-tokenreview-rbac.yaml"
+)
+
+
 class KubernetesTokenReview:
     """The real ReviewCall: POST /apis/authentication.k8s.io/v1/tokenreviews (kubernetes.aio)."""
 
@@ -565,14 +573,12 @@ class KubernetesTokenReview:
         try:
             result = await self._api.create_token_review(body, _request_timeout=self._timeout)
         except client.ApiException as e:
-            hint = ""
+            hint, cause = "", _REVIEW_CAUSE
             if e.status in (401, 403):
-                hint = (
-                    " (the daemon's service account needs 'create tokenreviews': apply "
-                    "config/200-tokenreview-rbac.yaml)"
-                )
+                hint = f" ({_RBAC_HINT})"
+                cause = f"the daemon may not create TokenReviews ({_RBAC_HINT})"
             raise AuthUnavailable(
-                f"TokenReview answered {e.status} {e.reason}{hint}", cause=_REVIEW_CAUSE
+                f"TokenReview answered {e.status} {e.reason}{hint}", cause=cause
             ) from e
         status = result.status
         return dict(status.to_dict()) if status is not None else {}
