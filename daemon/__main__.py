@@ -129,6 +129,9 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
          "limited; 0: no limit")  # fmt: skip
     flag("--refusal-burst", "FREEZE_DAEMON_REFUSAL_BURST", f"{limits.refusal_burst:g}", burst,
          "refused tokens a source may send at once before --refusal-rate applies")  # fmt: skip
+    flag("--refusal-delay", "FREEZE_DAEMON_REFUSAL_DELAY", f"{limits.refusal_delay:g}s",
+         _duration, "a caller over --refusal-rate waits up to this long for its 429 (at most "
+         "64 at once): a flooding loop slows to one request per wait; 0: at once")  # fmt: skip
     flag("--freeze-rate", "FREEZE_DAEMON_FREEZE_RATE", f"{limits.freeze_rate:g}", rate,
          "freezes that change a pod's state, per second per pod; beyond it 429 and the pod "
          "stays thawed; thaws are never limited; 0: no limit")  # fmt: skip
@@ -258,6 +261,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
             freeze_rate=args.freeze_rate,
             freeze_burst=args.freeze_burst,
             body_timeout=args.body_timeout,
+            refusal_delay=args.refusal_delay,
         ),
         server=ServerLimits(
             max_connections=args.max_connections,

@@ -70,6 +70,26 @@ class _FreezeLimited(Exception):
         self.retry_after = retry_after
 
 
+class _Tarpit:
+    """A rate-limited caller waits for its 429 (until a token is due, at most ``longest``): a
+    flooding loop then sends one request per wait instead of thousands a second. At most
+    ``room`` callers wait at once (they hold connections); beyond that the 429 is immediate."""
+
+    def __init__(self, longest: float, room: int = 64) -> None:
+        self._room = room
+        self._longest = longest
+        self._waiting = 0
+
+    async def hold(self, seconds: float) -> None:
+        if self._waiting >= self._room or seconds <= 0:
+            return
+        self._waiting += 1
+        try:
+            await asyncio.sleep(min(seconds, self._longest))
+        finally:
+            self._waiting -= 1
+
+
 class _Throttled:
     """A log line at most once per ``every`` seconds, with how many were left out meanwhile."""
 
@@ -114,6 +134,7 @@ POD_LOCKS = web.AppKey("pod_locks", _PodLocks)
 ADMISSION = web.AppKey("admission", Admission)
 POD_STATES = web.AppKey("pod_states", PodStates)
 _LIMITED_LOG = web.AppKey("limited_log", _Throttled)
+_TARPIT = web.AppKey("tarpit", _Tarpit)
 
 
 def _error(
@@ -300,6 +321,7 @@ async def _authenticate(
         request.app[_LIMITED_LOG].log(
             log, logging.WARNING, "refused tokens rate-limited", remote=source, outcome="limited"
         )
+        await request.app[_TARPIT].hold(ticket.retry_after)
         return _error(
             429,
             f"too many refused tokens from {source}: at most "
@@ -439,6 +461,7 @@ def make_app(
     app[ADMISSION] = Admission(limits or LimitSettings())
     app[POD_STATES] = PodStates()
     app[_LIMITED_LOG] = _Throttled()
+    app[_TARPIT] = _Tarpit(app[ADMISSION].settings.refusal_delay)
     app.router.add_post("/freeze", _freeze)
     app.router.add_post("/thaw", _thaw)
     app.router.add_post("/", _knative)

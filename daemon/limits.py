@@ -197,6 +197,7 @@ class LimitSettings:
     freeze_rate: float = 1.0  # freezes that change a pod's state, per second and pod (0: none)
     freeze_burst: float = 10.0
     body_timeout: float = 5.0  # seconds to read a request body
+    refusal_delay: float = 1.0  # a caller over the refusal rate waits this long for its 429
 
 
 @dataclass(frozen=True, slots=True)

@@ -737,14 +737,18 @@ async def test_freezes_are_rate_limited_per_pod_thaws_never(
 async def test_a_flood_of_bad_tokens_never_blocks_a_good_one(
     key: SigningKey, runtime: FakeRuntime
 ) -> None:
-    client = await limited_client(key, runtime, refusal_rate=0.01, refusal_burst=5)
+    client = await limited_client(
+        key, runtime, refusal_rate=0.01, refusal_burst=5, refusal_delay=0.2
+    )
     try:
         good = tok(key)
         assert (await call(client, "POST", "/thaw", headers=good))[0] == 200
         statuses = []
-        for token in ["junk", mint_token(new_rsa_key(), **ABSENT)] * 10:
+        started = time.monotonic()
+        for token in ["junk", mint_token(new_rsa_key(), **ABSENT)] * 5:
             statuses.append((await call(client, "POST", "/freeze", headers={"Token": token}))[0])
         assert statuses[:5] == [403] * 5 and set(statuses[5:]) == {429}
+        assert time.monotonic() - started >= 5 * 0.2  # each 429 made its caller wait
         # The flooded source (every pod of a node shares one behind hostPort's SNAT) still thaws
         # with a known token, and with a freshly rotated token of a pod known here.
         assert (await call(client, "POST", "/freeze", headers=good))[0] == 200
