@@ -194,8 +194,8 @@ class LimitSettings:
 
     refusal_rate: float = 10.0  # refused tokens per second and source (0: no limit)
     refusal_burst: float = 20.0
-    freeze_rate: float = 1.0  # freezes that change a pod's state, per second and pod (0: none)
-    freeze_burst: float = 10.0
+    freeze_rate: float = 5.0  # freezes that change a pod's state, per second and pod (0: none)
+    freeze_burst: float = 20.0
     body_timeout: float = 5.0  # seconds to read a request body
     refusal_delay: float = 1.0  # a caller over the refusal rate waits this long for its 429
 

@@ -8,8 +8,9 @@ the process has file descriptors. Here every connection is tracked:
 - an idle keep-alive connection is closed after ``idle_timeout`` (aiohttp's keep-alive timer);
 - an unread request body is drained for at most ``body_timeout`` after the answer;
 - at ``max_connections`` a new connection evicts the oldest one that is not being answered
-  (idle, or still sending its head), so held connections cannot lock a pod's wake out; when
-  every connection is being answered, the new one is closed at once.
+  (idle, or still sending its head) and is older than ``PROTECT`` (0.1 s: time to send a first
+  request), so held connections cannot lock a pod's wake out; when there is none, the new one
+  is closed at once (the proxy retries a resume).
 """
 
 from __future__ import annotations
@@ -43,12 +44,16 @@ class ServerLimits:
 _IDLE, _HEAD, _BUSY = "idle", "head", "busy"
 
 
+PROTECT = 0.1  # seconds a new connection cannot be evicted (it is sending its first request)
+
+
 class _Conn:
-    __slots__ = ("deadline", "since", "state", "timer", "transport")
+    __slots__ = ("deadline", "opened", "since", "state", "timer", "transport")
 
     def __init__(self, transport: asyncio.Transport, now: float) -> None:
         self.transport = transport
         self.state = _IDLE
+        self.opened = now
         self.since = now
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
@@ -77,10 +82,15 @@ class ConnectionGuard:
         """Register a new connection; False when it must be closed at once (all busy)."""
         now = time.monotonic()
         if len(self._conns) >= self.limits.max_connections:
-            waiting = [c for c in self._conns.values() if c.state != _BUSY]
+            # A connection gets PROTECT seconds to send its head before it may be evicted:
+            # without that, a burst of reconnects accepted in one loop turn could evict a new
+            # connection before its first bytes are read.
+            waiting = [
+                c for c in self._conns.values() if c.state != _BUSY and now - c.opened >= PROTECT
+            ]
             if not waiting:
                 self.rejected += 1
-                self._warn("connection limit reached: every connection is being answered")
+                self._warn("connection limit reached: every connection is busy or brand new")
                 return False
             victim = min(waiting, key=lambda c: c.since)
             self.evicted += 1
