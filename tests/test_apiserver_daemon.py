@@ -28,6 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -100,6 +101,10 @@ def _apply(api: ApiServer, manifest: dict[str, Any]) -> None:
 @pytest.fixture(scope="module")
 def cluster(apiserver: ApiServer) -> Cluster:
     """The add-on's TokenReview RBAC applied as shipped, plus a namespace for the test pods."""
+    return _prepare(apiserver)
+
+
+def _prepare(apiserver: ApiServer) -> Cluster:
     # Idempotent: other tests may install (parts of) config/ into the same API server.
     _apply(
         apiserver,
@@ -609,4 +614,67 @@ async def test_thaw_survives_an_api_server_outage_freeze_does_not(
         assert await thawed_and_ticking(pod)
     finally:
         forwarder.close()
+        assert _stop(proc) == 0, daemon.log_file.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def es384_cluster(
+    k8s_binaries: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """A second kube-apiserver whose service-account signing key is an EC P-384 key: it signs
+    every token with ES384 (the shared one uses RSA, RS256)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    keys = tmp_path_factory.mktemp("es384-keys")
+    private = ec.generate_private_key(ec.SECP384R1())
+    (keys / "sa.key").write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (keys / "sa.pub").write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    api = ApiServer(
+        etcd_bin=k8s_binaries["etcd"],
+        apiserver_bin=k8s_binaries["kube-apiserver"],
+        kubectl_bin=k8s_binaries["kubectl"],
+        extra_args=[
+            f"--service-account-signing-key-file={keys / 'sa.key'}",
+            f"--service-account-key-file={keys / 'sa.pub'}",
+        ],
+    )
+    api.start()
+    try:
+        yield _prepare(api)
+    finally:
+        api.stop()
+
+
+async def test_es384_tokens_of_a_real_api_server_are_accepted(
+    es384_cluster: Cluster, tmp_path: Path
+) -> None:
+    """The real daemon, keys from a real API server that signs with ES384, a real TokenReview:
+    the token proves its pod (404: that pod runs nowhere on this node). Before, every call of
+    such a cluster was refused ('algorithm ES384 not allowed')."""
+    uid = es384_cluster.create_pod("es384")
+    token = es384_cluster.pod_token("es384", uid)
+    assert jwt.get_unverified_header(token)["alg"] == "ES384"
+    kubeconfig = service_account_kubeconfig(
+        es384_cluster.api, "knative-serving", "freeze-tokenreview", tmp_path / "kubeconfig"
+    )
+    nowhere: Any = SimpleNamespace(socket=tmp_path / "no-containerd.sock", namespace="k8s.io")
+    proc, daemon = _start_daemon(kubeconfig, nowhere, tmp_path / "daemon.log")
+    try:
+        status, body = await call(daemon, "/thaw", token)
+        assert body.get("pod_uid") == uid, body
+        assert status in (404, 502), body
+        loaded = [r for r in daemon.log_records() if r.get("msg") == "loaded service-account keys"]
+        assert loaded and "ES384" in json.dumps(loaded[-1]["algorithms"]), loaded
+    finally:
         assert _stop(proc) == 0, daemon.log_file.read_text()[-3000:]
