@@ -103,7 +103,7 @@ async def _pass(
 async def _run(table: Table, pods: int, rounds: int) -> None:
     levels = sorted({min(c, pods) for c in LEVELS})
     results: dict[int, Level] = defaultdict(Level)
-    async with stack() as st:
+    async with stack(daemon_args=["--freeze-rate=0"]) as st:  # cycles faster than a pod would
         started = time.perf_counter()
         created = await _create_pods(st, pods)
         create_s = time.perf_counter() - started

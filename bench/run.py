@@ -16,6 +16,7 @@ ROWS = {
     "wake": "bench.wake",
     "capacity": "bench.capacity",
     "idle_cpu": "bench.idle_cpu",
+    "daemon_flood": "bench.daemon_flood",
 }
 
 

@@ -248,7 +248,7 @@ def _p(values: list[float]) -> dict[str, Any]:
 
 async def _run(table: Table, rounds: int) -> None:
     s: Samples = defaultdict(list)
-    async with stack() as st:
+    async with stack(daemon_args=["--freeze-rate=0"]) as st:  # cycles faster than a pod would
         st.sleeptalker_image()
         pod, app_port = await st.sleeptalker_pod(name="wake")
         token = st.token_file(pod).read_text()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from freeze_proxy.extras import require_extra
 
@@ -30,10 +32,12 @@ from daemon.auth import (
     TokenReviewer,
     connect_kubernetes,
 )
+from daemon.limits import LimitSettings
 from daemon.runtimes import Runtime
+from daemon.server import ServerLimits, files_needed, raise_open_files_limit, serve
 from freeze_proxy import jsonlog
 from freeze_proxy.addresses import bind_host, parse_listen
-from freeze_proxy.durations import parse_duration
+from freeze_proxy.durations import format_duration, parse_duration
 
 log = logging.getLogger("daemon")
 
@@ -56,6 +60,83 @@ class Settings:
     review_cache_ttl: float
     kubeconfig: str | None
     log_level: str
+    review_refusal_ttl: float = 2.0
+    outage_thaw_grace: float = 300.0
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    server: ServerLimits = field(default_factory=ServerLimits)
+
+
+def _env_default(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _number(kind: Callable[[str], float], minimum: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, not {text}")
+        return value
+
+    return parse
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _timeout(text: str) -> float:
+    seconds = _duration(text)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text!r}")
+    return seconds
+
+
+def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags bounding what a caller may cost (documented in README, 'freeze-daemon')."""
+    limits, server = LimitSettings(), ServerLimits()
+    group = parser.add_argument_group(
+        "limits", "what one caller may cost the daemon (every pod of the node can reach it)"
+    )
+
+    def flag(name: str, env: str, default: str, parse: Callable[[str], Any], text: str) -> None:
+        group.add_argument(
+            name,
+            type=parse,
+            default=_env_default(env, default),  # argparse applies ``type`` to it
+            metavar=env.removeprefix("FREEZE_DAEMON_"),
+            help=f"{text} [env {env}] (default {default})",
+        )
+
+    count, rate, burst = _number(int, 1), _number(float, 0), _number(float, 1)
+    flag("--max-connections", "FREEZE_DAEMON_MAX_CONNECTIONS", str(server.max_connections),
+         count, "open connections at most; at the limit a new one evicts the oldest idle or "
+         "still-sending one (RLIMIT_NOFILE is raised to fit)")  # fmt: skip
+    flag("--header-timeout", "FREEZE_DAEMON_HEADER_TIMEOUT", f"{server.header_timeout:g}s",
+         _timeout, "a request head must be complete this soon after its first byte")  # fmt: skip
+    flag("--body-timeout", "FREEZE_DAEMON_BODY_TIMEOUT", f"{server.body_timeout:g}s",
+         _timeout, "a request body must be complete this soon (else 408)")  # fmt: skip
+    flag("--idle-timeout", "FREEZE_DAEMON_IDLE_TIMEOUT", f"{server.idle_timeout:g}s",
+         _timeout, "an idle keep-alive connection is closed after this long")  # fmt: skip
+    flag("--refusal-rate", "FREEZE_DAEMON_REFUSAL_RATE", f"{limits.refusal_rate:g}", rate,
+         "refused tokens per second per source address (per claimed pod once that pod "
+         "authenticated); beyond it unknown tokens get 429 unverified; known tokens are never "
+         "limited; 0: no limit")  # fmt: skip
+    flag("--refusal-burst", "FREEZE_DAEMON_REFUSAL_BURST", f"{limits.refusal_burst:g}", burst,
+         "refused tokens a source may send at once before --refusal-rate applies")  # fmt: skip
+    flag("--refusal-delay", "FREEZE_DAEMON_REFUSAL_DELAY", f"{limits.refusal_delay:g}s",
+         _duration, "a caller over --refusal-rate waits up to this long for its 429 (at most "
+         "64 at once): a flooding loop slows to one request per wait; 0: at once")  # fmt: skip
+    flag("--freeze-rate", "FREEZE_DAEMON_FREEZE_RATE", f"{limits.freeze_rate:g}", rate,
+         "freezes that change a pod's state, per second per pod; beyond it 429 and the pod "
+         "stays thawed; thaws are never limited; 0: no limit")  # fmt: skip
+    flag("--freeze-burst", "FREEZE_DAEMON_FREEZE_BURST", f"{limits.freeze_burst:g}", burst,
+         "freezes a pod may make at once before --freeze-rate applies")  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Settings:
@@ -112,6 +193,23 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         "~10 s cache; 0 reviews every call (default %(default)s)",
     )
     parser.add_argument(
+        "--review-refusal-ttl",
+        metavar="DURATION",
+        type=_duration,
+        default=_env_default("FREEZE_DAEMON_REVIEW_REFUSAL_TTL", "2s"),
+        help="how long a TokenReview denial is reused (short: the API server also denies on "
+        "transient failures) [env FREEZE_DAEMON_REVIEW_REFUSAL_TTL] (default 2s)",
+    )
+    parser.add_argument(
+        "--outage-thaw-grace",
+        metavar="DURATION",
+        type=_duration,
+        default=_env_default("FREEZE_DAEMON_OUTAGE_THAW_GRACE", "5m"),
+        help="while TokenReview is unavailable, thaw on a locally verified token (signature, "
+        "issuer, audience, expiry, pod claims) for this long into the outage; freezing always "
+        "needs a review; 0 turns it off [env FREEZE_DAEMON_OUTAGE_THAW_GRACE] (default 5m)",
+    )
+    parser.add_argument(
         "--kubeconfig", metavar="PATH", help="kubeconfig file (default: in-cluster config)"
     )
     parser.add_argument(
@@ -120,6 +218,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         choices=["debug", "info", "warning", "error"],
         help="(default %(default)s)",
     )
+    _add_limit_flags(parser)
     args = parser.parse_args(argv)
 
     try:
@@ -154,6 +253,22 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         review_cache_ttl=review_cache_ttl,
         kubeconfig=args.kubeconfig,
         log_level=args.log_level,
+        review_refusal_ttl=args.review_refusal_ttl,
+        outage_thaw_grace=args.outage_thaw_grace,
+        limits=LimitSettings(
+            refusal_rate=args.refusal_rate,
+            refusal_burst=args.refusal_burst,
+            freeze_rate=args.freeze_rate,
+            freeze_burst=args.freeze_burst,
+            body_timeout=args.body_timeout,
+            refusal_delay=args.refusal_delay,
+        ),
+        server=ServerLimits(
+            max_connections=args.max_connections,
+            header_timeout=args.header_timeout,
+            idle_timeout=args.idle_timeout,
+            body_timeout=args.body_timeout,
+        ),
     )
 
 
@@ -215,9 +330,12 @@ async def build_app(settings: Settings) -> web.Application:
                 KubernetesTokenReview(kube.api_client),
                 audience=settings.audience,
                 ttl=settings.review_cache_ttl,
+                refusal_ttl=settings.review_refusal_ttl,
             )
         authenticator = PodTokenAuthenticator(
-            JwtVerifier(keys, audience=settings.audience), reviewer
+            JwtVerifier(keys, audience=settings.audience),
+            reviewer,
+            outage_thaw_grace=settings.outage_thaw_grace,
         )
         try:
             runtime = make_runtime(settings)
@@ -227,7 +345,7 @@ async def build_app(settings: Settings) -> web.Application:
         await close()
         raise
 
-    app = make_app(authenticator, runtime)
+    app = make_app(authenticator, runtime, settings.limits)
 
     async def warm_keys(_: web.Application) -> None:
         try:
@@ -248,24 +366,41 @@ async def build_app(settings: Settings) -> web.Application:
             "issuer": settings.issuer or "discovered",
             "token_review": settings.token_review,
             "review_cache_ttl_s": settings.review_cache_ttl if settings.token_review else None,
+            "outage_thaw_grace": format_duration(settings.outage_thaw_grace)
+            if settings.token_review
+            else None,
+            "max_connections": settings.server.max_connections,
+            "header_timeout": format_duration(settings.server.header_timeout),
+            "body_timeout": format_duration(settings.server.body_timeout),
+            "idle_timeout": format_duration(settings.server.idle_timeout),
+            "refusal_rate": settings.limits.refusal_rate,
+            "freeze_rate": settings.limits.freeze_rate,
         },
     )
     return app
+
+
+async def run(settings: Settings) -> None:
+    """Build the app and serve it until SIGTERM/SIGINT."""
+    app = await build_app(settings)
+    # A wildcard host listens on every address family (IPv4, and IPv6 where the node has it).
+    await serve(app, [bind_host(settings.host)], settings.port, settings.server)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``freeze-daemon`` / ``python -m daemon``."""
     settings = parse_args(argv)
     jsonlog.setup("freeze-daemon", settings.log_level)
-    try:
-        web.run_app(
-            build_app(settings),
-            host=bind_host(settings.host),  # a wildcard: every address family (IPv4 and IPv6)
-            port=settings.port,
-            print=None,
-            access_log=None,
-            handle_signals=True,
+    wanted = files_needed(settings.server)
+    soft, hard = raise_open_files_limit(wanted)
+    if soft < wanted:
+        log.warning(
+            "RLIMIT_NOFILE is below what --max-connections needs: lower --max-connections or "
+            "raise the container's hard limit",
+            extra={"soft": soft, "hard": hard, "wanted": wanted},
         )
+    try:
+        asyncio.run(run(settings))
     except (StartupError, OSError) as e:
         log.error(f"freeze-daemon cannot start: {e}")
         sys.exit(1)

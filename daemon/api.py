@@ -12,17 +12,20 @@ containers of that pod (``?container=NAME``). Every answer is JSON; errors say c
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
 from aiohttp import web
 
 from daemon.auth import Authenticator, AuthUnavailable
-from daemon.claims import Identity, TokenRefused
+from daemon.claims import Identity, TokenRefused, unverified_claims
+from daemon.limits import Action, Admission, LimitSettings, PodStates
 from daemon.ordering import SEQUENCE_HEADER, CallOrder, parse_sequence
 from daemon.runtimes import (
     NEVER_FROZEN,
@@ -33,7 +36,6 @@ from daemon.runtimes import (
 
 log = logging.getLogger("daemon.api")
 
-Action = Literal["freeze", "thaw"]
 _STATE: dict[Action, str] = {"freeze": "frozen", "thaw": "thawed"}
 _KNATIVE_ACTIONS: dict[str, Action] = {"pause": "freeze", "resume": "thaw"}
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -43,6 +45,68 @@ MAX_BODY = 4096  # the only body is {"action": "..."}
 
 class _BadRequest(Exception):
     """A malformed request: answered 400 with this message."""
+
+
+class _BodyTimeout(Exception):
+    """The body did not arrive in time: answered 408, connection closed."""
+
+
+class _ClientGone(Exception):
+    """The client closed the connection before its request was complete."""
+
+
+class _Unchanged(Exception):
+    """The pod already is in the wanted state, as this daemon set it: no runtime call."""
+
+    def __init__(self, containers: list[str]) -> None:
+        super().__init__(containers)
+        self.containers = containers
+
+
+class _FreezeLimited(Exception):
+    """The pod changed to frozen too often: answered 429, the pod stays thawed."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+class _Tarpit:
+    """A rate-limited caller waits for its 429 (until a token is due, at most ``longest``): a
+    flooding loop then sends one request per wait instead of thousands a second. At most
+    ``room`` callers wait at once (they hold connections); beyond that the 429 is immediate."""
+
+    def __init__(self, longest: float, room: int = 64) -> None:
+        self._room = room
+        self._longest = longest
+        self._waiting = 0
+
+    async def hold(self, seconds: float) -> None:
+        if self._waiting >= self._room or seconds <= 0:
+            return
+        self._waiting += 1
+        try:
+            await asyncio.sleep(min(seconds, self._longest))
+        finally:
+            self._waiting -= 1
+
+
+class _Throttled:
+    """A log line at most once per ``every`` seconds, with how many were left out meanwhile."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self._every = every
+        self._next = 0.0
+        self._skipped = 0
+
+    def log(self, logger: logging.Logger, level: int, msg: str, **extra: Any) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._skipped += 1
+            return
+        self._next = now + self._every
+        logger.log(level, msg, extra={**extra, "suppressed_since_last": self._skipped})
+        self._skipped = 0
 
 
 class _PodLocks:
@@ -68,6 +132,10 @@ class _PodLocks:
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 RUNTIME = web.AppKey("runtime", Runtime)
 POD_LOCKS = web.AppKey("pod_locks", _PodLocks)
+ADMISSION = web.AppKey("admission", Admission)
+POD_STATES = web.AppKey("pod_states", PodStates)
+_LIMITED_LOG = web.AppKey("limited_log", _Throttled)
+_TARPIT = web.AppKey("tarpit", _Tarpit)
 CALL_ORDER = web.AppKey("call_order", CallOrder)
 
 
@@ -78,8 +146,11 @@ class _OutOfOrder(Exception):
         self.newer = newer
 
 
-def _error(status: int, message: str, **fields: Any) -> web.Response:
-    return web.json_response({"error": message, **fields}, status=status)
+def _error(
+    status: int, message: str, *, retry_after: float | None = None, **fields: Any
+) -> web.Response:
+    headers = None if retry_after is None else {"Retry-After": str(max(1, math.ceil(retry_after)))}
+    return web.json_response({"error": message, **fields}, status=status, headers=headers)
 
 
 def _containers(request: web.Request) -> list[str]:
@@ -115,7 +186,13 @@ def _token(request: web.Request) -> str:
 
 
 async def _knative_action(request: web.Request) -> Action:
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(request.app[ADMISSION].settings.body_timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise _BodyTimeout from None
+    except ConnectionResetError:
+        raise _ClientGone from None
     try:
         body = json.loads(raw) if raw else None
     except (ValueError, UnicodeDecodeError):
@@ -146,42 +223,36 @@ async def _act(request: web.Request, action: Action | None) -> web.Response:
             "bad request", extra={"path": request.path, "error": str(e), "outcome": "bad_request"}
         )
         return _error(400, str(e))
+    except _BodyTimeout:
+        timeout = request.app[ADMISSION].settings.body_timeout
+        log.info(
+            "request body too slow", extra={"remote": request.remote, "outcome": "body_timeout"}
+        )
+        response = _error(408, f"the request body did not arrive within {timeout:g}s")
+        response.force_close()
+        return response
+    except _ClientGone:
+        log.info(
+            "client went away mid-request",
+            extra={"path": request.path, "remote": request.remote, "outcome": "client_gone"},
+        )
+        return _error(400, "the connection closed before the request body was complete")
 
-    try:
-        identity = await request.app[AUTHENTICATOR].authenticate(token)
-    except TokenRefused as e:
-        log.warning(
-            "token refused",
-            extra={
-                "action": action,
-                "reason": e.reason,
-                "remote": request.remote,
-                "outcome": "refused",
-            },
-        )
-        return _error(403, f"token refused: {e.reason}")
-    except AuthUnavailable as e:
-        log.error(
-            "cannot check token",
-            extra={"action": action, "error": str(e), "outcome": "auth_unavailable"},
-        )
-        return _error(503, f"cannot check the token right now: {e}; retry later")
+    identity_or_answer = await _authenticate(request, action, token)
+    if isinstance(identity_or_answer, web.Response):
+        return identity_or_answer
+    identity = identity_or_answer
 
     runtime = request.app[RUNTIME]
     call = runtime.pause if action == "freeze" else runtime.resume
     who = _who(identity)
     runtime_started = time.perf_counter()
 
-    async def in_order() -> list[str]:
-        # Under the pod's lock, so a call overtaken while authenticating is refused here.
-        if sequence is not None:
-            newer = request.app[CALL_ORDER].admit(identity.pod_uid, sequence, time.monotonic())
-            if newer is not None:
-                raise _OutOfOrder(newer)
-        return await call(identity.pod_uid, containers)
-
     try:
-        done = await request.app[POD_LOCKS].run(identity.pod_uid, in_order)
+        done = await request.app[POD_LOCKS].run(
+            identity.pod_uid,
+            lambda: _apply(request.app, action, identity.pod_uid, containers, call, sequence),
+        )
     except _OutOfOrder as e:
         log.warning(
             f"{action} refused: a later call for this pod was already carried out",
@@ -201,6 +272,31 @@ async def _act(request: web.Request, action: Action | None) -> web.Response:
             pod_uid=identity.pod_uid,
             sequence=sequence,
             newer=e.newer,
+        )
+    except _Unchanged as unchanged:
+        log.debug(
+            f"pod already {_STATE[action]}", extra={"action": action, **who, "outcome": "unchanged"}
+        )
+        return web.json_response(
+            {
+                "pod_uid": identity.pod_uid,
+                "containers": unchanged.containers,
+                "state": _STATE[action],
+                "took_ms": _ms(started),
+                "unchanged": True,
+            }
+        )
+    except _FreezeLimited as limited:
+        settings = request.app[ADMISSION].settings
+        request.app[_LIMITED_LOG].log(
+            log, logging.WARNING, "freeze rate-limited", action=action, **who, outcome="limited"
+        )
+        return _error(
+            429,
+            f"pod {identity.pod_uid} froze too often (at most {settings.freeze_rate:g}/s, "
+            f"burst {settings.freeze_burst:g}): it stays thawed; retry later",
+            retry_after=limited.retry_after,
+            pod_uid=identity.pod_uid,
         )
     except ContainerNotFound as e:
         return _failed(404, action, who, containers, started, f"not found on this node: {e}")
@@ -239,6 +335,81 @@ async def _act(request: web.Request, action: Action | None) -> web.Response:
             "took_ms": took_ms,
         }
     )
+
+
+async def _authenticate(
+    request: web.Request, action: Action, token: str
+) -> Identity | web.Response:
+    """The pod the token proves, or the answer to give (403, 429, 503).
+
+    Tokens that never authenticated here are first admitted by the refusal limiter (see
+    daemon.limits.Admission), so a flood of bad tokens costs a cheap 429, not a verification.
+    """
+    admission = request.app[ADMISSION]
+    source = request.remote or "unknown"
+    claimed_pod, expires_at = unverified_claims(token.strip().removeprefix("Bearer ").strip())
+    ticket = admission.admit(
+        hashlib.sha256(token.encode()).digest(), source, claimed_pod, time.time()
+    )
+    if not ticket.allowed:
+        request.app[_LIMITED_LOG].log(
+            log, logging.WARNING, "refused tokens rate-limited", remote=source, outcome="limited"
+        )
+        await request.app[_TARPIT].hold(ticket.retry_after)
+        return _error(
+            429,
+            f"too many refused tokens from {source}: at most "
+            f"{admission.settings.refusal_rate:g}/s; retry later",
+            retry_after=ticket.retry_after,
+        )
+    try:
+        identity = await request.app[AUTHENTICATOR].authenticate(token, thaw=action == "thaw")
+    except TokenRefused as e:
+        log.warning(
+            "token refused",
+            extra={"action": action, "reason": e.reason, "remote": source, "outcome": "refused"},
+        )
+        return _error(403, f"token refused: {e.reason}")
+    except AuthUnavailable as e:
+        admission.unavailable(ticket, time.time())
+        log.error(
+            "cannot check token",
+            extra={"action": action, "error": str(e), "outcome": "auth_unavailable"},
+        )
+        return _error(503, f"cannot check the token right now: {e.cause}; retry later")
+    if expires_at is not None:
+        admission.authenticated(ticket, identity.pod_uid, expires_at, time.time())
+    return identity
+
+
+async def _apply(
+    app: web.Application,
+    action: Action,
+    pod_uid: str,
+    containers: list[str],
+    call: Callable[[str, list[str]], Awaitable[list[str]]],
+    sequence: int | None,
+) -> list[str]:
+    """Under the pod's lock: refuse a call a later one overtook (while it authenticated, say),
+    skip what is already so, limit freezes, call the runtime, and remember the state only when
+    the call fully succeeded."""
+    if sequence is not None:
+        newer = app[CALL_ORDER].admit(pod_uid, sequence, time.monotonic())
+        if newer is not None:
+            raise _OutOfOrder(newer)
+    states = app[POD_STATES]
+    unchanged = states.noop(pod_uid, containers, action)
+    if unchanged is not None:
+        raise _Unchanged(unchanged)
+    if action == "freeze":
+        allowed, retry_after = app[ADMISSION].may_freeze(pod_uid, time.time())
+        if not allowed:
+            raise _FreezeLimited(retry_after)
+    states.forget(pod_uid)  # until the call returns, the state is unknown
+    done = await call(pod_uid, containers)
+    if done:
+        states.record(pod_uid, containers, action, done)
+    return done
 
 
 def _who(identity: Identity) -> dict[str, Any]:
@@ -319,12 +490,18 @@ async def _json_errors(
         return _error(e.status, _HTTP_ERRORS.get(e.status, e.reason))
 
 
-def make_app(authenticator: Authenticator, runtime: Runtime) -> web.Application:
+def make_app(
+    authenticator: Authenticator, runtime: Runtime, limits: LimitSettings | None = None
+) -> web.Application:
     """The daemon's aiohttp application; closes nothing it was given (the caller owns both)."""
     app = web.Application(middlewares=[_json_errors], client_max_size=MAX_BODY)
     app[AUTHENTICATOR] = authenticator
     app[RUNTIME] = runtime
     app[POD_LOCKS] = _PodLocks()
+    app[ADMISSION] = Admission(limits or LimitSettings())
+    app[POD_STATES] = PodStates()
+    app[_LIMITED_LOG] = _Throttled()
+    app[_TARPIT] = _Tarpit(app[ADMISSION].settings.refusal_delay)
     app[CALL_ORDER] = CallOrder()
     app.router.add_post("/freeze", _freeze)
     app.router.add_post("/thaw", _thaw)

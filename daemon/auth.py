@@ -29,22 +29,48 @@ from daemon.claims import (
     identity_from_review,
     same_pod,
 )
+from freeze_proxy.durations import format_duration
 
 log = logging.getLogger("daemon.auth")
 
-ALGORITHMS = ("RS256", "ES256")
+# What the API server (or an external signer, KEP-740) can sign service-account tokens with.
+ALGORITHMS = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+)  # fmt: skip
+_RSA_ALGORITHMS = frozenset(a for a in ALGORITHMS if a[:2] in ("RS", "PS"))
+_EC_CURVES = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
+_OKP_CURVES = frozenset({"Ed25519", "Ed448"})
 REQUIRED_CLAIMS = ["exp", "iat", "nbf", "iss", "aud", "sub"]
 MAX_TOKEN_BYTES = 16 * 1024  # real tokens are ~1 KiB; anything huge is junk
 
 
 class AuthUnavailable(Exception):
-    """The token could not be checked right now (key fetch or TokenReview failed): answered 503."""
+    """The token could not be checked right now (key fetch or TokenReview failed): answered 503.
+
+    ``str(e)`` is the detail for the daemon's log (it may quote the API server); ``cause`` is
+    what an unauthenticated caller is told.
+    """
+
+    def __init__(
+        self, detail: str, *, cause: str = "the token cannot be checked right now"
+    ) -> None:
+        super().__init__(detail)
+        self.cause = cause or _DEFAULT_CAUSE
+
+
+_DEFAULT_CAUSE = "the token cannot be checked right now"
+_KEYS_CAUSE = "the cluster's service-account keys cannot be loaded right now"
+_REVIEW_CAUSE = "the API server's TokenReview is unavailable"
 
 
 class Authenticator(Protocol):
-    """What the HTTP layer needs: a token in, the verified pod out (or TokenRefused)."""
+    """What the HTTP layer needs: a token in, the verified pod out (or TokenRefused).
 
-    async def authenticate(self, token: str) -> Identity: ...
+    ``thaw`` says the caller wants to thaw: that (safe) direction may proceed on a locally
+    verified token while TokenReview is unavailable (see PodTokenAuthenticator).
+    """
+
+    async def authenticate(self, token: str, *, thaw: bool = False) -> Identity: ...
 
 
 # --------------------------------------------------------------------------- keys
@@ -77,7 +103,9 @@ class JwksFile:
         try:
             return await asyncio.to_thread(self._read)
         except (OSError, ValueError) as e:
-            raise AuthUnavailable(f"cannot read JWKS file {self.path}: {e}") from e
+            raise AuthUnavailable(
+                f"cannot read JWKS file {self.path}: {e}", cause=_KEYS_CAUSE
+            ) from e
 
 
 HeaderSource = Callable[[], Awaitable[Mapping[str, str]]]
@@ -112,10 +140,14 @@ class ApiServerJwks:
             ) as resp:
                 if resp.status != 200:
                     body = (await resp.text())[:200]
-                    raise AuthUnavailable(f"GET {url} answered {resp.status}: {body}")
+                    raise AuthUnavailable(
+                        f"GET {url} answered {resp.status}: {body}", cause=_KEYS_CAUSE
+                    )
                 return await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-            raise AuthUnavailable(f"GET {url} failed: {e or type(e).__name__}") from e
+            raise AuthUnavailable(
+                f"GET {url} failed: {e or type(e).__name__}", cause=_KEYS_CAUSE
+            ) from e
 
     async def __call__(self) -> KeyDocument:
         issuer: str | None = None
@@ -123,11 +155,82 @@ class ApiServerJwks:
             discovery = await self._get_json("/.well-known/openid-configuration")
             issuer = discovery.get("issuer") if isinstance(discovery, dict) else None
             if not isinstance(issuer, str) or not issuer:
-                raise AuthUnavailable("the API server's OIDC discovery document has no issuer")
+                raise AuthUnavailable(
+                    "the API server's OIDC discovery document has no issuer", cause=_KEYS_CAUSE
+                )
         document = await self._get_json("/openid/v1/jwks")
         if not isinstance(document, dict):
-            raise AuthUnavailable("the API server's JWKS is not a JSON object")
+            raise AuthUnavailable("the API server's JWKS is not a JSON object", cause=_KEYS_CAUSE)
         return KeyDocument(jwks=document, issuer=issuer)
+
+
+def key_algorithms(entry: Mapping[str, Any]) -> frozenset[str]:
+    """The algorithms one JWKS entry may verify: those its key type allows (RSA: RS*/PS*, EC: the
+    one of its curve, OKP: EdDSA), narrowed to its ``alg`` when it states one. Empty for
+    symmetric (``oct``) and unknown keys: they are never used."""
+    kty, crv = entry.get("kty"), entry.get("crv")
+    allowed: frozenset[str] = frozenset()
+    if kty == "RSA":
+        allowed = _RSA_ALGORITHMS
+    elif kty == "EC" and isinstance(crv, str) and crv in _EC_CURVES:
+        allowed = frozenset({_EC_CURVES[crv]})
+    elif kty == "OKP" and crv in _OKP_CURVES:
+        allowed = frozenset({"EdDSA"})
+    stated = entry.get("alg")
+    if stated is None:
+        return allowed
+    return allowed & {stated} if isinstance(stated, str) else frozenset()
+
+
+def refuse_algorithm(alg: object) -> str | None:
+    """Why a token header's ``alg`` is refused before any key is looked at; None if allowed."""
+    if alg in ALGORITHMS:
+        return None
+    if not alg or (isinstance(alg, str) and alg.lower() == "none"):
+        return f"algorithm {alg!r} not allowed: the token is unsigned"
+    if isinstance(alg, str) and alg.upper().startswith("HS"):
+        return (
+            f"algorithm {alg!r} not allowed: symmetric (HMAC) signatures are never accepted; "
+            "service-account tokens are signed with the API server's private key"
+        )
+    return f"algorithm {alg!r} not allowed: only {', '.join(ALGORITHMS)}"
+
+
+class PublicKey:
+    """One usable JWKS entry: its key id, the algorithms it may verify, a PyJWK per algorithm."""
+
+    def __init__(self, entry: Mapping[str, Any]) -> None:
+        self.kid: str | None = entry.get("kid") if isinstance(entry.get("kid"), str) else None
+        self.algorithms = key_algorithms(entry)
+        if not self.algorithms:
+            raise ValueError(
+                f"no asymmetric algorithm of {', '.join(ALGORITHMS)} fits this key "
+                f"(kty {entry.get('kty')!r}, crv {entry.get('crv')!r}, alg {entry.get('alg')!r})"
+            )
+        self._entry = dict(entry)
+        self._built: dict[str, jwt.PyJWK] = {}
+        self.for_algorithm(min(self.algorithms))  # a malformed key fails here, at load time
+
+    def describe(self) -> str:
+        kind = self._entry.get("crv") or self._entry.get("kty")
+        return f"{kind}: {', '.join(sorted(self.algorithms))}"
+
+    def for_algorithm(self, alg: str) -> jwt.PyJWK:
+        """The key bound to ``alg``; TokenRefused when this key may not verify ``alg``."""
+        if alg not in self.algorithms:
+            raise TokenRefused(
+                f"algorithm {alg!r} not allowed for key {self.kid!r} ({self.describe()}): "
+                "the token was not signed by this cluster's service-account key"
+            )
+        key = self._built.get(alg)
+        if key is None:
+            entry = {k: v for k, v in self._entry.items() if k != "alg"}
+            try:
+                key = jwt.PyJWK(entry, algorithm=alg)
+            except (jwt.PyJWTError, TypeError, ValueError) as e:
+                raise ValueError(f"unusable key: {e}") from e
+            self._built[alg] = key
+        return key
 
 
 class KeyCache:
@@ -145,7 +248,7 @@ class KeyCache:
         self._issuer = issuer
         self._interval = refetch_interval
         self._clock = clock
-        self._keys: dict[str | None, jwt.PyJWK] | None = None
+        self._keys: dict[str | None, PublicKey] | None = None
         self._last_fetch: float | None = None
         self._lock = asyncio.Lock()
         self.fetches = 0
@@ -154,33 +257,46 @@ class KeyCache:
         self._last_fetch = self._clock()
         self.fetches += 1
         document = await self._fetch()
-        keys: dict[str | None, jwt.PyJWK] = {}
+        keys: dict[str | None, PublicKey] = {}
         for entry in document.jwks.get("keys", []) if isinstance(document.jwks, Mapping) else []:
             try:
-                key = jwt.PyJWK(entry)
-            except (jwt.PyJWTError, TypeError, ValueError) as e:
+                if not isinstance(entry, Mapping):
+                    raise ValueError("not a JSON object")
+                key = PublicKey(entry)
+            except ValueError as e:
                 log.warning(
                     "skipping unusable key in JWKS", extra={"kid": _kid_of(entry), "error": str(e)}
                 )
                 continue
-            if key.algorithm_name in ALGORITHMS:
-                keys[key.key_id] = key
+            keys[key.kid] = key
         if not keys:
-            raise AuthUnavailable("the JWKS holds no usable RS256/ES256 key")
+            raise AuthUnavailable(
+                f"the JWKS holds no usable key (accepted: {', '.join(ALGORITHMS)}; "
+                "symmetric keys are never used)",
+                cause=_KEYS_CAUSE,
+            )
         if self._issuer is None:
             self._issuer = document.issuer
         self._keys = keys
-        log.info("loaded service-account keys", extra={"kids": sorted(str(k) for k in keys)})
+        log.info(
+            "loaded service-account keys",
+            extra={
+                "kids": sorted(str(k) for k in keys),
+                "algorithms": {str(kid): key.describe() for kid, key in keys.items()},
+            },
+        )
 
     def _may_refetch(self) -> bool:
         return self._last_fetch is None or self._clock() - self._last_fetch >= self._interval
 
-    async def _ensure_loaded(self) -> dict[str | None, jwt.PyJWK]:
+    async def _ensure_loaded(self) -> dict[str | None, PublicKey]:
         if self._keys is None:
             async with self._lock:
                 if self._keys is None:
                     if not self._may_refetch():
-                        raise AuthUnavailable("service-account keys unavailable; retrying soon")
+                        raise AuthUnavailable(
+                            "service-account keys unavailable; retrying soon", cause=_KEYS_CAUSE
+                        )
                     await self._refresh()
         assert self._keys is not None
         return self._keys
@@ -189,10 +305,10 @@ class KeyCache:
         """The expected ``iss``: as configured, else as discovered with the keys."""
         await self._ensure_loaded()
         if self._issuer is None:
-            raise AuthUnavailable("no issuer configured or discovered")
+            raise AuthUnavailable("no issuer configured or discovered", cause=_KEYS_CAUSE)
         return self._issuer
 
-    async def key(self, kid: str | None) -> jwt.PyJWK:
+    async def key(self, kid: str | None) -> PublicKey:
         """The public key for ``kid`` (a kid-less token only when the set has exactly one key)."""
         keys = await self._ensure_loaded()
         found = _pick(keys, kid)
@@ -214,7 +330,7 @@ def _kid_of(entry: object) -> object:
     return entry.get("kid") if isinstance(entry, dict) else None
 
 
-def _pick(keys: Mapping[str | None, jwt.PyJWK], kid: str | None) -> jwt.PyJWK | None:
+def _pick(keys: Mapping[str | None, PublicKey], kid: str | None) -> PublicKey | None:
     if kid is None:
         return next(iter(keys.values())) if len(keys) == 1 else None
     return keys.get(kid)
@@ -271,18 +387,20 @@ class JwtVerifier:
         except jwt.PyJWTError as e:
             raise TokenRefused(f"malformed token: {e}") from e
         alg = header.get("alg")
-        if alg not in ALGORITHMS:
-            raise TokenRefused(f"algorithm {alg!r} not allowed: only {', '.join(ALGORITHMS)}")
+        why = refuse_algorithm(alg)
+        if why is not None:
+            raise TokenRefused(why)
+        assert isinstance(alg, str)
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise TokenRefused("malformed token: kid is not a string")
-        key = await self._keys.key(kid)
+        key = (await self._keys.key(kid)).for_algorithm(alg)
         issuer = await self._keys.issuer()
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
                 key,
-                algorithms=list(ALGORITHMS),
+                algorithms=[alg],
                 audience=self.audience,
                 issuer=issuer,
                 leeway=self._leeway,
@@ -327,8 +445,11 @@ _Outcome = Identity | TokenRefused
 class TokenReviewer:
     """TokenReview with a cache keyed by sha256(token), so repeat callers make no API call.
 
-    An entry lives until min(token exp, now + ttl); refusals are cached the same way (a token
-    the API server invalidated stays invalid). Concurrent reviews of one token share one call.
+    A confirmation lives until min(token exp, now + ttl); a refusal only ``refusal_ttl`` (the
+    API server answers ``authenticated: false`` for transient failures too, and a refusal
+    cached for the whole TTL would lock a pod out that long). A failed call is not cached, but
+    remembered as an outage (``outage``) until a call succeeds. Concurrent reviews of one token
+    share one call.
     """
 
     def __init__(
@@ -337,12 +458,15 @@ class TokenReviewer:
         *,
         audience: str = "freeze",
         ttl: float = 30.0,
+        refusal_ttl: float = 2.0,
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._call = call
         self.audience = audience
         self._ttl = ttl
+        self._refusal_ttl = refusal_ttl
+        self._failing_since: float | None = None
         self._max = max_entries
         self._clock = clock
         self._cache: dict[bytes, tuple[float, _Outcome]] = {}
@@ -351,6 +475,12 @@ class TokenReviewer:
 
     def __len__(self) -> int:
         return len(self._cache)
+
+    def outage(self) -> float | None:
+        """Seconds since TokenReview calls began failing (None: the last call got an answer)."""
+        if self._failing_since is None:
+            return None
+        return max(0.0, self._clock() - self._failing_since)
 
     async def review(self, token: str, *, expires_at: float | None = None) -> Identity:
         """The pod the API server says ``token`` belongs to; TokenRefused if it does not."""
@@ -378,16 +508,24 @@ class TokenReviewer:
         self.calls += 1
         try:
             status = await self._call(token, [self.audience])
-        except AuthUnavailable:
-            raise
         except Exception as e:
-            raise AuthUnavailable(f"TokenReview failed: {e or type(e).__name__}") from e
+            if self._failing_since is None:
+                self._failing_since = self._clock()
+            if isinstance(e, AuthUnavailable):
+                if e.cause == _DEFAULT_CAUSE:
+                    e.cause = _REVIEW_CAUSE
+                raise
+            raise AuthUnavailable(
+                f"TokenReview failed: {e or type(e).__name__}", cause=_REVIEW_CAUSE
+            ) from e
+        self._failing_since = None
         outcome: _Outcome
         try:
             outcome = identity_from_review(status, audience=self.audience)
         except TokenRefused as refused:
             outcome = refused
-        deadline = self._clock() + self._ttl
+        ttl = self._refusal_ttl if isinstance(outcome, TokenRefused) else self._ttl
+        deadline = self._clock() + ttl
         if expires_at is not None:
             deadline = min(deadline, expires_at)
         self._store(digest, deadline, outcome)
@@ -407,6 +545,12 @@ def _unwrap(outcome: _Outcome) -> Identity:
     if isinstance(outcome, TokenRefused):
         raise TokenRefused(outcome.reason)
     return outcome
+
+
+_RBAC_HINT = (
+    "the daemon's service account needs 'create tokenreviews': apply "
+    "config/200-tokenreview-rbac.yaml"
+)
 
 
 class KubernetesTokenReview:
@@ -429,13 +573,13 @@ class KubernetesTokenReview:
         try:
             result = await self._api.create_token_review(body, _request_timeout=self._timeout)
         except client.ApiException as e:
-            hint = ""
+            hint, cause = "", _REVIEW_CAUSE
             if e.status in (401, 403):
-                hint = (
-                    " (the daemon's service account needs 'create tokenreviews': apply "
-                    "config/200-tokenreview-rbac.yaml)"
-                )
-            raise AuthUnavailable(f"TokenReview answered {e.status} {e.reason}{hint}") from e
+                hint = f" ({_RBAC_HINT})"
+                cause = f"the daemon may not create TokenReviews ({_RBAC_HINT})"
+            raise AuthUnavailable(
+                f"TokenReview answered {e.status} {e.reason}{hint}", cause=cause
+            ) from e
         status = result.status
         return dict(status.to_dict()) if status is not None else {}
 
@@ -444,13 +588,30 @@ class KubernetesTokenReview:
 
 
 class PodTokenAuthenticator:
-    """Local JWT check first (free), then the cached TokenReview; both must name the same pod."""
+    """Local JWT check first (free), then the cached TokenReview; both must name the same pod.
 
-    def __init__(self, verifier: JwtVerifier, reviewer: TokenReviewer | None) -> None:
+    While TokenReview is unavailable (the API server is down or unreachable), a *thaw* may
+    proceed on the local check alone (signature against the last loaded keys, issuer,
+    audience, exp/nbf, pod claims) for the first ``outage_thaw_grace`` seconds of the outage:
+    thawing is the safe direction (a frozen pod whose wake fails stays down), and the worst an
+    unreviewed token can do is thaw its own pod early (e.g. a deleted pod's token, not yet
+    expired). Freezing always needs a review. 0 turns this off.
+    """
+
+    def __init__(
+        self,
+        verifier: JwtVerifier,
+        reviewer: TokenReviewer | None,
+        *,
+        outage_thaw_grace: float = 300.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._verifier = verifier
         self._reviewer = reviewer
+        self._grace = outage_thaw_grace
+        self._clock = clock
 
-    async def authenticate(self, token: str) -> Identity:
+    async def authenticate(self, token: str, *, thaw: bool = False) -> Identity:
         token = token.strip()
         if token[:7].lower() == "bearer ":
             token = token[7:].strip()
@@ -463,9 +624,26 @@ class PodTokenAuthenticator:
         if self._reviewer is None:
             return local
         exp = claims.get("exp")
-        reviewed = await self._reviewer.review(
-            token, expires_at=float(exp) if isinstance(exp, int | float) else None
-        )
+        try:
+            reviewed = await self._reviewer.review(
+                token, expires_at=float(exp) if isinstance(exp, int | float) else None
+            )
+        except AuthUnavailable as e:
+            outage = self._reviewer.outage()
+            if not thaw or self._grace <= 0 or outage is None or outage > self._grace:
+                raise
+            log.warning(
+                "thawing on a locally verified token: TokenReview unavailable",
+                extra={
+                    "pod_uid": local.pod_uid,
+                    "pod_name": local.pod_name,
+                    "namespace": local.namespace,
+                    "outage": format_duration(outage),
+                    "grace": format_duration(self._grace),
+                    "error": str(e),
+                },
+            )
+            return local
         return same_pod(local, reviewed)
 
 

@@ -117,3 +117,21 @@ def _leading_fraction(s: str) -> tuple[int, float, str, bool]:
 
 def _invalid(text: str, why: str) -> ValueError:
     return ValueError(f"invalid duration {text!r}: {why}; {_FORMS}")
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as Go prints a ``time.Duration``: ``0s``, ``250ms``, ``1.5s``, ``1m30s``."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1e-3:
+        return f"{round(seconds * 1e6, 3):g}µs"
+    if seconds < 1:
+        return f"{round(seconds * 1e3, 3):g}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{round(secs, 3):g}s"
+    if hours or minutes:
+        text = f"{int(minutes)}m{text}"
+    if hours:
+        text = f"{int(hours)}h{text}"
+    return text

@@ -19,8 +19,8 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 DEFAULT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
@@ -34,6 +34,13 @@ class _Drop:
 
 DROP: Any = _Drop()
 
+PrivateKey = (
+    rsa.RSAPrivateKey
+    | ec.EllipticCurvePrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+)
+
 
 @dataclass(frozen=True)
 class SigningKey:
@@ -41,15 +48,17 @@ class SigningKey:
 
     kid: str
     algorithm: str
-    private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    private_key: PrivateKey
 
     def public_jwk(self) -> dict[str, Any]:
         """The public half as one JWKS entry (kty, kid, alg, use, n/e or crv/x/y)."""
         public = self.private_key.public_key()
         if isinstance(public, rsa.RSAPublicKey):
             jwk = RSAAlgorithm.to_jwk(public, as_dict=True)
-        else:
+        elif isinstance(public, ec.EllipticCurvePublicKey):
             jwk = ECAlgorithm.to_jwk(public, as_dict=True)
+        else:
+            jwk = OKPAlgorithm.to_jwk(public, as_dict=True)
         jwk.update({"kid": self.kid, "alg": self.algorithm, "use": "sig"})
         jwk.pop("key_ops", None)
         return jwk
@@ -61,7 +70,7 @@ class SigningKey:
         )
 
 
-def _kid(private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
+def _kid(private_key: PrivateKey) -> str:
     """Key id computed like kube-apiserver does: base64url(sha256(DER public key))."""
     der = private_key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -79,6 +88,30 @@ def new_ec_key(kid: str | None = None) -> SigningKey:
     """A fresh P-256 key (ES256), also accepted by the API server as a signing key."""
     key = ec.generate_private_key(ec.SECP256R1())
     return SigningKey(kid=kid or _kid(key), algorithm="ES256", private_key=key)
+
+
+_CURVES: dict[str, ec.EllipticCurve] = {
+    "ES256": ec.SECP256R1(),
+    "ES384": ec.SECP384R1(),
+    "ES512": ec.SECP521R1(),
+}
+
+
+def new_key(algorithm: str, kid: str | None = None) -> SigningKey:
+    """A fresh key for any asymmetric JWS algorithm: RS*/PS* (RSA 2048), ES256/384/512 (P-256,
+    P-384, P-521), EdDSA (Ed25519) or "EdDSA-Ed448"."""
+    key: PrivateKey
+    if algorithm[:2] in ("RS", "PS"):
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    elif algorithm in _CURVES:
+        key = ec.generate_private_key(_CURVES[algorithm])
+    elif algorithm == "EdDSA":
+        key = ed25519.Ed25519PrivateKey.generate()
+    elif algorithm == "EdDSA-Ed448":
+        key, algorithm = ed448.Ed448PrivateKey.generate(), "EdDSA"
+    else:
+        raise ValueError(f"no key kind for {algorithm!r}")
+    return SigningKey(kid=kid or _kid(key), algorithm=algorithm, private_key=key)
 
 
 def jwks(*keys: SigningKey) -> dict[str, Any]:

@@ -22,12 +22,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import jwt
@@ -98,6 +101,10 @@ def _apply(api: ApiServer, manifest: dict[str, Any]) -> None:
 @pytest.fixture(scope="module")
 def cluster(apiserver: ApiServer) -> Cluster:
     """The add-on's TokenReview RBAC applied as shipped, plus a namespace for the test pods."""
+    return _prepare(apiserver)
+
+
+def _prepare(apiserver: ApiServer) -> Cluster:
     # Idempotent: other tests may install (parts of) config/ into the same API server.
     _apply(
         apiserver,
@@ -454,8 +461,10 @@ async def test_token_review_needs_the_auth_delegator_binding(
         pod, token = await twin_pod(cluster, pods, "unbound")
         status, body = await call(daemon, "/freeze", token)
         assert status == 503, body
-        assert "TokenReview answered 403" in body["error"], body
-        assert "create tokenreviews" in body["error"]
+        assert "create tokenreviews" in body["error"], body
+        assert "answered 403" not in body["error"]  # the API server's words stay in the log
+        logged = [r for r in daemon.log_records() if r.get("msg") == "cannot check token"]
+        assert logged and "TokenReview answered 403" in logged[-1]["error"], logged
         assert await thawed_and_ticking(pod)
         loaded = [r for r in daemon.log_records() if r.get("msg") == "loaded service-account keys"]
         assert loaded, daemon.log_file.read_text()[-2000:]
@@ -470,3 +479,202 @@ async def test_token_review_needs_the_auth_delegator_binding(
     assert can.stdout.strip() == "yes", can.stderr
     cannot = cluster.api.kubectl("auth", "can-i", "list", "pods", "--as", sa, check=False)
     assert cannot.stdout.strip() == "no", cannot.stderr
+
+
+class Forwarder:
+    """A real TCP hop between the daemon and the API server that the test can cut: while it is
+    stopped, connecting to its port is refused, as when the API server is unreachable. It runs
+    its own event loop in a thread, so the test's blocking kubectl calls never stall it."""
+
+    def __init__(self, target: str) -> None:
+        parts = urlsplit(target)
+        assert parts.hostname and parts.port
+        self._target = (parts.hostname, parts.port)
+        self.port = _free_port()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"https://{self._target[0]}:{self.port}"
+
+    def _run(self, coro: Any) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
+
+    def start(self) -> None:
+        self._run(self._start())
+
+    def stop(self) -> None:
+        self._run(self._stop())
+
+    def close(self) -> None:
+        self.stop()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._pipe, "127.0.0.1", self.port, reuse_address=True
+        )
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_writer))
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+        self._writers.difference_update((writer, up_writer))
+
+
+@pytest.mark.containerd
+async def test_thaw_survives_an_api_server_outage_freeze_does_not(
+    cluster: Cluster, containerd: Containerd, pods: PodClient, tmp_path: Path
+) -> None:
+    """The API server becomes unreachable after the review cache expired: thawing (the safe
+    direction) proceeds on the locally verified token for --outage-thaw-grace, freezing gets a
+    503 that does not echo the API server's error; reviews resume when it is back."""
+    forwarder = Forwarder(cluster.api.url)
+    forwarder.start()
+    token_file = service_account_kubeconfig(
+        cluster.api, "knative-serving", "freeze-tokenreview", tmp_path / "direct"
+    )
+    config = json.loads(token_file.read_text())
+    config["clusters"][0]["cluster"]["server"] = forwarder.url
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps(config))
+    grace = 4.0
+    proc, daemon = _start_daemon(
+        kubeconfig,
+        containerd,
+        tmp_path / "daemon.log",
+        f"--review-cache-ttl={REVIEW_TTL:g}s",
+        f"--outage-thaw-grace={grace:g}s",
+    )
+    try:
+        pod, token = await twin_pod(cluster, pods, "outage")
+        status, body = await call(daemon, "/freeze", token)
+        assert status == 200, body
+        assert pod.freezer_state(USER) == "FROZEN"
+
+        forwarder.stop()
+        await asyncio.sleep(REVIEW_TTL + 0.2)  # the review cached by the freeze has expired
+        outage_began = time.monotonic()
+        status, body = await call(daemon, "/thaw", token)
+        assert (status, body.get("state")) == (200, "thawed"), body
+        assert await thawed_and_ticking(pod)
+        warned = [
+            r
+            for r in daemon.log_records()
+            if r.get("msg") == "thawing on a locally verified token: TokenReview unavailable"
+        ]
+        assert warned and warned[-1]["pod_uid"] == pod.uid, daemon.log_file.read_text()[-3000:]
+
+        status, body = await call(daemon, "/freeze", token)
+        assert status == 503, body
+        assert "TokenReview is unavailable" in body["error"], body
+        assert str(forwarder.port) not in body["error"] and "onnect" not in body["error"], body
+        assert pod.freezer_state(USER) == "THAWED"
+
+        # A thaw needs no review only for the first `grace` of the outage.
+        await asyncio.sleep(max(0.0, grace + 0.5 - (time.monotonic() - outage_began)))
+        status, body = await call(daemon, "/thaw", token)
+        assert status == 503, body
+
+        forwarder.start()  # the API server is reachable again: reviews, freezes work
+        status, body = await call(daemon, "/freeze", token)
+        assert status == 200, body
+        assert pod.freezer_state(USER) == "FROZEN"
+        status, body = await call(daemon, "/thaw", token)
+        assert status == 200, body
+        assert await thawed_and_ticking(pod)
+    finally:
+        forwarder.close()
+        assert _stop(proc) == 0, daemon.log_file.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def es384_cluster(
+    k8s_binaries: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """A second kube-apiserver whose service-account signing key is an EC P-384 key: it signs
+    every token with ES384 (the shared one uses RSA, RS256)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    keys = tmp_path_factory.mktemp("es384-keys")
+    private = ec.generate_private_key(ec.SECP384R1())
+    (keys / "sa.key").write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (keys / "sa.pub").write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    api = ApiServer(
+        etcd_bin=k8s_binaries["etcd"],
+        apiserver_bin=k8s_binaries["kube-apiserver"],
+        kubectl_bin=k8s_binaries["kubectl"],
+        extra_args=[
+            f"--service-account-signing-key-file={keys / 'sa.key'}",
+            f"--service-account-key-file={keys / 'sa.pub'}",
+        ],
+    )
+    api.start()
+    try:
+        yield _prepare(api)
+    finally:
+        api.stop()
+
+
+async def test_es384_tokens_of_a_real_api_server_are_accepted(
+    es384_cluster: Cluster, tmp_path: Path
+) -> None:
+    """The real daemon, keys from a real API server that signs with ES384, a real TokenReview:
+    the token proves its pod (404: that pod runs nowhere on this node). Before, every call of
+    such a cluster was refused ('algorithm ES384 not allowed')."""
+    uid = es384_cluster.create_pod("es384")
+    token = es384_cluster.pod_token("es384", uid)
+    assert jwt.get_unverified_header(token)["alg"] == "ES384"
+    kubeconfig = service_account_kubeconfig(
+        es384_cluster.api, "knative-serving", "freeze-tokenreview", tmp_path / "kubeconfig"
+    )
+    nowhere: Any = SimpleNamespace(socket=tmp_path / "no-containerd.sock", namespace="k8s.io")
+    proc, daemon = _start_daemon(kubeconfig, nowhere, tmp_path / "daemon.log")
+    try:
+        status, body = await call(daemon, "/thaw", token)
+        assert body.get("pod_uid") == uid, body
+        assert status in (404, 502), body
+        loaded = [r for r in daemon.log_records() if r.get("msg") == "loaded service-account keys"]
+        assert loaded and "ES384" in json.dumps(loaded[-1]["algorithms"]), loaded
+    finally:
+        assert _stop(proc) == 0, daemon.log_file.read_text()[-3000:]

@@ -27,6 +27,7 @@ from daemon.auth import (
     KubernetesTokenReview,
     PodTokenAuthenticator,
     TokenReviewer,
+    key_algorithms,
 )
 from daemon.claims import Identity, TokenRefused
 from testbed.tokens import (
@@ -36,6 +37,7 @@ from testbed.tokens import (
     jwks,
     mint_token,
     new_ec_key,
+    new_key,
     new_rsa_key,
     review_status,
     write_jwks,
@@ -181,6 +183,66 @@ async def test_tampered_pod_uid(rsa_key: SigningKey) -> None:
     claims["kubernetes.io"]["pod"]["uid"] = OTHER_UID
     body = b64(json.dumps(claims).encode())
     assert "bad signature" in await refused(verifier(rsa_key).verify(f"{head}.{body}.{sig}"))
+
+
+KUBERNETES_ALGORITHMS = [
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("jwk_states_alg", [True, False], ids=["alg-in-jwk", "no-alg-in-jwk"])
+@pytest.mark.parametrize("alg", [*KUBERNETES_ALGORITHMS, "EdDSA-Ed448"])
+async def test_every_asymmetric_signing_algorithm_verifies(alg: str, jwk_states_alg: bool) -> None:
+    """An API server (or external signer) signing with any asymmetric JWS algorithm works."""
+    key = new_key(alg)
+    fetch = StaticKeys(key)
+    if not jwk_states_alg:
+        for entry in fetch.document.jwks["keys"]:
+            entry.pop("alg")
+    claims = await JwtVerifier(KeyCache(fetch, issuer=DEFAULT_ISSUER)).verify(
+        mint_token(key, **POD)
+    )
+    assert claims["kubernetes.io"]["pod"]["uid"] == UID
+
+
+async def test_token_alg_must_match_the_alg_the_jwks_states() -> None:
+    """A PS256 token under a kid the JWKS publishes as RS256 is refused (no alg switching)."""
+    key = new_key("RS256")
+    ps = SigningKey(kid=key.kid, algorithm="PS256", private_key=key.private_key)
+    reason = await refused(verifier(key).verify(mint_token(ps, **POD)))
+    assert "PS256" in reason and "RS256" in reason
+
+
+async def test_curve_decides_the_ec_algorithm_when_the_jwks_states_none() -> None:
+    key = new_key("ES384")
+    fetch = StaticKeys(key)
+    fetch.document.jwks["keys"][0].pop("alg")
+    token = forge({"alg": "ES256", "kid": key.kid}, payload(mint_token(key, **POD)), b"x" * 64)
+    reason = await refused(JwtVerifier(KeyCache(fetch, issuer=DEFAULT_ISSUER)).verify(token))
+    assert "ES256" in reason and "P-384" in reason
+
+
+@pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512"])
+async def test_symmetric_algorithms_are_refused_with_the_reason(
+    rsa_key: SigningKey, alg: str
+) -> None:
+    claims = payload(mint_token(rsa_key, **POD))
+    token = forge({"alg": alg, "kid": rsa_key.kid}, claims, b"x" * 32)
+    reason = await refused(verifier(rsa_key).verify(token))
+    assert "not allowed" in reason and "symmetric" in reason
+
+
+async def test_unsigned_token_is_refused_with_the_reason(rsa_key: SigningKey) -> None:
+    token = forge({"alg": "none", "kid": rsa_key.kid}, payload(mint_token(rsa_key, **POD)))
+    reason = await refused(verifier(rsa_key).verify(token))
+    assert "not allowed" in reason and "unsigned" in reason
+
+
+async def test_keys_of_every_algorithm_load_from_one_jwks() -> None:
+    keys = [new_key(alg) for alg in KUBERNETES_ALGORITHMS]
+    v = verifier(*keys)
+    for key in keys:
+        assert await v.verify(mint_token(key, **POD)), key.algorithm
 
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE", ""])
@@ -721,3 +783,109 @@ async def test_refused_tokens_are_not_cached_as_good(rsa_key: SigningKey) -> Non
     bad = mint_token(rsa_key, **POD, audience="other")
     for _ in range(2):
         assert "wrong audience" in await refused(v.verify(bad))
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ({"kty": "RSA"}, {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
+        ({"kty": "RSA", "alg": "PS384"}, {"PS384"}),
+        ({"kty": "RSA", "alg": "ES256"}, set()),
+        ({"kty": "RSA", "alg": "HS256"}, set()),
+        ({"kty": "EC", "crv": "P-256"}, {"ES256"}),
+        ({"kty": "EC", "crv": "P-384"}, {"ES384"}),
+        ({"kty": "EC", "crv": "P-521"}, {"ES512"}),
+        ({"kty": "EC", "crv": "P-521", "alg": "ES256"}, set()),
+        ({"kty": "EC", "crv": "secp256k1"}, set()),
+        ({"kty": "EC"}, set()),
+        ({"kty": "OKP", "crv": "Ed25519"}, {"EdDSA"}),
+        ({"kty": "OKP", "crv": "Ed448", "alg": "EdDSA"}, {"EdDSA"}),
+        ({"kty": "OKP", "crv": "X25519"}, set()),
+        ({"kty": "oct", "k": "c2VjcmV0"}, set()),
+        ({"kty": "oct", "alg": "HS256"}, set()),
+        ({}, set()),
+        ({"kty": "RSA", "alg": 5}, set()),
+    ],
+)
+def test_key_algorithms(entry: dict[str, Any], expected: set[str]) -> None:
+    assert key_algorithms(entry) == expected
+
+
+# ------------------------------------------------------------------ API server outages
+
+
+async def test_denial_is_cached_only_briefly() -> None:
+    """A transient ``authenticated: false`` must not lock a pod out for the whole review TTL."""
+    fake, clock = FakeReview({"authenticated": False, "error": "etcd timed out"}), FakeClock()
+    reviewer = TokenReviewer(fake, ttl=30, refusal_ttl=2, clock=clock)
+    await refused(reviewer.review("tok", expires_at=clock.now + 600))
+    clock.now += 1.5
+    await refused(reviewer.review("tok", expires_at=clock.now + 600))
+    assert len(fake.calls) == 1
+    fake.status = review_status(**POD)  # the API server recovered
+    clock.now += 1
+    assert (await reviewer.review("tok", expires_at=clock.now + 600)).pod_uid == UID
+    assert len(fake.calls) == 2
+
+
+def outage_authenticator(
+    key: SigningKey, fake: FakeReview, clock: FakeClock, grace: float = 300
+) -> PodTokenAuthenticator:
+    reviewer = TokenReviewer(fake, ttl=30, clock=clock)
+    return PodTokenAuthenticator(verifier(key), reviewer, outage_thaw_grace=grace, clock=clock)
+
+
+async def test_thaw_proceeds_on_a_verified_token_while_reviews_fail(rsa_key: SigningKey) -> None:
+    fake, clock = FakeReview(), FakeClock(time.time())
+    auth = outage_authenticator(rsa_key, fake, clock)
+    token = mint_token(rsa_key, **POD)
+    fake.fail = ConnectionRefusedError("connection refused")
+    ident = await auth.authenticate(token, thaw=True)
+    assert ident == Identity(UID, "cart-1", "shop", "default")
+    with pytest.raises(AuthUnavailable):  # freezing still needs a review
+        await auth.authenticate(token)
+    # Junk is still refused during the outage: only the review is skipped, never the signature.
+    await refused(auth.authenticate(mint_token(new_rsa_key(), **POD), thaw=True))
+    await refused(auth.authenticate(mint_token(rsa_key, **POD, audience="x"), thaw=True))
+
+
+async def test_outage_thaws_are_bounded_by_the_grace(rsa_key: SigningKey) -> None:
+    fake, clock = FakeReview(), FakeClock(time.time())
+    auth = outage_authenticator(rsa_key, fake, clock, grace=300)
+    token = mint_token(rsa_key, **POD, lifetime=3600)
+    fake.fail = ConnectionRefusedError("connection refused")
+    clock.now += 10
+    assert await auth.authenticate(token, thaw=True)  # the outage starts here
+    clock.now += 299
+    assert await auth.authenticate(token, thaw=True)
+    clock.now += 2
+    with pytest.raises(AuthUnavailable):
+        await auth.authenticate(token, thaw=True)
+    fake.fail = None  # a successful review ends the outage; a later one gets a fresh grace
+    assert await auth.authenticate(token, thaw=True)
+    clock.now += 31
+    fake.fail = ConnectionRefusedError("connection refused")
+    assert await auth.authenticate(token, thaw=True)
+
+
+async def test_outage_grace_zero_never_thaws_unreviewed(rsa_key: SigningKey) -> None:
+    fake, clock = FakeReview(), FakeClock(time.time())
+    auth = outage_authenticator(rsa_key, fake, clock, grace=0)
+    fake.fail = ConnectionRefusedError("connection refused")
+    with pytest.raises(AuthUnavailable):
+        await auth.authenticate(mint_token(rsa_key, **POD), thaw=True)
+
+
+async def test_a_review_denial_is_no_outage(rsa_key: SigningKey) -> None:
+    fake = FakeReview({"authenticated": False, "error": "token has been invalidated"})
+    auth = outage_authenticator(rsa_key, fake, FakeClock(time.time()))
+    assert "invalidated" in await refused(auth.authenticate(mint_token(rsa_key, **POD), thaw=True))
+
+
+async def test_unavailable_says_a_generic_cause_and_keeps_the_detail() -> None:
+    fake = FakeReview()
+    fake.fail = AuthUnavailable("TokenReview answered 500 Internal Server Error: etcd at 10.0.0.3")
+    with pytest.raises(AuthUnavailable) as info:
+        await TokenReviewer(fake).review("tok")
+    assert "10.0.0.3" in str(info.value) and "10.0.0.3" not in info.value.cause
+    assert "TokenReview" in info.value.cause

@@ -309,3 +309,31 @@ def test_same_pod_fills_gaps_from_either_side() -> None:
     local = Identity(pod_uid=UID, pod_name="cart-1", namespace=None, service_account="default")
     reviewed = Identity(pod_uid=UID, pod_name=None, namespace="shop", service_account=None)
     assert same_pod(local, reviewed) == LOCAL
+
+
+def test_unverified_claims_reads_what_the_token_says() -> None:
+    from daemon.claims import unverified_claims
+    from testbed.tokens import mint_token, new_rsa_key
+
+    token = mint_token(new_rsa_key(), pod_uid="u-1", pod_name="p", namespace="n", now=1000)
+    assert unverified_claims(token) == ("u-1", 1600.0)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "junk",
+        "a.b",
+        "a.!!!.c",
+        "a.bnVsbA.c",  # null
+        "a.W10.c",  # []
+        "a.eyJleHAiOiB0cnVlfQ.c",  # {"exp": true}
+        "a.eyJrdWJlcm5ldGVzLmlvIjogeyJwb2QiOiB7InVpZCI6ICIuLi8ifX19.c",  # uid "../"
+        "a." + "A" * 9000 + ".c",
+    ],
+)
+def test_unverified_claims_of_junk_are_none(token: str) -> None:
+    from daemon.claims import unverified_claims
+
+    assert unverified_claims(token) == (None, None)

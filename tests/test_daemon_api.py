@@ -442,15 +442,25 @@ async def test_unexpected_runtime_exception_is_502(
 
 
 class UnavailableAuth:
-    async def authenticate(self, token: str) -> Identity:
-        raise AuthUnavailable("TokenReview failed: connection refused")
+    async def authenticate(self, token: str, *, thaw: bool = False) -> Identity:
+        raise AuthUnavailable(
+            "TokenReview answered 500: etcdserver: request timed out (10.9.8.7:2379)",
+            cause="the API server's TokenReview is unavailable",
+        )
 
 
-async def test_auth_unavailable_is_503(runtime: FakeRuntime, key: SigningKey) -> None:
+async def test_auth_unavailable_is_503(
+    runtime: FakeRuntime, key: SigningKey, caplog: pytest.LogCaptureFixture
+) -> None:
     async with TestClient(TestServer(make_app(UnavailableAuth(), runtime))) as c:
         status, body = await call(c, "POST", "/freeze", headers=tok(key))
     assert status == 503 and "retry" in body["error"]
+    assert "TokenReview is unavailable" in body["error"]
     assert runtime.calls == []
+    # The API server's own words go to the daemon's log only, never to an unauthenticated caller.
+    assert "10.9.8.7" not in json.dumps(body) and "etcdserver" not in json.dumps(body)
+    record = next(r for r in caplog.records if r.getMessage() == "cannot check token")
+    assert "10.9.8.7" in record.__dict__["error"]
 
 
 # ------------------------------------------------------------------ concurrency and logs
@@ -641,3 +651,129 @@ def test_help_lists_every_flag() -> None:
         "--log-level",
     ):
         assert flag in out.decode(), flag
+
+
+# ------------------------------------------------------------------ what a caller may cost
+
+
+async def limited_client(
+    key: SigningKey, runtime: FakeRuntime, **limits: Any
+) -> TestClient[Any, Any]:
+    from daemon.limits import LimitSettings
+
+    auth = PodTokenAuthenticator(
+        JwtVerifier(KeyCache(StaticKeys(key), issuer=DEFAULT_ISSUER)), None
+    )
+    client: TestClient[Any, Any] = TestClient(
+        TestServer(make_app(auth, runtime, LimitSettings(**limits)))
+    )
+    await client.start_server()
+    return client
+
+
+async def test_freezing_a_frozen_pod_costs_no_runtime_call(
+    client: TestClient[Any, Any], key: SigningKey, runtime: FakeRuntime
+) -> None:
+    headers = tok(key)
+    for _ in range(3):
+        status, body = await call(client, "POST", "/freeze", headers=headers)
+        assert (status, body["state"], body["containers"]) == (
+            200,
+            "frozen",
+            ["user-container", "sidecar"],
+        )
+    assert body["unchanged"] is True
+    for _ in range(3):
+        status, body = await call(client, "POST", "/", headers=headers, json={"action": "resume"})
+        assert (status, body["state"]) == (200, "thawed")
+    assert [verb for verb, _, _ in runtime.calls] == ["pause", "resume"]
+
+
+async def test_a_failed_call_forgets_the_state(
+    client: TestClient[Any, Any], key: SigningKey, runtime: FakeRuntime
+) -> None:
+    headers = tok(key)
+    assert (await call(client, "POST", "/freeze", headers=headers))[0] == 200
+    runtime.fail = RuntimeFailure("containerd hiccup")
+    assert (await call(client, "POST", "/thaw", headers=headers))[0] == 502
+    runtime.fail = None
+    assert (await call(client, "POST", "/freeze", headers=headers))[0] == 200
+    assert (await call(client, "POST", "/freeze", headers=headers))[0] == 200
+    assert [verb for verb, _, _ in runtime.calls] == ["pause", "resume", "pause"]
+
+
+async def test_another_narrowing_is_never_a_noop(
+    client: TestClient[Any, Any], key: SigningKey, runtime: FakeRuntime
+) -> None:
+    """A whole-pod thaw after a one-container freeze must reach the runtime."""
+    headers = tok(key)
+    assert (await call(client, "POST", "/thaw", headers=headers))[0] == 200
+    assert (await call(client, "POST", "/freeze?container=sidecar", headers=headers))[0] == 200
+    assert (await call(client, "POST", "/thaw", headers=headers))[0] == 200
+    assert runtime.pods[POD_A["pod_uid"]]["sidecar"] == "running"
+    assert [c for _, _, c in runtime.calls] == [[], ["sidecar"], []]
+
+
+async def test_freezes_are_rate_limited_per_pod_thaws_never(
+    key: SigningKey, runtime: FakeRuntime
+) -> None:
+    client = await limited_client(key, runtime, freeze_rate=0.01, freeze_burst=2)
+    try:
+        a, b = tok(key), tok(key, POD_B)
+        for _ in range(2):
+            assert (await call(client, "POST", "/freeze", headers=a))[0] == 200
+            assert (await call(client, "POST", "/thaw", headers=a))[0] == 200
+        async with client.post("/freeze", headers=a) as resp:
+            body = await resp.json()
+            assert resp.status == 429 and "stays thawed" in body["error"], body
+            assert int(resp.headers["Retry-After"]) >= 1
+        assert runtime.pods[POD_A["pod_uid"]]["user-container"] == "running"
+        assert (await call(client, "POST", "/thaw", headers=a))[0] == 200
+        assert (await call(client, "POST", "/freeze", headers=b))[0] == 200  # another pod
+    finally:
+        await client.close()
+
+
+async def test_a_flood_of_bad_tokens_never_blocks_a_good_one(
+    key: SigningKey, runtime: FakeRuntime
+) -> None:
+    client = await limited_client(
+        key, runtime, refusal_rate=0.01, refusal_burst=5, refusal_delay=0.2
+    )
+    try:
+        good = tok(key)
+        assert (await call(client, "POST", "/thaw", headers=good))[0] == 200
+        statuses = []
+        started = time.monotonic()
+        for token in ["junk", mint_token(new_rsa_key(), **ABSENT)] * 5:
+            statuses.append((await call(client, "POST", "/freeze", headers={"Token": token}))[0])
+        assert statuses[:5] == [403] * 5 and set(statuses[5:]) == {429}
+        assert time.monotonic() - started >= 5 * 0.2  # each 429 made its caller wait
+        # The flooded source (every pod of a node shares one behind hostPort's SNAT) still thaws
+        # with a known token, and with a freshly rotated token of a pod known here.
+        assert (await call(client, "POST", "/freeze", headers=good))[0] == 200
+        assert (await call(client, "POST", "/thaw", headers=tok(key)))[0] == 200
+        # A pod never seen here shares the source's bucket: its first call waits for a refill.
+        status, body = await call(client, "POST", "/thaw", headers=tok(key, POD_B))
+        assert status == 429 and "too many refused tokens" in body["error"]
+    finally:
+        await client.close()
+
+
+async def test_a_slow_knative_body_is_408(key: SigningKey, runtime: FakeRuntime) -> None:
+    client = await limited_client(key, runtime, body_timeout=0.2)
+    try:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        token = mint_token(key, **POD_A)
+        writer.write(
+            f"POST / HTTP/1.1\r\nHost: x\r\nToken: {token}\r\nContent-Length: 30\r\n\r\n"
+            '{"action": '.encode()
+        )
+        started = time.monotonic()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert time.monotonic() - started < 2
+        writer.close()
+        assert runtime.calls == []
+    finally:
+        await client.close()

@@ -357,3 +357,26 @@ def test_kubectl_apply_f_reads_only_the_manifests(tmp_path: Path) -> None:
         if line.startswith("unable to recognize")
     }
     assert read == {f"config/{p.name}" for p in install_files()}
+
+
+def test_daemonset_is_node_critical() -> None:
+    """A node agent whose absence leaves frozen pods frozen is evicted last (issue #11, 13)."""
+    spec = find("DaemonSet", "freeze-daemon-containerd")["spec"]["template"]["spec"]
+    assert spec["priorityClassName"] == "system-node-critical"
+
+
+def test_daemon_network_policy_admits_only_mutated_pods() -> None:
+    from webhook.mutation import LABEL_ADDED
+
+    ds = find("DaemonSet", "freeze-daemon-containerd")
+    spec = ds["spec"]["template"]["spec"]
+    assert not spec.get("hostNetwork"), "a NetworkPolicy does not apply to hostNetwork pods"
+    (port,) = spec["containers"][0]["ports"]
+    policy = find("NetworkPolicy", "freeze-daemon")
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": port["containerPort"]}]
+    (peer,) = rule["from"]
+    assert peer == {"namespaceSelector": {}, "podSelector": {"matchLabels": {LABEL_ADDED: "true"}}}

@@ -165,11 +165,11 @@ class SlowFirstCall:
         self.delay = delay
         self.calls = 0
 
-    async def authenticate(self, token: str) -> Identity:
+    async def authenticate(self, token: str, *, thaw: bool = False) -> Identity:
         self.calls += 1
         if self.calls == 1:
             await asyncio.sleep(self.delay)
-        return await self.inner.authenticate(token)
+        return await self.inner.authenticate(token, thaw=thaw)
 
 
 async def test_order_holds_when_the_older_call_authenticates_slower(key: SigningKey) -> None:

@@ -218,22 +218,6 @@ class ContainerdRuntime:
                 raise _Stale(name, details) from None
             raise _failure(f"{verb} of container {name} ({container_id[:12]})", err) from None
 
-    async def pause_container(self, container_id: str, name: str = "") -> None:
-        """Tasks.Pause one container by id; pausing a paused one succeeds. No lookup, no retry."""
-        try:
-            await self._task_call("pause", name or container_id[:12], container_id, _ALREADY_PAUSED)
-        except _Stale as stale:
-            raise ContainerNotFound(f"container {stale.name}: {stale.detail}") from None
-
-    async def resume_container(self, container_id: str, name: str = "") -> None:
-        """Tasks.Resume one container by id; resuming a running one succeeds. No lookup."""
-        try:
-            await self._task_call(
-                "resume", name or container_id[:12], container_id, _ALREADY_RUNNING
-            )
-        except _Stale as stale:
-            raise ContainerNotFound(f"container {stale.name}: {stale.detail}") from None
-
     async def _each(self, verb: str, targets: Mapping[str, str], ok_when: Sequence[str]) -> None:
         """Run the call on every container at once; let all finish before raising."""
         results = await asyncio.gather(
