@@ -373,7 +373,7 @@ class Downstream(asyncio.Protocol):
             if resp.status >= 200 or resp.status == 101:
                 break
             # Interim (100 Continue, 103 Early Hints): pass on, the final answer follows.
-            self.transport.write(http1.serialize(resp.start, http1.end_to_end(resp)))
+            self.transport.write(http1.interim_response(resp))
         self._resp = resp
         self._head_sent = True
         if resp.upgrade and self._req.upgrade:

@@ -278,7 +278,7 @@ async def test_http10_client_gets_its_answer_and_a_close(make_bed: Callable[...,
 
     bed: Bed = await make_bed(app)
     answer = await bed.exchange(b"GET / HTTP/1.0\r\n\r\n")
-    assert answer.startswith(b"HTTP/1.0 200") and answer.endswith(b"\r\n\r\nok")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nok")
     assert b"connection: close" in seen[0].lower()
     await bed.settled()
 
@@ -456,3 +456,99 @@ async def test_backpressure_from_an_app_connection_ends_with_its_exchange() -> N
     assert app.closed and relay.acquire() is None, "a connection mid-body was pooled"
     down.data_received(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
     assert relay.admission.arrived == 2  # type: ignore[attr-defined]
+
+
+# -- framing is not a header (issue #11, item 1) ----------------------------------------------
+
+
+@dataclass
+class FramedApp:
+    """An app that reads each request's body by its Content-Length (as a real server does) and
+    answers with the request line; ``slow`` paths answer after a delay."""
+
+    lines: list[bytes] = field(default_factory=list)
+    connections: int = 0
+    slow: bytes = b"/slow"
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await read_head(reader)
+                line = head.split(b"\r\n")[0]
+                self.lines.append(line)
+                for header in head.split(b"\r\n")[1:]:
+                    if header.lower().startswith(b"content-length:"):
+                        await reader.readexactly(int(header.split(b":")[1]))
+                if line.split(b" ")[1].startswith(self.slow):
+                    await asyncio.sleep(0.2)
+                writer.write(ok(line))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+
+async def test_connection_naming_content_length_cannot_smuggle_a_request(
+    make_bed: Callable[..., Any],
+) -> None:
+    """``Connection: content-length`` must not strip the framing the relay relays the body by:
+    else the app reads the body as a second request on a pooled connection, and its answer
+    goes to the next client that gets that connection."""
+    app = FramedApp()
+    bed: Bed = await make_bed(app)
+    smuggled = b"GET /slow/smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+    reader, writer = await bed.client()
+    writer.write(
+        b"POST /a HTTP/1.1\r\nHost: a\r\nConnection: content-length\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled)
+    )
+    assert (await read_response(reader))[1] == b"POST /a HTTP/1.1"
+    writer.close()
+    reader, writer = await bed.client()  # another client, on the pooled app connection
+    writer.write(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (await asyncio.wait_for(read_response(reader), 5))[1] == b"GET /b HTTP/1.1"
+    writer.close()
+    assert app.lines == [b"POST /a HTTP/1.1", b"GET /b HTTP/1.1"]
+    assert app.connections == 1
+    await bed.settled()
+
+
+@pytest.mark.parametrize("named", [b"content-length", b"Content-Length, keep-alive"])
+async def test_connection_naming_content_length_in_a_response_keeps_its_framing(
+    make_bed: Callable[..., Any], named: bytes
+) -> None:
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await read_head(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            writer.write(ok(b"hello", b"Connection: " + named + b"\r\n"))
+
+    bed: Bed = await make_bed(app)
+    reader, writer = await bed.client()
+    for path in (b"/1", b"/2"):
+        writer.write(b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % path)
+        head, body = await asyncio.wait_for(read_response(reader), 5)
+        assert b"\r\ncontent-length: 5\r\n" in head.lower() and body == b"hello"
+    writer.close()
+    await bed.settled()
+
+
+async def test_connection_naming_host_does_not_strip_the_host(
+    make_bed: Callable[..., Any],
+) -> None:
+    seen: list[bytes] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_head(reader))
+        writer.write(ok())
+        await writer.drain()
+
+    bed: Bed = await make_bed(app)
+    reader, writer = await bed.client()
+    writer.write(b"GET / HTTP/1.1\r\nHost: app.example\r\nConnection: host\r\n\r\n")
+    await read_response(reader)
+    writer.close()
+    assert b"\r\nHost: app.example\r\n" in seen[0]
+    await bed.settled()
