@@ -386,11 +386,12 @@ class Downstream(asyncio.Protocol):
             if data:
                 self.transport.write(data)
             return
-        if resp.framing == UNTIL_CLOSE:
-            self._closing = True
+        http10 = self._req.version == b"HTTP/1.0"
+        if resp.framing == UNTIL_CLOSE or (http10 and resp.framing == CHUNKED):
+            self._closing = True  # the client could not tell where the next answer starts
         self._resp_remaining = resp.length
         self._resp_chunks = http1.ChunkedScanner() if resp.framing == CHUNKED else None
-        head = http1.downstream_response(resp, not self._closing)
+        head = http1.downstream_response(resp, not self._closing, http10)
         self._response_body(data, head)
 
     def _response_body(self, data: bytes, head: bytes) -> None:

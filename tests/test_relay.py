@@ -552,3 +552,55 @@ async def test_connection_naming_host_does_not_strip_the_host(
     writer.close()
     assert b"\r\nHost: app.example\r\n" in seen[0]
     await bed.settled()
+
+
+# -- HTTP/1.0 clients (issue #11, item 16) ----------------------------------------------------
+
+
+def http10_app(body: bytes = b"ok", framing: bytes = b"") -> AppHandler:
+    """Answers each request (its connection then closes, as asked by the relay) like a plain
+    HTTP/1.0 server: with a Content-Length, or ``framing`` instead when given."""
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        if framing:
+            writer.write(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n" + body)
+        else:
+            writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    return app
+
+
+async def test_an_http10_keep_alive_client_is_told_keep_alive_and_served_again(
+    make_bed: Callable[..., Any],
+) -> None:
+    bed: Bed = await make_bed(http10_app())
+    reader, writer = await bed.client()
+    for _ in range(2):
+        writer.write(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+        head, body = await asyncio.wait_for(read_response(reader), 5)
+        assert b"\r\nconnection: keep-alive\r\n" in head.lower() and body == b"ok"
+    writer.close()
+    await bed.settled()
+    assert bed.admission.arrived == 2
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [b"Transfer-Encoding: chunked\r\n", b""],  # chunked (unknown to 1.0), or ends at close
+    ids=["chunked", "until-close"],
+)
+async def test_an_http10_client_is_closed_after_an_answer_it_cannot_delimit(
+    make_bed: Callable[..., Any], framing: bytes
+) -> None:
+    body = b"2\r\nok\r\n0\r\n\r\n" if framing else b"ok"
+    bed: Bed = await make_bed(http10_app(body, framing or b"X: 1\r\n"))
+    reader, writer = await bed.client()
+    writer.write(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)  # ends: the relay closes
+    assert b"\r\nconnection: close\r\n" in answer.lower()
+    assert answer.endswith(body)
+    writer.close()
+    await bed.settled()
