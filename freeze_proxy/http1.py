@@ -195,6 +195,20 @@ def parse_response(head: bytes, request_method: bytes) -> ResponseHead:
     )
 
 
+# Methods a client may send twice, and headers that make any request so (as Go's Transport).
+# PUT and DELETE are idempotent by RFC 9110 too, yet Go does not resend them: neither do we.
+RESENDABLE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+IDEMPOTENCY_KEYS = frozenset({b"idempotency-key", b"x-idempotency-key"})
+
+
+def may_send_again(request: RequestHead) -> bool:
+    """Whether the request may be sent a second time after the app may have read it (a kept-alive
+    connection dropped before any answer): only if acting on it twice is harmless."""
+    if request.method in RESENDABLE_METHODS:
+        return True
+    return any(name.lower() in IDEMPOTENCY_KEYS for name, _ in request.headers)
+
+
 def end_to_end(head: Head) -> list[tuple[bytes, bytes]]:
     """The headers relayed as they are: all but hop-by-hop ones, those the Connection header
     names (except the Host) and the framing ones (the writers emit those from the fields)."""

@@ -24,7 +24,9 @@ from freeze_proxy.http1 import CHUNKED, END_OF_HEAD, LENGTH, NO_BODY, UNTIL_CLOS
 
 log = logging.getLogger("freeze_proxy.relay")
 
-REPLAY_LIMIT = 65536  # a request up to this size is re-sent when a pooled connection was stale
+# A request the app may resend (``http1.may_send_again``) up to this size is kept until the app
+# answers, to send it once more if a pooled connection turns out stale (closed by the app).
+REPLAY_LIMIT = 65536
 MAX_POOLED = 256  # idle keep-alive connections kept to the app
 BUFFER_LIMIT = 262144  # bytes read ahead from a client before we stop reading it
 
@@ -73,6 +75,12 @@ RESUME_FAILED = (
     "the app could not be resumed, so the request was not forwarded; check that the "
     "freeze-daemon on this node is running and accepts this pod's token (see the freeze-proxy "
     "and freeze-daemon logs)"
+)
+
+NOT_SENT_AGAIN = (
+    "the app closed a kept-alive connection without answering; the request was not sent again "
+    "as the app may have acted on it (only GET, HEAD, OPTIONS, TRACE, or a request with an "
+    "Idempotency-Key header, up to 64 KiB, is)"
 )
 
 # Why a client connection is not being read (several may hold at once).
@@ -277,15 +285,18 @@ class Downstream(asyncio.Protocol):
             self.relay.admission.refused()
             self._refuse(503, RESUME_FAILED, "resume-failed")
             return
+        # The app was (maybe) frozen: connections pooled before are not trusted after, as
+        # its keep-alive timers ran out meanwhile and fire now, just as we would send on them.
+        self.relay.drop_idle()
         self._forward()
 
-    def _forward(self, replay: bytes | None = None) -> None:
+    def _forward(self) -> None:
         """Send the request to the app on a pooled connection, or connect first."""
         up = self.relay.acquire()
         if up is None:
-            self.relay.spawn(self._connect_then_send(replay))
+            self.relay.spawn(self._connect_then_send(None))
             return
-        self._send(up, replay)
+        self._send(up, None)
 
     async def _connect_then_send(self, replay: bytes | None) -> None:
         try:
@@ -305,11 +316,11 @@ class Downstream(asyncio.Protocol):
         if self._write_paused and up.transport is not None:
             up.transport.pause_reading()
         if replay is not None:
-            self._sent = [replay]
+            self._sent = None  # sent again once: never a third time
             up.write(replay)
             return
         head = http1.upstream_request(self._req, self._peer)
-        self._sent = [head]
+        self._sent = [head] if up.reused and http1.may_send_again(self._req) else None
         up.write(head)
         if not self._req_done:  # what was read ahead starts the body (a done one keeps it)
             buffered, self._buffer = self._buffer, b""
@@ -462,11 +473,14 @@ class Downstream(asyncio.Protocol):
             return
         if self._resp is None:
             if up.reused and self._sent is not None and self.transport is not None:
-                # A pooled connection the app had closed (idle timeout, often right after a
-                # resume): nothing was answered, so sending it again is safe.
-                replay = b"".join(self._sent)
-                self._forward(replay)
+                # A pooled connection the app closed (its idle timeout) as we sent on it, and
+                # a request it may get twice: send it once more, on a fresh connection (a
+                # failure there is the app's answer, Go's Transport rule).
+                replay, self._sent = b"".join(self._sent), None
+                self.relay.spawn(self._connect_then_send(replay))
                 return
+            if up.reused:
+                exc = ConnectionError(NOT_SENT_AGAIN)
             self._upstream_failed(exc or ConnectionError("the app closed the connection"))
             return
         if self._resp.framing == UNTIL_CLOSE:
@@ -569,6 +583,12 @@ class Relay:
         except TimeoutError as exc:
             raise OSError(f"connect timed out after {self.connect_timeout} s") from exc
         return up
+
+    def drop_idle(self) -> None:
+        """Close every pooled connection (the app was frozen: they may be stale)."""
+        idle, self._idle = self._idle, []
+        for up in idle:
+            up.close()
 
     def release(self, up: Upstream) -> None:
         if up.closed or len(self._idle) >= MAX_POOLED:

@@ -30,6 +30,7 @@ from freeze_proxy.http1 import (
     end_to_end,
     interim_response,
     json_response,
+    may_send_again,
     parse_request,
     parse_response,
     serialize,
@@ -1180,3 +1181,31 @@ def test_scanner_ends_exactly_at_the_body_end_however_the_bytes_are_split(
     else:
         pytest.fail("the scanner never found the end of a complete body")
     assert consumed == len(body)
+
+
+# -- may_send_again ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"OPTIONS", b"TRACE"])
+def test_safe_methods_may_be_sent_again(method: bytes) -> None:
+    assert may_send_again(request(b"Host: h", start=method + b" / HTTP/1.1"))
+
+
+@pytest.mark.parametrize(
+    "method", [b"POST", b"PUT", b"DELETE", b"PATCH", b"CONNECT", b"get", b"PROPFIND"]
+)
+def test_other_methods_are_never_sent_twice(method: bytes) -> None:
+    assert not may_send_again(request(b"Host: h", start=method + b" / HTTP/1.1"))
+
+
+@pytest.mark.parametrize(
+    "key",
+    [b"Idempotency-Key: k", b"idempotency-key: k", b"X-Idempotency-Key: k", b"X-IDEMPOTENCY-KEY:"],
+)
+def test_an_idempotency_key_lets_any_request_be_sent_again(key: bytes) -> None:
+    assert may_send_again(request(b"Host: h", key, start=b"POST /charge HTTP/1.1"))
+
+
+def test_a_similar_header_is_no_idempotency_key() -> None:
+    req = request(b"Idempotency: k", b"X-Idempotency-Keys: k", start=b"POST / HTTP/1.1")
+    assert not may_send_again(req)

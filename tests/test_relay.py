@@ -66,6 +66,12 @@ class Bed:
         raise AssertionError(f"{self.admission} never settled")
 
 
+async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    async with asyncio.timeout(within):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
 async def read_head(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
 
@@ -190,7 +196,7 @@ async def test_expect_100_continue_is_passed_through(make_bed: Callable[..., Any
 async def test_a_pooled_connection_the_app_closed_is_replaced_without_an_error(
     make_bed: Callable[..., Any],
 ) -> None:
-    """An app's idle timeout fires right after a resume: the request is sent again, once."""
+    """An app's idle timeout fires as a GET is sent: the GET is sent again, once."""
     connections = 0
 
     async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -205,12 +211,131 @@ async def test_a_pooled_connection_the_app_closed_is_replaced_without_an_error(
 
     bed: Bed = await make_bed(app)
     reader, writer = await bed.client()
-    writer.write(b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+    writer.write(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
     assert (await read_response(reader))[1] == b"hello"
-    writer.write(b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+    writer.write(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
     head, body = await read_response(reader)
     assert head.startswith(b"HTTP/1.1 200") and body == b"hello"
     assert connections == 2
+    writer.close()
+    await bed.settled()
+
+
+@dataclass
+class DroppingApp:
+    """Answers the first request on each connection (``/slow`` ones late); reads every later
+    one whole (it may have acted on it: it counts it) and drops the connection unanswered."""
+
+    received: list[bytes] = field(default_factory=list)
+    connections: int = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        first = True
+        try:
+            while True:
+                head = await read_head(reader)
+                line = head.split(b"\r\n")[0]
+                for header in head.split(b"\r\n")[1:]:
+                    if header.lower().startswith(b"content-length:"):
+                        await reader.readexactly(int(header.split(b":")[1]))
+                self.received.append(line)
+                if not first or line.split(b" ")[1].startswith(b"/drop"):
+                    writer.transport.abort()
+                    return
+                first = False
+                if line.split(b" ")[1].startswith(b"/slow"):
+                    await asyncio.sleep(0.1)
+                writer.write(ok(line))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    def count(self, line: bytes) -> int:
+        return self.received.count(line)
+
+
+async def pool_connections(bed: Bed, n: int) -> None:
+    """Leave ``n`` idle connections to the app in the pool (n concurrent slow requests)."""
+
+    async def one(i: int) -> None:
+        reader, writer = await bed.client()
+        writer.write(b"GET /slow/%d HTTP/1.1\r\nHost: a\r\n\r\n" % i)
+        await read_response(reader)
+        writer.close()
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    await bed.settled()
+
+
+async def test_a_post_on_a_stale_pooled_connection_is_not_sent_twice(
+    make_bed: Callable[..., Any],
+) -> None:
+    app = DroppingApp()
+    bed: Bed = await make_bed(app)
+    await pool_connections(bed, 1)
+    reader, writer = await bed.client()
+    writer.write(b"POST /charge HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n42")
+    head, body = await asyncio.wait_for(read_response(reader), 5)
+    assert app.count(b"POST /charge HTTP/1.1") == 1, "the app was charged twice"
+    assert head.startswith(b"HTTP/1.1 502 ")
+    assert b"Idempotency-Key" in body  # the cause says how to allow a retry
+    writer.close()
+    await bed.settled()
+
+
+@pytest.mark.parametrize("key", [b"Idempotency-Key", b"x-idempotency-key"])
+async def test_a_post_with_an_idempotency_key_is_sent_again_once(
+    make_bed: Callable[..., Any], key: bytes
+) -> None:
+    app = DroppingApp()
+    bed: Bed = await make_bed(app)
+    await pool_connections(bed, 1)
+    reader, writer = await bed.client()
+    writer.write(b"POST /charge HTTP/1.1\r\nHost: a\r\n%s: k1\r\nContent-Length: 2\r\n\r\n42" % key)
+    head, body = await asyncio.wait_for(read_response(reader), 5)
+    assert head.startswith(b"HTTP/1.1 200 ") and body == b"POST /charge HTTP/1.1"
+    assert app.count(b"POST /charge HTTP/1.1") == 2
+    writer.close()
+    await bed.settled()
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
+async def test_a_request_is_sent_again_at_most_once_however_many_pooled_connections_are_stale(
+    make_bed: Callable[..., Any], method: bytes
+) -> None:
+    """Three stale pooled connections, and an app that drops the request on a fresh one too:
+    GET & co are sent twice at most (once again, on a fresh connection), then 502; PUT and
+    DELETE are idempotent by RFC, yet not retried without a key (as Go's Transport does)."""
+    app = DroppingApp()
+    bed: Bed = await make_bed(app)
+    await pool_connections(bed, 3)
+    answer = await bed.exchange(b"%s /drop HTTP/1.1\r\nHost: a\r\n\r\n" % method)
+    assert answer.startswith(b"HTTP/1.1 502 ")
+    sent = app.count(b"%s /drop HTTP/1.1" % method)
+    assert sent == (2 if method in (b"GET", b"HEAD", b"OPTIONS", b"TRACE") else 1)
+    await bed.settled()
+
+
+async def test_after_a_freeze_the_next_request_uses_a_fresh_connection(
+    make_bed: Callable[..., Any],
+) -> None:
+    """Connections pooled before a freeze are not reused after it: the app's keep-alive timers
+    ran out while it was frozen and fire as it resumes, just as the next request is sent."""
+    app = FramedApp()
+    bed: Bed = await make_bed(app)
+    reader, writer = await bed.client()
+    writer.write(b"GET /before HTTP/1.1\r\nHost: a\r\n\r\n")
+    await read_response(reader)
+    assert app.connections == 1
+    wakeup = bed.admission.wakeup = Wakeup()  # the app is frozen: requests wait for a resume
+    writer.write(b"POST /after HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx")
+    await until(lambda: bed.admission.arrived == 2)
+    bed.admission.wakeup = None
+    wakeup.ok = True
+    wakeup.event.set()
+    assert (await asyncio.wait_for(read_response(reader), 5))[1] == b"POST /after HTTP/1.1"
+    assert app.connections == 2
     writer.close()
     await bed.settled()
 
