@@ -29,6 +29,7 @@ log = logging.getLogger("freeze_proxy.relay")
 REPLAY_LIMIT = 65536
 MAX_POOLED = 256  # idle keep-alive connections kept to the app
 BUFFER_LIMIT = 262144  # bytes read ahead from a client before we stop reading it
+PARKED_READ_AHEAD = 65536  # the same while its request waits to be forwarded (a resume)
 
 
 class Wakeup:
@@ -83,11 +84,22 @@ NOT_SENT_AGAIN = (
     "Idempotency-Key header, up to 64 KiB, is)"
 )
 
+WAIT_TIMED_OUT = (
+    "the request waited {} for the app to be resumed and was not forwarded; check that the "
+    "freeze-daemon on this node answers (see the freeze-proxy and freeze-daemon logs)"
+)
+
+
+def _go_duration(seconds: float) -> str:
+    return f"{round(seconds * 1000)}ms" if seconds < 1 else f"{seconds:g}s"
+
+
 # Why a client connection is not being read (several may hold at once).
 # (A client is read even while its request waits for the answer, so a client that goes away
 # is noticed at once and its request departs: the app may freeze without waiting for it.)
 _HOLD_UPSTREAM = 1  # the app reads the request body slower than the client sends it
-_HOLD_BUFFER = 2  # BUFFER_LIMIT bytes read ahead (pipelined, or waiting for the app/a resume)
+_HOLD_BUFFER = 2  # BUFFER_LIMIT bytes read ahead (pipelined, or waiting for the app), or
+# PARKED_READ_AHEAD while the request waits to be forwarded
 
 
 class Upstream(asyncio.Protocol):
@@ -207,7 +219,7 @@ class Downstream(asyncio.Protocol):
         self._buffer += data
         if self._req is None:
             self._next_request()
-        elif len(self._buffer) > BUFFER_LIMIT:
+        elif len(self._buffer) > (BUFFER_LIMIT if self._up is not None else PARKED_READ_AHEAD):
             self.hold(_HOLD_BUFFER)
 
     def eof_received(self) -> bool:
@@ -274,11 +286,21 @@ class Downstream(asyncio.Protocol):
         wakeup = self.relay.admission.arrive()
         if wakeup is None:
             self._forward()
-        else:
-            self.relay.spawn(self._forward_after(wakeup))
+            return
+        self.relay.spawn(self._forward_after(wakeup))
+        if len(self._buffer) > PARKED_READ_AHEAD:
+            self.hold(_HOLD_BUFFER)
 
     async def _forward_after(self, wakeup: Wakeup) -> None:
-        await wakeup.event.wait()
+        try:
+            async with asyncio.timeout(self.relay.wait_timeout):
+                await wakeup.event.wait()
+        except TimeoutError:
+            if self.transport is not None:
+                self.relay.admission.refused()
+                message = WAIT_TIMED_OUT.format(_go_duration(self.relay.wait_timeout))
+                self._refuse(503, message, "wait-timeout")
+            return
         if self.transport is None:
             return  # the client left while the app was being resumed
         if not wakeup.ok:
@@ -373,12 +395,12 @@ class Downstream(asyncio.Protocol):
                 self._resp_buf = data
                 return
             if end < 0 or end > http1.MAX_HEAD:
-                self._abort("the app sent a response head larger than 64 KiB")
+                self._bad_response("the app sent a response head larger than 64 KiB")
                 return
             try:
                 resp = http1.parse_response(data[:end], self._req.method)
             except HttpError as exc:
-                self._abort(str(exc))
+                self._bad_response(str(exc))
                 return
             data = data[end + 4 :]
             if resp.status >= 200 or resp.status == 101:
@@ -386,9 +408,8 @@ class Downstream(asyncio.Protocol):
             # Interim (100 Continue, 103 Early Hints): pass on, the final answer follows.
             self.transport.write(http1.interim_response(resp))
         self._resp = resp
-        self._head_sent = True
         if resp.upgrade and self._req.upgrade:
-            self._tunnel = True
+            self._tunnel = self._head_sent = True
             self.unhold(_HOLD_BUFFER)
             self.transport.write(http1.downstream_response(resp, True))
             if self._buffer and self._up is not None:
@@ -422,7 +443,7 @@ class Downstream(asyncio.Protocol):
             try:
                 n = self._resp_chunks.feed(data)
             except HttpError as exc:
-                self._abort(f"the app sent a bad chunked body: {exc}")
+                self._bad_response(f"the app sent a bad chunked body: {exc}")
                 return
             if n >= 0:
                 extra = n < len(data)
@@ -435,6 +456,7 @@ class Downstream(asyncio.Protocol):
         out = head + data if head else data
         if out:
             self.transport.write(out)
+            self._head_sent = True
         if done:
             self._response_done(reuse=not extra)
 
@@ -500,6 +522,18 @@ class Downstream(asyncio.Protocol):
         message = f"the app at {self.relay.address} did not answer: {exc}"
         self._refuse(502, message, "upstream")
 
+    def _bad_response(self, why: str) -> None:
+        """The app's answer cannot be relayed: a 502 if the client has seen none of it."""
+        if self._head_sent:
+            self._abort(why)
+            return
+        log.warning(
+            "the app sent a bad response", extra={"upstream": self.relay.address, "err": why}
+        )
+        self._refuse(
+            502, f"the app at {self.relay.address} sent a bad response: {why}", "bad-response"
+        )
+
     def _refuse(self, status: int, message: str, cause: str) -> None:
         """Answer with our own error and close (what follows in the stream is unknowable)."""
         if self.transport is not None:
@@ -545,13 +579,19 @@ class Relay:
     """What the connections share: the app's address, the pool, the admission, the tasks."""
 
     def __init__(
-        self, host: str, port: int, admission: Admission, connect_timeout: float = 10.0
+        self,
+        host: str,
+        port: int,
+        admission: Admission,
+        connect_timeout: float = 10.0,
+        wait_timeout: float = 30.0,
     ) -> None:
         self.host = host
         self.port = port
         self.address = f"{host}:{port}"
         self.admission = admission
         self.connect_timeout = connect_timeout
+        self.wait_timeout = wait_timeout  # how long a request may wait for a resume: then 503
         self.downstreams: set[Downstream] = set()
         self._idle: list[Upstream] = []
         self._tasks: set[asyncio.Task[None]] = set()

@@ -9,6 +9,7 @@ one would let it freeze under a request).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,12 +92,12 @@ async def make_bed() -> AsyncIterator[Callable[[AppHandler], Awaitable[Bed]]]:
     servers: list[asyncio.Server] = []
     relays: list[Relay] = []
 
-    async def make(app: AppHandler) -> Bed:
+    async def make(app: AppHandler, **relay_options: Any) -> Bed:
         app_server = await asyncio.start_server(app, "127.0.0.1", 0)
         servers.append(app_server)
         app_port = app_server.sockets[0].getsockname()[1]
         admission = CountingAdmission()
-        relay = Relay("127.0.0.1", app_port, admission)
+        relay = Relay("127.0.0.1", app_port, admission, **relay_options)
         relays.append(relay)
         loop = asyncio.get_running_loop()
         server = await loop.create_server(relay.protocol, "127.0.0.1", 0)
@@ -729,3 +730,127 @@ async def test_an_http10_client_is_closed_after_an_answer_it_cannot_delimit(
     assert answer.endswith(body)
     writer.close()
     await bed.settled()
+
+
+# -- a bad or missing answer, a bounded wait (issue #11, item 8) ------------------------------
+
+
+def answering(response: bytes) -> AppHandler:
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(response)
+        await writer.drain()
+        await reader.read()  # keep the connection open: the relay must decide, not wait
+
+    return app
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nBad Header: 1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 20x OK\r\n\r\n",
+    ],
+    ids=["garbage", "status", "ambiguous", "lengths", "header", "oversized", "after-100"],
+)
+async def test_a_malformed_response_gives_a_502_naming_the_cause(
+    make_bed: Callable[..., Any], response: bytes
+) -> None:
+    bed: Bed = await make_bed(answering(response))
+    reader, writer = await bed.client()
+    writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    if answer.startswith(b"HTTP/1.1 100 "):  # passed on; then the final answer is ours
+        answer = answer.partition(b"\r\n\r\n")[2]
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), answer
+    body = json.loads(payload)
+    assert body["cause"] == "bad-response"
+    assert "the app" in body["error"]
+    writer.close()
+    await bed.settled()
+
+
+@pytest.mark.parametrize("first", [b"", b"2\r\nok\r\n"], ids=["head-alone", "head-and-a-chunk"])
+async def test_a_bad_body_after_the_head_was_sent_aborts_the_client(
+    make_bed: Callable[..., Any], first: bytes
+) -> None:
+    """Once the client has the head, a 502 is no longer possible: the connection is reset, so
+    the client cannot take the truncated body for a whole one."""
+    head_seen = asyncio.Event()
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + first)
+        await writer.drain()
+        await head_seen.wait()
+        writer.write(b"zz\r\n")
+        await writer.drain()
+        await reader.read()
+
+    bed: Bed = await make_bed(app)
+    reader, writer = await bed.client()
+    writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (await read_head(reader)).startswith(b"HTTP/1.1 200 OK")
+    head_seen.set()
+    with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+        await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5)
+    writer.close()
+    await bed.settled()
+
+
+async def test_a_request_waiting_longer_than_wait_timeout_gets_a_503(
+    make_bed: Callable[..., Any],
+) -> None:
+    hits: list[bytes] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hits.append(await read_head(reader))
+
+    bed: Bed = await make_bed(app, wait_timeout=0.2)
+    bed.admission.wakeup = Wakeup()  # a resume that never ends
+    answer = await bed.exchange(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    body = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert body["cause"] == "wait-timeout" and "200ms" in body["error"]
+    assert hits == [] and bed.admission.refusals == 1
+    await bed.settled()
+
+
+async def test_a_parked_request_is_read_ahead_by_at_most_64_kib_plus_one_read(
+    make_bed: Callable[..., Any],
+) -> None:
+    """A request waiting for a resume: its upload is not read into the proxy's memory beyond
+    64 KiB (plus what one read brings) until it can be forwarded; then all of it arrives."""
+    got: list[int] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        got.append(len(await reader.readexactly(4 << 20)))
+        writer.write(ok())
+        await writer.drain()
+
+    bed: Bed = await make_bed(app)
+    wakeup = bed.admission.wakeup = Wakeup()
+    reader, writer = await bed.client()
+    writer.write(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % (4 << 20))
+    sending = asyncio.ensure_future(_send_all(writer, b"u" * (4 << 20)))
+    await until(lambda: any(d._held for d in bed.relay.downstreams))
+    (down,) = bed.relay.downstreams
+    assert len(down._buffer) <= (64 << 10) + READ_SIZE
+    wakeup.ok = True
+    wakeup.event.set()
+    assert (await asyncio.wait_for(read_response(reader), 10))[1] == b"hello"
+    assert got == [4 << 20]
+    await sending
+    writer.close()
+    await bed.settled()
+
+
+READ_SIZE = 128 << 10  # what one read from a socket brings at most here (asyncio reads up to
+# 256 KiB; a loopback socket rarely holds more than this many unread bytes at once)
