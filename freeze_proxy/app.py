@@ -331,7 +331,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         gate = Gate(settings.grace, may_be_frozen=left_frozen)
         admission = proxy = FreezeProxy(gate, client, settings.resume_timeout, marker)
 
-    relay = Relay(*upstream_address(settings.upstream), admission)
+    relay = Relay(
+        *upstream_address(settings.upstream), admission, wait_timeout=settings.resume_timeout + 5
+    )
     stopping = asyncio.Event()
     server = await loop.create_server(
         relay.protocol, *parse_listen(settings.listen), reuse_address=True, backlog=1024
