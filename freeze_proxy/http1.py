@@ -252,8 +252,20 @@ def upstream_request(request: RequestHead, peer: bytes) -> bytes:
         kept.append((b"X-Forwarded-Proto", b"http"))
     if host and not has_fwd_host:
         kept.append((b"X-Forwarded-Host", host))
-    connection = b"close" if request.version == b"HTTP/1.0" else b""
+    # The connection to the app is ours to keep, whatever the client asked for its own: an
+    # HTTP/1.0 request asks for keep-alive (persistent for 1.1 by default).
+    connection = b"keep-alive" if request.version == b"HTTP/1.0" else b""
     return serialize(request.start, kept, _own_headers(request, connection))
+
+
+def announces_keep_alive(head: Head) -> bool:
+    """Whether the head's Connection header carries ``keep-alive``: how a server answering an
+    HTTP/1.0 request says it keeps the connection (else it closes it, said or not)."""
+    for name, value in head.headers:
+        if name.lower() == b"connection":
+            if b"keep-alive" in {t.strip() for t in value.lower().split(b",")}:
+                return True
+    return False
 
 
 def status_line(response: ResponseHead) -> bytes:

@@ -469,7 +469,7 @@ class Downstream(asyncio.Protocol):
                 reuse
                 and self._req_done
                 and self._resp.keep_alive
-                and self._req.version == b"HTTP/1.1"
+                and (self._req.version == b"HTTP/1.1" or http1.announces_keep_alive(self._resp))
                 and up.transport is not None
                 and not up.transport.get_write_buffer_size()  # still sending it the body
             ):

@@ -26,6 +26,7 @@ from freeze_proxy.http1 import (
     HttpError,
     RequestHead,
     ResponseHead,
+    announces_keep_alive,
     downstream_response,
     end_to_end,
     interim_response,
@@ -704,10 +705,28 @@ def test_an_http10_upgrade_request_still_asks_for_the_upgrade_not_close() -> Non
 
 
 @pytest.mark.parametrize("connection", [[], [b"Connection: keep-alive"], [b"Connection: close"]])
-def test_an_http10_request_reaches_the_app_with_connection_close(connection: list[bytes]) -> None:
+def test_an_http10_request_asks_the_app_to_keep_its_connection(connection: list[bytes]) -> None:
     up = sent_upstream(request(b"Host: h", *connection, start=b"GET / HTTP/1.0"))
-    assert values(up.headers, b"Connection") == [b"close"]
-    assert up.keep_alive is False
+    assert values(up.headers, b"Connection") == [b"keep-alive"]
+    assert up.keep_alive is True
+
+
+@pytest.mark.parametrize(
+    ("headers", "announced"),
+    [
+        ([], False),
+        ([b"Connection: close"], False),
+        ([b"Connection: Keep-Alive"], True),
+        ([b"connection: x-a , keep-alive"], True),
+        ([b"Connection: x-a", b"Connection: keep-alive"], True),
+        ([b"Keep-Alive: timeout=5"], False),
+        ([b"Connection: keep-alives"], False),
+    ],
+)
+def test_announces_keep_alive_looks_for_the_connection_option(
+    headers: list[bytes], announced: bool
+) -> None:
+    assert announces_keep_alive(response(b"Content-Length: 0", *headers)) is announced
 
 
 @pytest.mark.parametrize("connection", [[], [b"Connection: close"], [b"Connection: keep-alive"]])

@@ -405,7 +405,8 @@ async def test_http10_client_gets_its_answer_and_a_close(make_bed: Callable[...,
     bed: Bed = await make_bed(app)
     answer = await bed.exchange(b"GET / HTTP/1.0\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nok")
-    assert b"connection: close" in seen[0].lower()
+    assert b"\r\nconnection: close\r\n" in answer.lower()  # the client asked for no keep-alive
+    assert b"\r\nconnection: keep-alive\r\n" in seen[0].lower()  # the app connection is ours
     await bed.settled()
 
 
@@ -854,3 +855,57 @@ async def test_a_parked_request_is_read_ahead_by_at_most_64_kib_plus_one_read(
 
 READ_SIZE = 128 << 10  # what one read from a socket brings at most here (asyncio reads up to
 # 256 KiB; a loopback socket rarely holds more than this many unread bytes at once)
+
+
+def http10_keep_alive_app(announce: bool, connections: list[int]) -> AppHandler:
+    """A server that keeps an HTTP/1.0 connection when asked, and says so if ``announce``
+    (else it answers and closes, as a server without 1.0 keep-alive does)."""
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            while True:
+                head = await read_head(reader)
+                kept = announce and b"connection: keep-alive" in head.lower()
+                extra = b"Connection: keep-alive\r\n" if kept else b""
+                writer.write(b"HTTP/1.0 200 OK\r\n%sContent-Length: 2\r\n\r\nok" % extra)
+                await writer.drain()
+                if not kept:
+                    writer.close()
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    return app
+
+
+@pytest.mark.parametrize("client_keep_alive", [True, False])
+async def test_http10_requests_share_a_pooled_app_connection_when_the_app_keeps_it(
+    make_bed: Callable[..., Any], client_keep_alive: bool
+) -> None:
+    """The app connection is the relay's: it asks the app to keep it, whatever the client
+    asked for its own connection, and pools it when the app says it keeps it."""
+    connections: list[int] = []
+    bed: Bed = await make_bed(http10_keep_alive_app(True, connections))
+    connection = b"Connection: keep-alive\r\n" if client_keep_alive else b""
+    for _ in range(3):
+        reader, writer = await bed.client()
+        writer.write(b"GET / HTTP/1.0\r\n%s\r\n" % connection)
+        assert (await asyncio.wait_for(read_response(reader), 5))[1] == b"ok"
+        writer.close()
+        await bed.settled()
+    assert len(connections) == 1
+
+
+async def test_an_app_connection_is_not_pooled_after_an_http10_answer_without_keep_alive(
+    make_bed: Callable[..., Any],
+) -> None:
+    connections: list[int] = []
+    bed: Bed = await make_bed(http10_keep_alive_app(False, connections))
+    reader, writer = await bed.client()
+    for _ in range(3):
+        writer.write(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        assert (await asyncio.wait_for(read_response(reader), 5))[1] == b"ok"
+    writer.close()
+    await bed.settled()
+    assert len(connections) == 3
