@@ -340,11 +340,11 @@ class Downstream(asyncio.Protocol):
         if replay is not None:
             self._sent = None  # sent again once: never a third time
             up.write(replay)
-            return
-        head = http1.upstream_request(self._req, self._peer)
-        self._sent = [head] if up.reused and http1.may_send_again(self._req) else None
-        up.write(head)
-        if not self._req_done:  # what was read ahead starts the body (a done one keeps it)
+        else:
+            head = http1.upstream_request(self._req, self._peer)
+            self._sent = [head] if up.reused and http1.may_send_again(self._req) else None
+            up.write(head)
+        if not self._req_done:  # what was read ahead continues the body (a done one keeps it)
             buffered, self._buffer = self._buffer, b""
             self.unhold(_HOLD_BUFFER)
             if buffered:

@@ -909,3 +909,36 @@ async def test_an_app_connection_is_not_pooled_after_an_http10_answer_without_ke
     writer.close()
     await bed.settled()
     assert len(connections) == 3
+
+
+async def test_a_request_sent_again_carries_the_body_that_arrived_meanwhile() -> None:
+    """The app drops a pooled connection while a GET's body is still coming: the request goes
+    again on a fresh connection, and the part of the body that arrived while that connection
+    was being made follows what was sent before, in order."""
+    from freeze_proxy.relay import Downstream, Upstream
+
+    relay = Relay("127.0.0.1", 1, CountingAdmission())
+    down, client = Downstream(relay), FakeTransport()
+    down.connection_made(client)  # type: ignore[arg-type]
+    stale, stale_app = Upstream(relay), FakeTransport()
+    stale.connection_made(stale_app)  # type: ignore[arg-type]
+    relay.release(stale)
+    fresh, fresh_app = Upstream(relay), FakeTransport()
+    fresh.connection_made(fresh_app)  # type: ignore[arg-type]
+    connected = asyncio.Event()
+
+    async def connect() -> Upstream:
+        await connected.wait()
+        return fresh
+
+    relay.connect = connect  # type: ignore[method-assign]
+    down.data_received(b"GET /q HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nfirst")
+    assert stale_app.written.endswith(b"\r\n\r\nfirst")
+    stale.connection_lost(ConnectionResetError())  # the app closed it: no answer
+    down.data_received(b"-last")  # while the fresh connection is being made
+    connected.set()
+    await until(lambda: bool(fresh_app.written))
+    assert fresh_app.written == stale_app.written + b"-last"
+    fresh.data_received(ok())
+    assert client.written.endswith(b"hello")
+    assert relay.admission.departed == 1  # type: ignore[attr-defined]
