@@ -2,8 +2,10 @@
 
 The relay (``relay.py``) copies bodies as raw bytes; from a head it only needs to know where the
 message ends (RFC 9112 §6.3) and which headers to rewrite (hop-by-hop ones out, ``X-Forwarded-*``
-in). Anything ambiguous about where a request ends is refused (400) rather than guessed, since a
-guess that differs from the app's is request smuggling.
+in). Where a message ends is kept in fields, never in the relayed headers: the heads we write
+carry framing headers computed from those fields, so no ``Connection`` token can change it.
+Anything ambiguous about where a request ends is refused (400) rather than guessed, since a guess
+that differs from the app's is request smuggling.
 """
 
 from __future__ import annotations

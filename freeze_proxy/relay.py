@@ -405,8 +405,10 @@ class Downstream(asyncio.Protocol):
             data = data[end + 4 :]
             if resp.status >= 200 or resp.status == 101:
                 break
-            # Interim (100 Continue, 103 Early Hints): pass on, the final answer follows.
-            self.transport.write(http1.interim_response(resp))
+            # Interim (100 Continue, 103 Early Hints): pass on, the final answer follows; not to
+            # an HTTP/1.0 client, which would take it for the answer (RFC 9110 §15.2).
+            if self._req.version != b"HTTP/1.0":
+                self.transport.write(http1.interim_response(resp))
         self._resp = resp
         if resp.upgrade and self._req.upgrade:
             self._tunnel = self._head_sent = True

@@ -148,3 +148,22 @@ async def test_a_websocket_client_talks_through_the_proxy(proxied: Proxied) -> N
         for word in ("one", "two", "three"):
             await ws.send(word)
             assert await ws.recv() == "echo:" + word
+
+
+async def test_connection_naming_content_length_smuggles_nothing_to_a_real_app(
+    proxied: Proxied,
+) -> None:
+    """The smuggling attempt of issue #11 against aiohttp behind the real proxy process."""
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+    reader, writer = await asyncio.open_connection(*proxied.url[7:].split(":"))
+    writer.write(
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nConnection: content-length\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled)
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert await asyncio.wait_for(reader.readexactly(len(smuggled)), 5) == smuggled  # echoed
+    writer.close()
+    code, out, err = await run("curl", "-s", "--max-time", "5", proxied.url + "/after")
+    assert (code, out) == (0, "hello"), err
+    assert [path for path, _ in proxied.app.seen] == ["/echo", "/after"]

@@ -942,3 +942,21 @@ async def test_a_request_sent_again_carries_the_body_that_arrived_meanwhile() ->
     fresh.data_received(ok())
     assert client.written.endswith(b"hello")
     assert relay.admission.departed == 1  # type: ignore[attr-defined]
+
+
+async def test_an_http10_client_gets_no_interim_response(make_bed: Callable[..., Any]) -> None:
+    """A 1xx is not for an HTTP/1.0 client (RFC 9110 §15.2): it would take it for the answer."""
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n" + ok())
+        await writer.drain()
+
+    bed: Bed = await make_bed(app)
+    for version, hints in ((b"HTTP/1.0", False), (b"HTTP/1.1", True)):
+        reader, writer = await bed.client()
+        writer.write(b"GET / %s\r\nHost: a\r\n\r\n" % version)
+        head = await asyncio.wait_for(read_head(reader), 5)
+        assert head.startswith(b"HTTP/1.1 103 ") is hints
+        writer.close()
+    await bed.settled()
