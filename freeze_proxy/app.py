@@ -386,7 +386,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         gate = Gate(settings.grace, may_be_frozen=left_frozen)
         admission = proxy = FreezeProxy(gate, client, settings.resume_timeout, marker)
 
-    relay = Relay(*upstream_address(settings.upstream), admission)
+    relay = Relay(
+        *upstream_address(settings.upstream), admission, wait_timeout=settings.resume_timeout + 5
+    )
     stopping = asyncio.Event()
     # A wildcard host listens on every address family the pod has (IPv4, and IPv6 where it has
     # it); asyncio skips a family the kernel lacks.

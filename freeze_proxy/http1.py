@@ -2,8 +2,10 @@
 
 The relay (``relay.py``) copies bodies as raw bytes; from a head it only needs to know where the
 message ends (RFC 9112 §6.3) and which headers to rewrite (hop-by-hop ones out, ``X-Forwarded-*``
-in). Anything ambiguous about where a request ends is refused (400) rather than guessed, since a
-guess that differs from the app's is request smuggling.
+in). Where a message ends is kept in fields, never in the relayed headers: the heads we write
+carry framing headers computed from those fields, so no ``Connection`` token can change it.
+Anything ambiguous about where a request ends is refused (400) rather than guessed, since a guess
+that differs from the app's is request smuggling.
 """
 
 from __future__ import annotations
@@ -47,9 +49,23 @@ CHUNKED = 2  # chunked transfer coding: see ChunkedScanner
 UNTIL_CLOSE = 3  # the body ends when the sender closes (responses only)
 
 
+# Framing travels in fields (``Head.framing``/``length``), never as headers: ``end_to_end`` drops
+# these and the writers emit them from the fields, so no ``Connection`` token can remove them.
+FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
+# Named in ``Connection``, these are still relayed: Go keeps the Host in a field, apart from the
+# header map, so ``Connection: host`` cannot strip it either.
+NEVER_NOMINATED = frozenset({b"host"})
+_NOT_RELAYED = HOP_BY_HOP | FRAMING_HEADERS
+
+
 @dataclass(slots=True)
 class Head:
-    """One parsed head. ``headers`` keep their original spelling; ``start`` is the first line."""
+    """One parsed head. ``headers`` keep their original spelling; ``start`` is the first line.
+
+    ``length`` is the Content-Length the relayed head carries: the body's length when
+    ``framing`` is LENGTH (0 for an empty body), the app's stated length on a bodiless answer
+    (HEAD, 304), -1 for none.
+    """
 
     start: bytes
     headers: list[tuple[bytes, bytes]]
@@ -82,7 +98,8 @@ def _split_headers(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
 
 
 def _framing(headers: list[tuple[bytes, bytes]], version: bytes) -> tuple[int, int, bool, bool]:
-    """(framing, length, keep_alive, upgrade) from the headers; framing -1: none stated."""
+    """(framing, length, keep_alive, upgrade) from the headers; framing and length -1: none
+    stated."""
     length = -1
     chunked = False
     connection = b""
@@ -111,7 +128,7 @@ def _framing(headers: list[tuple[bytes, bytes]], version: bytes) -> tuple[int, i
     else:
         keep_alive = b"keep-alive" in tokens
     framing = CHUNKED if chunked else LENGTH if length >= 0 else -1
-    return framing, max(length, 0), keep_alive, bool(upgrade) and b"upgrade" in tokens
+    return framing, length, keep_alive, bool(upgrade) and b"upgrade" in tokens
 
 
 def _lines(head: bytes) -> list[bytes]:
@@ -166,8 +183,10 @@ def parse_response(head: bytes, request_method: bytes) -> ResponseHead:
         framing, length, keep_alive, upgrade = _framing(headers, version)
     except HttpError as exc:
         raise HttpError(502, f"the app sent a response we cannot relay: {exc}") from None
-    if request_method == b"HEAD" or status < 200 or status in (204, 304):
-        framing = NO_BODY
+    if status < 200 or status == 204:
+        framing, length = NO_BODY, -1  # a Content-Length is not allowed here (RFC 9110 §8.6)
+    elif request_method == b"HEAD" or status == 304:
+        framing = NO_BODY  # a stated length describes the resource: relayed as it is
     elif framing < 0:
         framing = UNTIL_CLOSE
         keep_alive = False
@@ -178,12 +197,27 @@ def parse_response(head: bytes, request_method: bytes) -> ResponseHead:
     )
 
 
+# Methods a client may send twice, and headers that make any request so (as Go's Transport).
+# PUT and DELETE are idempotent by RFC 9110 too, yet Go does not resend them: neither do we.
+RESENDABLE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+IDEMPOTENCY_KEYS = frozenset({b"idempotency-key", b"x-idempotency-key"})
+
+
+def may_send_again(request: RequestHead) -> bool:
+    """Whether the request may be sent a second time after the app may have read it (a kept-alive
+    connection dropped before any answer): only if acting on it twice is harmless."""
+    if request.method in RESENDABLE_METHODS:
+        return True
+    return any(name.lower() in IDEMPOTENCY_KEYS for name, _ in request.headers)
+
+
 def end_to_end(head: Head) -> list[tuple[bytes, bytes]]:
-    """The headers minus hop-by-hop ones and those the Connection header names."""
-    skip: set[bytes] | frozenset[bytes] = HOP_BY_HOP
+    """The headers relayed as they are: all but hop-by-hop ones, those the Connection header
+    names (except the Host) and the framing ones (the writers emit those from the fields)."""
+    skip: set[bytes] | frozenset[bytes] = _NOT_RELAYED
     for name, value in head.headers:
         if name.lower() == b"connection":
-            skip = skip | {t.strip() for t in value.lower().split(b",")}
+            skip = skip | ({t.strip() for t in value.lower().split(b",")} - NEVER_NOMINATED)
     return [(n, v) for n, v in head.headers if n.lower() not in skip]
 
 
@@ -220,22 +254,62 @@ def upstream_request(request: RequestHead, peer: bytes) -> bytes:
         kept.append((b"X-Forwarded-Proto", b"http"))
     if host and not has_fwd_host:
         kept.append((b"X-Forwarded-Host", host))
-    return serialize(request.start, kept, _own_headers(request, request.version == b"HTTP/1.0"))
+    # The connection to the app is ours to keep, whatever the client asked for its own: an
+    # HTTP/1.0 request asks for keep-alive (persistent for 1.1 by default).
+    connection = b"keep-alive" if request.version == b"HTTP/1.0" else b""
+    return serialize(request.start, kept, _own_headers(request, connection))
 
 
-def downstream_response(response: ResponseHead, keep_alive: bool) -> bytes:
-    """The head sent back to the client; ``keep_alive`` says whether we keep its connection."""
-    return serialize(response.start, end_to_end(response), _own_headers(response, not keep_alive))
+def announces_keep_alive(head: Head) -> bool:
+    """Whether the head's Connection header carries ``keep-alive``: how a server answering an
+    HTTP/1.0 request says it keeps the connection (else it closes it, said or not)."""
+    for name, value in head.headers:
+        if name.lower() == b"connection":
+            if b"keep-alive" in {t.strip() for t in value.lower().split(b",")}:
+                return True
+    return False
 
 
-def _own_headers(head: Head, close: bool) -> bytes:
-    """The hop-by-hop headers a relayed head gets from us: its chunked framing, the protocol
-    switch it asks for or grants, else ``Connection: close`` when ``close``."""
-    extra = b"Transfer-Encoding: chunked\r\n" if head.framing == CHUNKED else b""
+def status_line(response: ResponseHead) -> bytes:
+    """Our own status line for a relayed response: our version, the app's code and reason (an
+    intermediary sends its own version, RFC 9110 §6.2)."""
+    rest = response.start.partition(b" ")[2]  # "200 OK", or "200" without a reason
+    return b"HTTP/1.1 " + rest if len(rest) > 3 else b"HTTP/1.1 " + rest + b" "
+
+
+def downstream_response(
+    response: ResponseHead, keep_alive: bool, http10_client: bool = False
+) -> bytes:
+    """The head sent back to the client; ``keep_alive`` says whether we keep its connection
+    (an HTTP/1.0 client is told so: it would wait for the close otherwise)."""
+    if not keep_alive:
+        connection = b"close"
+    else:
+        connection = b"keep-alive" if http10_client else b""
+    return serialize(
+        status_line(response), end_to_end(response), _own_headers(response, connection)
+    )
+
+
+def interim_response(response: ResponseHead) -> bytes:
+    """A 1xx (100 Continue, 103 Early Hints) passed on before the final answer."""
+    return serialize(status_line(response), end_to_end(response))
+
+
+def _own_headers(head: Head, connection: bytes) -> bytes:
+    """The headers a relayed head gets from us: its framing (from the fields, whatever the
+    headers said), the protocol switch it asks for or grants, else ``Connection: connection``
+    unless empty."""
+    if head.framing == CHUNKED:
+        extra = b"Transfer-Encoding: chunked\r\n"
+    elif head.length >= 0:
+        extra = b"Content-Length: %d\r\n" % head.length
+    else:
+        extra = b""
     if head.upgrade:
         upgrade = next(v for n, v in head.headers if n.lower() == b"upgrade")
         return extra + b"Connection: Upgrade\r\nUpgrade: " + upgrade + CRLF
-    return extra + b"Connection: close\r\n" if close else extra
+    return extra + b"Connection: " + connection + CRLF if connection else extra
 
 
 REASONS = {

@@ -24,9 +24,12 @@ from freeze_proxy.http1 import CHUNKED, END_OF_HEAD, LENGTH, NO_BODY, UNTIL_CLOS
 
 log = logging.getLogger("freeze_proxy.relay")
 
-REPLAY_LIMIT = 65536  # a request up to this size is re-sent when a pooled connection was stale
+# A request the app may resend (``http1.may_send_again``) up to this size is kept until the app
+# answers, to send it once more if a pooled connection turns out stale (closed by the app).
+REPLAY_LIMIT = 65536
 MAX_POOLED = 256  # idle keep-alive connections kept to the app
 BUFFER_LIMIT = 262144  # bytes read ahead from a client before we stop reading it
+PARKED_READ_AHEAD = 65536  # the same while its request waits to be forwarded (a resume)
 
 
 class Wakeup:
@@ -75,11 +78,28 @@ RESUME_FAILED = (
     "and freeze-daemon logs)"
 )
 
+NOT_SENT_AGAIN = (
+    "the app closed a kept-alive connection without answering; the request was not sent again "
+    "as the app may have acted on it (only GET, HEAD, OPTIONS, TRACE, or a request with an "
+    "Idempotency-Key header, up to 64 KiB, is)"
+)
+
+WAIT_TIMED_OUT = (
+    "the request waited {} for the app to be resumed and was not forwarded; check that the "
+    "freeze-daemon on this node answers (see the freeze-proxy and freeze-daemon logs)"
+)
+
+
+def _go_duration(seconds: float) -> str:
+    return f"{round(seconds * 1000)}ms" if seconds < 1 else f"{seconds:g}s"
+
+
 # Why a client connection is not being read (several may hold at once).
 # (A client is read even while its request waits for the answer, so a client that goes away
 # is noticed at once and its request departs: the app may freeze without waiting for it.)
 _HOLD_UPSTREAM = 1  # the app reads the request body slower than the client sends it
-_HOLD_BUFFER = 2  # BUFFER_LIMIT bytes read ahead (pipelined, or waiting for the app/a resume)
+_HOLD_BUFFER = 2  # BUFFER_LIMIT bytes read ahead (pipelined, or waiting for the app), or
+# PARKED_READ_AHEAD while the request waits to be forwarded
 
 
 class Upstream(asyncio.Protocol):
@@ -199,7 +219,7 @@ class Downstream(asyncio.Protocol):
         self._buffer += data
         if self._req is None:
             self._next_request()
-        elif len(self._buffer) > BUFFER_LIMIT:
+        elif len(self._buffer) > (BUFFER_LIMIT if self._up is not None else PARKED_READ_AHEAD):
             self.hold(_HOLD_BUFFER)
 
     def eof_received(self) -> bool:
@@ -266,26 +286,39 @@ class Downstream(asyncio.Protocol):
         wakeup = self.relay.admission.arrive()
         if wakeup is None:
             self._forward()
-        else:
-            self.relay.spawn(self._forward_after(wakeup))
+            return
+        self.relay.spawn(self._forward_after(wakeup))
+        if len(self._buffer) > PARKED_READ_AHEAD:
+            self.hold(_HOLD_BUFFER)
 
     async def _forward_after(self, wakeup: Wakeup) -> None:
-        await wakeup.event.wait()
+        try:
+            async with asyncio.timeout(self.relay.wait_timeout):
+                await wakeup.event.wait()
+        except TimeoutError:
+            if self.transport is not None:
+                self.relay.admission.refused()
+                message = WAIT_TIMED_OUT.format(_go_duration(self.relay.wait_timeout))
+                self._refuse(503, message, "wait-timeout")
+            return
         if self.transport is None:
             return  # the client left while the app was being resumed
         if not wakeup.ok:
             self.relay.admission.refused()
             self._refuse(503, RESUME_FAILED, "resume-failed")
             return
+        # The app was (maybe) frozen: connections pooled before are not trusted after, as
+        # its keep-alive timers ran out meanwhile and fire now, just as we would send on them.
+        self.relay.drop_idle()
         self._forward()
 
-    def _forward(self, replay: bytes | None = None) -> None:
+    def _forward(self) -> None:
         """Send the request to the app on a pooled connection, or connect first."""
         up = self.relay.acquire()
         if up is None:
-            self.relay.spawn(self._connect_then_send(replay))
+            self.relay.spawn(self._connect_then_send(None))
             return
-        self._send(up, replay)
+        self._send(up, None)
 
     async def _connect_then_send(self, replay: bytes | None) -> None:
         try:
@@ -305,13 +338,13 @@ class Downstream(asyncio.Protocol):
         if self._write_paused and up.transport is not None:
             up.transport.pause_reading()
         if replay is not None:
-            self._sent = [replay]
+            self._sent = None  # sent again once: never a third time
             up.write(replay)
-            return
-        head = http1.upstream_request(self._req, self._peer)
-        self._sent = [head]
-        up.write(head)
-        if not self._req_done:  # what was read ahead starts the body (a done one keeps it)
+        else:
+            head = http1.upstream_request(self._req, self._peer)
+            self._sent = [head] if up.reused and http1.may_send_again(self._req) else None
+            up.write(head)
+        if not self._req_done:  # what was read ahead continues the body (a done one keeps it)
             buffered, self._buffer = self._buffer, b""
             self.unhold(_HOLD_BUFFER)
             if buffered:
@@ -362,22 +395,23 @@ class Downstream(asyncio.Protocol):
                 self._resp_buf = data
                 return
             if end < 0 or end > http1.MAX_HEAD:
-                self._abort("the app sent a response head larger than 64 KiB")
+                self._bad_response("the app sent a response head larger than 64 KiB")
                 return
             try:
                 resp = http1.parse_response(data[:end], self._req.method)
             except HttpError as exc:
-                self._abort(str(exc))
+                self._bad_response(str(exc))
                 return
             data = data[end + 4 :]
             if resp.status >= 200 or resp.status == 101:
                 break
-            # Interim (100 Continue, 103 Early Hints): pass on, the final answer follows.
-            self.transport.write(http1.serialize(resp.start, http1.end_to_end(resp)))
+            # Interim (100 Continue, 103 Early Hints): pass on, the final answer follows; not to
+            # an HTTP/1.0 client, which would take it for the answer (RFC 9110 §15.2).
+            if self._req.version != b"HTTP/1.0":
+                self.transport.write(http1.interim_response(resp))
         self._resp = resp
-        self._head_sent = True
         if resp.upgrade and self._req.upgrade:
-            self._tunnel = True
+            self._tunnel = self._head_sent = True
             self.unhold(_HOLD_BUFFER)
             self.transport.write(http1.downstream_response(resp, True))
             if self._buffer and self._up is not None:
@@ -386,11 +420,12 @@ class Downstream(asyncio.Protocol):
             if data:
                 self.transport.write(data)
             return
-        if resp.framing == UNTIL_CLOSE:
-            self._closing = True
+        http10 = self._req.version == b"HTTP/1.0"
+        if resp.framing == UNTIL_CLOSE or (http10 and resp.framing == CHUNKED):
+            self._closing = True  # the client could not tell where the next answer starts
         self._resp_remaining = resp.length
         self._resp_chunks = http1.ChunkedScanner() if resp.framing == CHUNKED else None
-        head = http1.downstream_response(resp, not self._closing)
+        head = http1.downstream_response(resp, not self._closing, http10)
         self._response_body(data, head)
 
     def _response_body(self, data: bytes, head: bytes) -> None:
@@ -410,7 +445,7 @@ class Downstream(asyncio.Protocol):
             try:
                 n = self._resp_chunks.feed(data)
             except HttpError as exc:
-                self._abort(f"the app sent a bad chunked body: {exc}")
+                self._bad_response(f"the app sent a bad chunked body: {exc}")
                 return
             if n >= 0:
                 extra = n < len(data)
@@ -423,6 +458,7 @@ class Downstream(asyncio.Protocol):
         out = head + data if head else data
         if out:
             self.transport.write(out)
+            self._head_sent = True
         if done:
             self._response_done(reuse=not extra)
 
@@ -435,7 +471,7 @@ class Downstream(asyncio.Protocol):
                 reuse
                 and self._req_done
                 and self._resp.keep_alive
-                and self._req.version == b"HTTP/1.1"
+                and (self._req.version == b"HTTP/1.1" or http1.announces_keep_alive(self._resp))
                 and up.transport is not None
                 and not up.transport.get_write_buffer_size()  # still sending it the body
             ):
@@ -461,11 +497,14 @@ class Downstream(asyncio.Protocol):
             return
         if self._resp is None:
             if up.reused and self._sent is not None and self.transport is not None:
-                # A pooled connection the app had closed (idle timeout, often right after a
-                # resume): nothing was answered, so sending it again is safe.
-                replay = b"".join(self._sent)
-                self._forward(replay)
+                # A pooled connection the app closed (its idle timeout) as we sent on it, and
+                # a request it may get twice: send it once more, on a fresh connection (a
+                # failure there is the app's answer, Go's Transport rule).
+                replay, self._sent = b"".join(self._sent), None
+                self.relay.spawn(self._connect_then_send(replay))
                 return
+            if up.reused:
+                exc = ConnectionError(NOT_SENT_AGAIN)
             self._upstream_failed(exc or ConnectionError("the app closed the connection"))
             return
         if self._resp.framing == UNTIL_CLOSE:
@@ -484,6 +523,18 @@ class Downstream(asyncio.Protocol):
             return
         message = f"the app at {self.relay.address} did not answer: {exc}"
         self._refuse(502, message, "upstream")
+
+    def _bad_response(self, why: str) -> None:
+        """The app's answer cannot be relayed: a 502 if the client has seen none of it."""
+        if self._head_sent:
+            self._abort(why)
+            return
+        log.warning(
+            "the app sent a bad response", extra={"upstream": self.relay.address, "err": why}
+        )
+        self._refuse(
+            502, f"the app at {self.relay.address} sent a bad response: {why}", "bad-response"
+        )
 
     def _refuse(self, status: int, message: str, cause: str) -> None:
         """Answer with our own error and close (what follows in the stream is unknowable)."""
@@ -530,13 +581,19 @@ class Relay:
     """What the connections share: the app's address, the pool, the admission, the tasks."""
 
     def __init__(
-        self, host: str, port: int, admission: Admission, connect_timeout: float = 10.0
+        self,
+        host: str,
+        port: int,
+        admission: Admission,
+        connect_timeout: float = 10.0,
+        wait_timeout: float = 30.0,
     ) -> None:
         self.host = host
         self.port = port
         self.address = f"{host}:{port}"
         self.admission = admission
         self.connect_timeout = connect_timeout
+        self.wait_timeout = wait_timeout  # how long a request may wait for a resume: then 503
         self.downstreams: set[Downstream] = set()
         self._idle: list[Upstream] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -568,6 +625,12 @@ class Relay:
         except TimeoutError as exc:
             raise OSError(f"connect timed out after {self.connect_timeout} s") from exc
         return up
+
+    def drop_idle(self) -> None:
+        """Close every pooled connection (the app was frozen: they may be stale)."""
+        idle, self._idle = self._idle, []
+        for up in idle:
+            up.close()
 
     def release(self, up: Upstream) -> None:
         if up.closed or len(self._idle) >= MAX_POOLED:

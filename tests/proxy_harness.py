@@ -57,12 +57,15 @@ class DaemonStub:
 class AppStub:
     daemon: DaemonStub
     seen: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    peers: list[int] = field(default_factory=list)  # the proxy's port of each request's connection
     violations: list[str] = field(default_factory=list)
 
     def _check(self, request: web.Request) -> None:
         if self.daemon.frozen:
             self.violations.append(request.path_qs)
         self.seen.append((request.raw_path, dict(request.headers)))
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.peers.append(peer[1] if peer else 0)
 
     async def hello(self, request: web.Request) -> web.Response:
         self._check(request)

@@ -26,9 +26,12 @@ from freeze_proxy.http1 import (
     HttpError,
     RequestHead,
     ResponseHead,
+    announces_keep_alive,
     downstream_response,
     end_to_end,
+    interim_response,
     json_response,
+    may_send_again,
     parse_request,
     parse_response,
     serialize,
@@ -182,7 +185,7 @@ def test_zero_content_length_means_no_body(value: bytes) -> None:
 
 def test_request_without_framing_headers_has_no_body() -> None:
     req = request(b"Host: h", start=b"POST / HTTP/1.1")
-    assert (req.framing, req.length) == (NO_BODY, 0)
+    assert (req.framing, req.length) == (NO_BODY, -1)  # -1: no Content-Length to relay
 
 
 def test_content_length_with_leading_zeros_and_spaces_is_decimal() -> None:
@@ -193,7 +196,7 @@ def test_content_length_with_leading_zeros_and_spaces_is_decimal() -> None:
 @pytest.mark.parametrize("value", [b"chunked", b"Chunked", b"CHUNKED", b" chunked "])
 def test_transfer_encoding_chunked_means_a_chunked_body(value: bytes) -> None:
     req = request(b"Transfer-Encoding: " + value, start=b"POST / HTTP/1.1")
-    assert (req.framing, req.length) == (CHUNKED, 0)
+    assert (req.framing, req.length) == (CHUNKED, -1)
 
 
 @pytest.mark.parametrize("lengths", [[b"5", b"5"], [b"5", b"5", b"5"], [b"5", b"05"]])
@@ -555,14 +558,12 @@ def test_end_to_end_headers_keep_their_order_spelling_and_duplicates() -> None:
         (b"Set-Cookie", b"a=1"),
         (b"TE", b"trailers"),
         (b"set-cookie", b"b=2"),
-        (b"Content-Length", b"3"),
     ]
     assert end_to_end(head_with(headers)) == [
         (b"X-B", b"2"),
         (b"x-a", b"1"),
         (b"Set-Cookie", b"a=1"),
         (b"set-cookie", b"b=2"),
-        (b"Content-Length", b"3"),
     ]
 
 
@@ -704,10 +705,28 @@ def test_an_http10_upgrade_request_still_asks_for_the_upgrade_not_close() -> Non
 
 
 @pytest.mark.parametrize("connection", [[], [b"Connection: keep-alive"], [b"Connection: close"]])
-def test_an_http10_request_reaches_the_app_with_connection_close(connection: list[bytes]) -> None:
+def test_an_http10_request_asks_the_app_to_keep_its_connection(connection: list[bytes]) -> None:
     up = sent_upstream(request(b"Host: h", *connection, start=b"GET / HTTP/1.0"))
-    assert values(up.headers, b"Connection") == [b"close"]
-    assert up.keep_alive is False
+    assert values(up.headers, b"Connection") == [b"keep-alive"]
+    assert up.keep_alive is True
+
+
+@pytest.mark.parametrize(
+    ("headers", "announced"),
+    [
+        ([], False),
+        ([b"Connection: close"], False),
+        ([b"Connection: Keep-Alive"], True),
+        ([b"connection: x-a , keep-alive"], True),
+        ([b"Connection: x-a", b"Connection: keep-alive"], True),
+        ([b"Keep-Alive: timeout=5"], False),
+        ([b"Connection: keep-alives"], False),
+    ],
+)
+def test_announces_keep_alive_looks_for_the_connection_option(
+    headers: list[bytes], announced: bool
+) -> None:
+    assert announces_keep_alive(response(b"Content-Length: 0", *headers)) is announced
 
 
 @pytest.mark.parametrize("connection", [[], [b"Connection: close"], [b"Connection: keep-alive"]])
@@ -784,6 +803,20 @@ def test_closing_the_client_connection_says_connection_close_once(
     assert down.keep_alive is False
 
 
+@pytest.mark.parametrize(
+    "app_connection", [[], [b"Connection: close"], [b"Connection: keep-alive"]]
+)
+def test_keeping_an_http10_clients_connection_tells_it_keep_alive(
+    app_connection: list[bytes],
+) -> None:
+    resp = response(b"Content-Length: 2", *app_connection)
+    wire = downstream_response(resp, keep_alive=True, http10_client=True)
+    down = parse_response(wire_head(wire), b"GET")
+    assert values(down.headers, b"Connection") == [b"keep-alive"]
+    closing = parse_response(wire_head(downstream_response(resp, False, True)), b"GET")
+    assert values(closing.headers, b"Connection") == [b"close"]
+
+
 @pytest.mark.parametrize("app_connection", [[], [b"Connection: close"]])
 def test_keeping_the_client_connection_sends_no_connection_header(
     app_connection: list[bytes],
@@ -810,7 +843,7 @@ def test_a_content_length_response_keeps_its_length() -> None:
     assert (down.framing, down.length) == (LENGTH, 1234)
 
 
-def test_the_status_line_and_end_to_end_headers_reach_the_client_unchanged() -> None:
+def test_the_status_code_reason_and_end_to_end_headers_reach_the_client_unchanged() -> None:
     resp = response(
         b"Content-Length: 0",
         b"Set-Cookie: a=1",
@@ -821,9 +854,106 @@ def test_the_status_line_and_end_to_end_headers_reach_the_client_unchanged() -> 
     )
     wire = downstream_response(resp, True)
     assert wire == (
-        b"HTTP/1.1 418 I'm a teapot\r\nContent-Length: 0\r\nSet-Cookie: a=1\r\n"
-        b"set-cookie: b=2\r\n\r\n"
+        b"HTTP/1.1 418 I'm a teapot\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\n"
+        b"Content-Length: 0\r\n\r\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("start", "line"),
+    [
+        (b"HTTP/1.0 200 OK", b"HTTP/1.1 200 OK"),
+        (b"HTTP/1.2 404 Not  Found", b"HTTP/1.1 404 Not  Found"),
+        (b"HTTP/1.0 204", b"HTTP/1.1 204 "),
+        (b"HTTP/1.1 200 ", b"HTTP/1.1 200 "),
+    ],
+)
+def test_the_client_gets_our_protocol_version_with_the_apps_code_and_reason(
+    start: bytes, line: bytes
+) -> None:
+    wire = downstream_response(response(b"Content-Length: 0", start=start), True)
+    assert wire.startswith(line + b"\r\n")
+    assert parse_response(wire_head(wire), b"GET").status == int(start[9:12])
+
+
+def test_an_interim_response_gets_our_version_and_no_framing() -> None:
+    resp = response(b"Link: </s.css>", b"Content-Length: 3", start=b"HTTP/1.0 103 Early Hints")
+    assert interim_response(resp) == b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n"
+
+
+# -- framing is written from the fields, whatever Connection names ----------------------------
+
+
+CONNECTION_NAMING_FRAMING = [
+    b"Connection: content-length",
+    b"Connection: keep-alive, Content-Length",
+    b"Connection: transfer-encoding, content-length, host",
+]
+
+
+@pytest.mark.parametrize("connection", CONNECTION_NAMING_FRAMING)
+def test_connection_cannot_strip_a_request_content_length(connection: bytes) -> None:
+    req = request(b"Host: h", connection, b"Content-Length: 11", start=b"POST / HTTP/1.1")
+    up = sent_upstream(req)
+    assert values(up.headers, b"Content-Length") == [b"11"]
+    assert (up.framing, up.length) == (LENGTH, 11)
+
+
+@pytest.mark.parametrize("connection", CONNECTION_NAMING_FRAMING)
+def test_connection_cannot_strip_a_request_chunked_coding(connection: bytes) -> None:
+    req = request(b"Host: h", connection, b"Transfer-Encoding: chunked", start=b"POST / HTTP/1.1")
+    up = sent_upstream(req)
+    assert values(up.headers, b"Transfer-Encoding") == [b"chunked"]
+    assert values(up.headers, b"Content-Length") == []
+    assert up.framing == CHUNKED
+
+
+@pytest.mark.parametrize("connection", CONNECTION_NAMING_FRAMING)
+@pytest.mark.parametrize("keep_alive", [True, False])
+def test_connection_cannot_strip_a_response_content_length(
+    connection: bytes, keep_alive: bool
+) -> None:
+    down = sent_downstream(response(connection, b"Content-Length: 5"), keep_alive)
+    assert values(down.headers, b"Content-Length") == [b"5"]
+    assert (down.framing, down.length) == (LENGTH, 5)
+
+
+@pytest.mark.parametrize("connection", CONNECTION_NAMING_FRAMING)
+def test_connection_cannot_strip_the_host(connection: bytes) -> None:
+    up = sent_upstream(request(b"Host: app.example", connection))
+    assert values(up.headers, b"Host") == [b"app.example"]
+
+
+@pytest.mark.parametrize("lengths", [[b"5", b"05"], [b"05", b"5", b"005"]])
+def test_duplicate_content_lengths_are_relayed_as_the_one_length(lengths: list[bytes]) -> None:
+    req = request(*(b"Content-Length: " + n for n in lengths), start=b"PUT / HTTP/1.1")
+    assert values(sent_upstream(req).headers, b"Content-Length") == [b"5"]
+    resp = response(*(b"Content-Length: " + n for n in lengths))
+    assert values(sent_downstream(resp, True).headers, b"Content-Length") == [b"5"]
+
+
+@pytest.mark.parametrize(("method", "status"), [(b"HEAD", 200), (b"GET", 304)])
+def test_a_bodiless_answer_keeps_the_apps_stated_length(method: bytes, status: int) -> None:
+    resp = response(b"Content-Length: 1234", start=b"HTTP/1.1 %d X" % status, method=method)
+    down = sent_downstream(resp, True, method)
+    assert values(down.headers, b"Content-Length") == [b"1234"]
+    assert down.framing == NO_BODY
+
+
+@pytest.mark.parametrize("status", [204, 101])
+def test_a_content_length_on_a_204_or_1xx_is_not_relayed(status: int) -> None:
+    resp = response(b"Content-Length: 7", start=b"HTTP/1.1 %d X" % status)
+    assert values(sent_downstream(resp, True).headers, b"Content-Length") == []
+
+
+def test_a_request_without_a_body_gets_no_framing_headers() -> None:
+    up = sent_upstream(request(b"Host: h"))
+    assert values(up.headers, b"Content-Length") == values(up.headers, b"Transfer-Encoding") == []
+
+
+def test_an_empty_request_body_keeps_its_content_length_zero() -> None:
+    up = sent_upstream(request(b"Host: h", b"Content-Length: 0", start=b"POST / HTTP/1.1"))
+    assert values(up.headers, b"Content-Length") == [b"0"]
 
 
 def test_an_until_close_response_tells_the_client_it_will_close() -> None:
@@ -1070,3 +1200,31 @@ def test_scanner_ends_exactly_at_the_body_end_however_the_bytes_are_split(
     else:
         pytest.fail("the scanner never found the end of a complete body")
     assert consumed == len(body)
+
+
+# -- may_send_again ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"OPTIONS", b"TRACE"])
+def test_safe_methods_may_be_sent_again(method: bytes) -> None:
+    assert may_send_again(request(b"Host: h", start=method + b" / HTTP/1.1"))
+
+
+@pytest.mark.parametrize(
+    "method", [b"POST", b"PUT", b"DELETE", b"PATCH", b"CONNECT", b"get", b"PROPFIND"]
+)
+def test_other_methods_are_never_sent_twice(method: bytes) -> None:
+    assert not may_send_again(request(b"Host: h", start=method + b" / HTTP/1.1"))
+
+
+@pytest.mark.parametrize(
+    "key",
+    [b"Idempotency-Key: k", b"idempotency-key: k", b"X-Idempotency-Key: k", b"X-IDEMPOTENCY-KEY:"],
+)
+def test_an_idempotency_key_lets_any_request_be_sent_again(key: bytes) -> None:
+    assert may_send_again(request(b"Host: h", key, start=b"POST /charge HTTP/1.1"))
+
+
+def test_a_similar_header_is_no_idempotency_key() -> None:
+    req = request(b"Idempotency: k", b"X-Idempotency-Keys: k", start=b"POST / HTTP/1.1")
+    assert not may_send_again(req)
