@@ -20,7 +20,8 @@ import aiohttp
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient
 
-from tests.test_mutation import apply_patch, knative_pod
+from tests.knative_pods import knative_pod
+from tests.test_mutation import apply_patch
 from webhook import certs
 from webhook.app import create_app
 from webhook.mutation import MutationResult, MutationSettings

@@ -49,7 +49,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from testbed.apiserver import ApiServer, die_with_parent, free_port
-from tests.test_mutation import apply_patch, knative_pod
+from tests.knative_pods import knative_pod, queue_proxy, user_container
+from tests.test_mutation import apply_patch
 from webhook import certs
 from webhook.cluster import ConflictError, KubeCluster
 from webhook.mutation import (
@@ -768,6 +769,16 @@ def test_non_knative_pod_is_not_even_sent_to_the_webhook(webhook: Webhook, ns: s
     assert stderr == ""
     assert_untouched(created)
     assert webhook.reviews_in(ns) == []  # objectSelector: the API server never called it
+
+
+def test_h2c_revision_is_admitted_unchanged_with_a_warning(webhook: Webhook, ns: str) -> None:
+    """An h2c (gRPC) revision as Knative makes it: only queue-proxy's serving port says so."""
+    pod = pod_in(ns, containers=[user_container(), queue_proxy(h2c=True)])
+    created, stderr = create_pod(webhook.api, pod)
+    assert "Warning: freeze-proxy not injected" in stderr and "h2c" in stderr, stderr
+    assert_untouched(created)
+    (review,) = webhook.reviews_in(ns)
+    assert review["action"] == "skipped" and "h2c" in review["reason"]
 
 
 # --- 4. the webhook down --------------------------------------------------------------------------

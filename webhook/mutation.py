@@ -50,6 +50,10 @@ TOKEN_PATH = "token"
 TOKEN_EXPIRATION_SECONDS = 600
 TOKEN_MOUNT_PATH = "/var/run/projected"
 READINESS_PROBE_ENV = "SERVING_READINESS_PROBE"
+# Knative Serving's encoding of an h2c revision (pkg/reconciler/revision/resources/queue.go):
+# queue-proxy's serving port, named queue-port either way, is 8013 instead of 8012.
+KNATIVE_QUEUE_PORT_NAME = "queue-port"
+KNATIVE_H2C_SERVING_PORT = 8013
 PROXY_UID = 65532
 
 JsonObj = dict[str, Any]
@@ -210,13 +214,19 @@ def _choose_volume_name(pod: Mapping[str, Any], base: str) -> str:
     return name
 
 
-def _is_h2c(queue: Mapping[str, Any], user: Mapping[str, Any]) -> bool:
-    """Knative names queue-proxy's serving port (or the app's) 'h2c' for HTTP/2 cleartext apps."""
+def _is_h2c(queue: Mapping[str, Any]) -> bool:
+    """Knative marks an h2c revision in one place only: queue-proxy serves on 8013
+    (``networking.BackendHTTP2Port``: ``QUEUE_SERVING_PORT`` and its ``queue-port``) instead of
+    8012. The app's port is named ``user-port`` either way (the Service's port name, ``h2c``
+    included, does not reach the pod)."""
     serving = _env_value(queue, "QUEUE_SERVING_PORT")
-    for port in queue.get("ports") or []:
-        if port.get("name") == "h2c" and str(port.get("containerPort")) == serving:
-            return True
-    return any(p.get("name") == "h2c" for p in user.get("ports") or [])
+    if serving is not None:
+        return serving.strip() == str(KNATIVE_H2C_SERVING_PORT)
+    return any(
+        p.get("name") == KNATIVE_QUEUE_PORT_NAME
+        and p.get("containerPort") == KNATIVE_H2C_SERVING_PORT
+        for p in queue.get("ports") or []
+    )
 
 
 def proxy_container(
@@ -373,10 +383,12 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
         return _skip(str(err), f"freeze-proxy not injected: {err}")
     user = containers[user_index]
     user_name = str(user.get("name"))
-    if _is_h2c(queue, user):
+    if _is_h2c(queue):
         return _skip(
-            "h2c app",
-            "freeze-proxy not injected: HTTP/2 cleartext (h2c) apps are not supported yet",
+            "h2c revision (queue-proxy serves on 8013)",
+            "freeze-proxy not injected: this revision speaks HTTP/2 cleartext (h2c, e.g. gRPC), "
+            "which is not relayed yet; the app runs unfrozen. Set the annotation "
+            f'{ANNOTATION_ENABLED}: "false" on the revision template to silence this warning',
         )
 
     warnings: list[str] = []
