@@ -781,6 +781,22 @@ def test_h2c_revision_is_admitted_unchanged_with_a_warning(webhook: Webhook, ns:
     assert review["action"] == "skipped" and "h2c" in review["reason"]
 
 
+def test_exec_probes_on_the_app_are_admitted_unchanged_with_a_warning(
+    webhook: Webhook, ns: str
+) -> None:
+    """Exec probes Knative leaves on the user container would fail once it is frozen."""
+    user = user_container()
+    user["livenessProbe"] = {"exec": {"command": ["/bin/true"]}, "periodSeconds": 10}
+    user["readinessProbe"] = {"exec": {"command": ["/bin/true"]}}
+    created, stderr = create_pod(webhook.api, pod_in(ns, containers=[user, queue_proxy()]))
+    assert "Warning: freeze-proxy not injected" in stderr, stderr
+    assert "exec readinessProbe, exec livenessProbe" in stderr, stderr
+    assert_untouched(created)
+    assert container(created, "user-container")["livenessProbe"]["exec"] == {
+        "command": ["/bin/true"]
+    }
+
+
 # --- 4. the webhook down --------------------------------------------------------------------------
 
 

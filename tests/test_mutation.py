@@ -353,6 +353,33 @@ def test_http1_multi_container_revision_freezes_the_serving_container() -> None:
     )
 
 
+EXEC_PROBE = {"exec": {"command": ["/bin/healthcheck"]}, "periodSeconds": 10}
+
+
+@pytest.mark.parametrize("probe_field", ["livenessProbe", "readinessProbe", "startupProbe"])
+def test_exec_probe_on_the_frozen_container_is_not_mutated(probe_field: str) -> None:
+    """kubelet would exec into the frozen container: readiness turns the pod NotReady (no
+    request ever wakes it again), liveness and startup restart a healthy app."""
+    user = user_container()
+    user[probe_field] = copy.deepcopy(EXEC_PROBE)
+    pod = knative_pod([user, queue_proxy()])
+    validate(pod)
+    result = mutate(pod, SETTINGS)
+    assert result.action == "skipped" and result.patch == []
+    (warning,) = result.warnings
+    assert f"exec {probe_field}" in warning and "user-container" in warning
+    assert "httpGet" in warning and ANNOTATION_ENABLED in warning  # the ways out
+    assert probe_field in result.reason
+
+
+def test_exec_probe_on_a_container_that_is_not_frozen_is_fine() -> None:
+    """Only the serving container is frozen (USER_CONTAINER); another one may exec-probe."""
+    serving, other = multi_container()
+    other["livenessProbe"] = copy.deepcopy(EXEC_PROBE)
+    result = mutate(knative_pod([serving, other, queue_proxy()]), SETTINGS)
+    assert result.action == "mutated" and result.user_container == "user-container-0"
+
+
 def test_app_on_proxy_port_is_not_mutated() -> None:
     pod = knative_pod([user_container(port=9999), queue_proxy(user_port=9999)])
     result = mutate(pod, SETTINGS)

@@ -20,7 +20,10 @@ kubelet sends straight to the user container (a frozen app would otherwise be re
 report "ready" before the app listens. Aimed at a frozen app, the kernel still completes their
 handshakes but queues the connections; freeze-proxy drains that accept queue by waking the app
 briefly (``--wake-backlog``, freeze_proxy/backlog.py) before it fills. ``grpc`` probes cannot be
-relayed by an HTTP/1 proxy: they are left alone with a warning.
+relayed by an HTTP/1 proxy: they are left alone with a warning. ``exec`` probes (Knative leaves
+them on the user container) run inside the frozen container and would fail: readiness would turn
+the pod NotReady with nothing left to wake it, liveness/startup would restart a healthy app. Until
+probes are answered while frozen, such a pod is not mutated, with a warning naming the probe.
 """
 
 from __future__ import annotations
@@ -337,6 +340,18 @@ def validate_grace(annotations: Mapping[str, Any]) -> tuple[str | None, str | No
     return raw, None
 
 
+PROBE_FIELDS = ("readinessProbe", "livenessProbe", "startupProbe")
+
+
+def exec_probes(container: Mapping[str, Any]) -> list[str]:
+    """The probe fields of ``container`` that kubelet runs by exec-ing into it."""
+    return [
+        f
+        for f in PROBE_FIELDS
+        if isinstance(container.get(f), dict) and container[f].get("exec") is not None
+    ]
+
+
 def _skip(reason: str, warning: str | None = None) -> MutationResult:
     return MutationResult([], "skipped", reason, [warning] if warning else [])
 
@@ -391,6 +406,17 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
             f'{ANNOTATION_ENABLED}: "false" on the revision template to silence this warning',
         )
 
+    execs = exec_probes(user)
+    if execs:
+        probes = ", ".join(f"exec {f}" for f in execs)
+        return _skip(
+            f"container {user_name} has {probes}",
+            f"freeze-proxy not injected: container {user_name} has {probes}; kubelet would "
+            "exec into the frozen container and fail it (NotReady for good, or restarted). "
+            "Use an httpGet probe (freeze-proxy wakes the app for it) or a tcpSocket probe to "
+            f'have it frozen, or set {ANNOTATION_ENABLED}: "false" to silence this warning',
+        )
+
     warnings: list[str] = []
     grace, grace_warning = validate_grace(annotations)
     if grace_warning:
@@ -436,7 +462,7 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
             patch.append({"op": "replace", "path": probe_path, "value": new_probe})
 
     user_path = f"/spec/containers/{user_index}"
-    for probe_field in ("readinessProbe", "livenessProbe", "startupProbe"):
+    for probe_field in PROBE_FIELDS:
         probe = user.get(probe_field)
         if not isinstance(probe, dict):
             continue
