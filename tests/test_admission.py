@@ -278,6 +278,61 @@ async def test_cert_files_are_reloaded(
         pytest.fail("new certificate was never served")
 
 
+MiB = 1024 * 1024
+
+
+def review_of_size(size: int) -> bytes:
+    """A valid AdmissionReview of exactly ``size`` bytes, made big the way that costs the most
+    memory once parsed: many tiny strings (args), ~15x their JSON size as Python objects."""
+    pod = knative_pod()
+    args: list[str] = []
+    pod["spec"]["containers"][0]["args"] = args
+    pod["metadata"]["annotations"]["pad"] = ""
+    body = json.dumps(review(pod)).encode()
+    args.extend(["00"] * ((size - len(body)) // 6))  # ', "00"' is 6 bytes
+    pad = size - len(json.dumps(review(pod)).encode())
+    assert pad >= 0
+    pod["metadata"]["annotations"]["pad"] = "x" * pad
+    body = json.dumps(review(pod)).encode()
+    assert len(body) == size, (len(body), size)
+    return body
+
+
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM: the highest resident set size the process ever had."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+async def test_reviews_bigger_than_the_api_server_sends_are_refused(
+    webhook_process: Webhook, session: aiohttp.ClientSession
+) -> None:
+    """The API server takes at most 3 MiB request bodies (and etcd stores 1.5 MiB objects): a
+    bigger AdmissionReview is no pod the API server can send, and parsing one costs ~15x its
+    size in memory (an 8 MiB one added ~100 MiB RSS)."""
+    status, _ = await post(webhook_process, session, review_of_size(3 * MiB))
+    assert status == 200
+    status, _ = await post(webhook_process, session, review_of_size(3 * MiB + 1))
+    assert status == 413
+    assert webhook_process.proc.poll() is None
+
+
+async def test_many_big_reviews_at_once_stay_within_the_memory_limit(
+    webhook_process: Webhook, session: aiohttp.ClientSession
+) -> None:
+    """Twenty 3 MiB reviews at once are all answered, and the process peaks far below the
+    256 Mi limit config/ gives it: bodies are read only --max-inflight-reviews at a time, and no
+    copy of a body outlives its review (``request.read()`` kept one per keep-alive connection)."""
+    idle = peak_rss_kib(webhook_process.proc.pid)
+    body = review_of_size(3 * MiB)
+    statuses = await asyncio.gather(*(post(webhook_process, session, body) for _ in range(20)))
+    assert [s for s, _ in statuses] == [200] * 20
+    grown_mib = (peak_rss_kib(webhook_process.proc.pid) - idle) / 1024
+    assert grown_mib < 100, f"peak RSS grew by {grown_mib:.0f} MiB"
+
+
 # --- in-process: an exception from the mutation itself ------------------------------------------
 
 

@@ -13,7 +13,7 @@ require_extra("freeze-webhook", "webhook", ("kubernetes", "cryptography"))
 
 from freeze_proxy import jsonlog
 from freeze_proxy.addresses import parse_listen
-from webhook.app import WebhookSettings, serve
+from webhook.app import DEFAULT_MAX_INFLIGHT, WebhookSettings, serve
 from webhook.certs import san_entry
 
 
@@ -48,6 +48,14 @@ def parse_args(argv: list[str] | None = None) -> WebhookSettings:
         help="also put this DNS name or IP address on the bootstrapped serving certificate "
         "(repeatable; e.g. when the API server reaches the webhook by clientConfig.url)",
     )
+    p.add_argument(
+        "--max-inflight-reviews",
+        type=int,
+        default=DEFAULT_MAX_INFLIGHT,
+        metavar="N",
+        help="AdmissionReviews read and processed at once (each up to 3 MiB, ~15x that parsed); "
+        "the others wait up to 4s, then get 503",
+    )
     p.add_argument("--log-level", default="INFO")
     p.add_argument(
         "--reload-interval", type=float, default=10.0, help="seconds between cert-file checks"
@@ -55,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> WebhookSettings:
     args = p.parse_args(argv)
     if not args.proxy_image:
         p.error("--proxy-image (or env FREEZE_PROXY_IMAGE) is required")
+    if args.max_inflight_reviews < 1:
+        p.error("--max-inflight-reviews must be at least 1")
     if bool(args.tls_cert_file) != bool(args.tls_private_key_file):
         p.error("--tls-cert-file and --tls-private-key-file go together")
     try:
@@ -81,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> WebhookSettings:
         log_level=args.log_level,
         reload_interval=args.reload_interval,
         extra_sans=tuple(args.extra_san),
+        max_inflight=args.max_inflight_reviews,
     )
 
 
