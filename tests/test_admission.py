@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -77,8 +79,7 @@ class Webhook:
         return ssl.create_default_context(cadata=ca.decode())
 
 
-@pytest.fixture
-def webhook_process(tmp_path: Path) -> Iterator[Webhook]:
+def start_webhook(tmp_path: Path, *args: str) -> Webhook:
     bundle = write_certs(tmp_path, dt.datetime.now(dt.UTC))
     port = free_port()
     proc = subprocess.Popen(
@@ -94,18 +95,24 @@ def webhook_process(tmp_path: Path) -> Iterator[Webhook]:
             str(tmp_path / "tls.key"),
             "--reload-interval",
             "0.2",
+            *args,
         ],
         cwd=ROOT,
         env={**os.environ, "FREEZE_PROXY_IMAGE": IMAGE, "PYTHONPATH": str(ROOT)},
         stderr=subprocess.PIPE,
     )
-    hook = Webhook(f"https://127.0.0.1:{port}", proc, bundle.ca_bundle, tmp_path)
+    return Webhook(f"https://127.0.0.1:{port}", proc, bundle.ca_bundle, tmp_path)
+
+
+@pytest.fixture
+def webhook_process(tmp_path: Path) -> Iterator[Webhook]:
+    hook = start_webhook(tmp_path, "--drain-delay", "0")
     try:
         yield hook
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=10)
+        if hook.proc.poll() is None:
+            hook.proc.terminate()
+            hook.proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -331,6 +338,99 @@ async def test_many_big_reviews_at_once_stay_within_the_memory_limit(
     assert [s for s, _ in statuses] == [200] * 20
     grown_mib = (peak_rss_kib(webhook_process.proc.pid) - idle) / 1024
     assert grown_mib < 100, f"peak RSS grew by {grown_mib:.0f} MiB"
+
+
+async def _request(
+    hook: Webhook, head: bytes, body: bytes = b""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    port = int(hook.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=hook.ssl_for(hook.ca), server_hostname=SERVICE_DNS
+    )
+    writer.write(head + body)
+    await writer.drain()
+    return reader, writer
+
+
+async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length body."""
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    headers = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, body
+
+
+def _post_head(length: int) -> bytes:
+    return (
+        f"POST /defaulting HTTP/1.1\r\nHost: {SERVICE_DNS}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+async def test_sigterm_drains_then_finishes_in_flight_reviews(tmp_path: Path) -> None:
+    """A rollout (or a drained node) sends SIGTERM while the API server still routes reviews
+    to this replica; with failurePolicy Ignore, each review lost is a pod that runs unfrozen
+    for good. So: go unready and keep answering (with Connection: close, so the API server's
+    keep-alive connections move to another replica) for --drain-delay, then stop listening and
+    finish the reviews in flight."""
+    hook = start_webhook(tmp_path, "--drain-delay", "1s", "--shutdown-timeout", "10s")
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(100):
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with s.get(
+                        hook.url + "/readyz", ssl=hook.ssl_for(hook.ca), server_hostname=SERVICE_DNS
+                    ) as r:
+                        if r.status == 200:
+                            break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("webhook never became ready")
+        body = json.dumps(review(knative_pod())).encode()
+        # A review in flight: the API server has sent half of it when SIGTERM arrives.
+        in_flight, writer = await _request(hook, _post_head(len(body)), body[:1000])
+        hook.proc.send_signal(signal.SIGTERM)
+        # Still answering during the drain delay, unready, and closing connections after use.
+        for _ in range(100):
+            reader, w2 = await _request(hook, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, _ = await _answer(reader)
+            w2.close()
+            if status == 503:
+                break
+            assert status == 200
+        else:
+            pytest.fail("still ready after SIGTERM")
+        reader, w3 = await _request(hook, _post_head(len(body)), body)
+        status, headers, answer = await _answer(reader)
+        assert status == 200 and json.loads(answer)["response"]["allowed"] is True
+        assert headers.get("connection", "").lower() == "close"
+        w3.close()
+        # Then it stops listening...
+        port = int(hook.url.rsplit(":", 1)[1])
+        for _ in range(100):
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+            except ConnectionRefusedError:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("still listening after the drain delay")
+        # ... but the review in flight is answered, in full, before it exits.
+        assert hook.proc.poll() is None
+        writer.write(body[1000:])
+        await writer.drain()
+        status, _, answer = await _answer(in_flight)
+        assert status == 200
+        assert decode_patch(json.loads(answer)["response"])  # mutated as usual
+        assert hook.proc.wait(timeout=10) == 0
+    finally:
+        if hook.proc.poll() is None:
+            hook.proc.kill()
+            hook.proc.wait()
 
 
 # --- in-process: an exception from the mutation itself ------------------------------------------

@@ -147,9 +147,10 @@ def test_webhook_names_agree_with_its_defaults() -> None:
     listen_port = parse_listen(DEFAULTS.listen)[1]
     assert svc_port["targetPort"] == listen_port == 8443
     assert [p["containerPort"] for p in container["ports"]] == [listen_port]
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         get = container[probe]["httpGet"]
-        assert (get["scheme"], get["path"], get["port"]) == ("HTTPS", "/healthz", listen_port)
+        assert (get["scheme"], get["path"], get["port"]) == ("HTTPS", path, listen_port)
+        assert path in routes
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -165,6 +166,29 @@ def test_webhook_names_agree_with_its_defaults() -> None:
     )
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert "/tmp" in mounts, "TLS temp files need a writable /tmp"
+
+
+def test_webhook_stays_available_through_rollouts_and_drains() -> None:
+    """With failurePolicy Ignore, every pod created while no webhook answers runs unfrozen for
+    good: two replicas on different nodes, a PodDisruptionBudget, and time to drain."""
+    deployment = find("Deployment", "freezer-webhook")
+    spec = deployment["spec"]
+    assert spec["replicas"] >= 2
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    labels = spec["template"]["metadata"]["labels"]
+    pdbs = [o for o in install_objects() if o["kind"] == "PodDisruptionBudget"]
+    (pdb,) = [p for p in pdbs if p["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert pdb["spec"]["minAvailable"] == 1 < spec["replicas"]  # a node drain may evict one
+    (term,) = spec["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+    # SIGTERM -> drain delay -> in-flight reviews finish -> exit, before kubelet's SIGKILL.
+    grace = spec["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > DEFAULTS.drain_delay + DEFAULTS.shutdown_timeout
 
 
 def test_mutating_webhook_configuration_policy() -> None:

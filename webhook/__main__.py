@@ -13,8 +13,16 @@ require_extra("freeze-webhook", "webhook", ("kubernetes", "cryptography"))
 
 from freeze_proxy import jsonlog
 from freeze_proxy.addresses import parse_listen
+from freeze_proxy.durations import parse_duration
 from webhook.app import DEFAULT_MAX_INFLIGHT, WebhookSettings, serve
 from webhook.certs import san_entry
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def parse_args(argv: list[str] | None = None) -> WebhookSettings:
@@ -56,6 +64,19 @@ def parse_args(argv: list[str] | None = None) -> WebhookSettings:
         help="AdmissionReviews read and processed at once (each up to 3 MiB, ~15x that parsed); "
         "the others wait up to 4s, then get 503",
     )
+    p.add_argument(
+        "--drain-delay",
+        type=_duration,
+        default="5s",
+        help="on SIGTERM, keep answering (unready, closing each connection after use) this long "
+        "while the API server learns that the pod is going; then stop listening",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=_duration,
+        default="10s",
+        help="after the drain delay, how long the reviews in flight may take to finish",
+    )
     p.add_argument("--log-level", default="INFO")
     p.add_argument(
         "--reload-interval", type=float, default=10.0, help="seconds between cert-file checks"
@@ -92,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> WebhookSettings:
         reload_interval=args.reload_interval,
         extra_sans=tuple(args.extra_san),
         max_inflight=args.max_inflight_reviews,
+        drain_delay=args.drain_delay,
+        shutdown_timeout=args.shutdown_timeout,
     )
 
 

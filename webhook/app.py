@@ -29,6 +29,32 @@ MAX_BODY = 3 * 1024 * 1024
 DEFAULT_MAX_INFLIGHT = 4
 SLOT_WAIT = 4.0
 SLOTS_KEY = web.AppKey("slots", asyncio.Semaphore)
+DRAINING_KEY = web.AppKey("draining", asyncio.Event)
+
+
+class InFlight:
+    """How many reviews are being handled, and a way to wait until there are none."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until none is left (bound it with ``asyncio.timeout``)."""
+        await self._idle.wait()
+
+
+IN_FLIGHT_KEY = web.AppKey("in_flight", InFlight)
 
 
 @dataclass(frozen=True)
@@ -48,6 +74,10 @@ class WebhookSettings:
     reload_interval: float = 10.0
     extra_sans: tuple[str, ...] = ()
     max_inflight: int = DEFAULT_MAX_INFLIGHT
+    # On SIGTERM: unready but answering for drain_delay (s), then stop listening and give the
+    # reviews in flight up to shutdown_timeout (s) to finish.
+    drain_delay: float = 5.0
+    shutdown_timeout: float = 10.0
     mutation: MutationSettings = field(init=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +102,15 @@ def _log_outcome(outcome: Outcome) -> None:
 
 async def handle_review(request: web.Request) -> web.Response:
     """POST /defaulting and /mutate: at most ``max_inflight`` bodies in memory at once."""
+    in_flight = request.app[IN_FLIGHT_KEY]
+    in_flight.enter()
+    try:
+        return await _admit(request)
+    finally:
+        in_flight.leave()
+
+
+async def _admit(request: web.Request) -> web.Response:
     slots = request.app[SLOTS_KEY]
     try:
         async with asyncio.timeout(SLOT_WAIT):
@@ -126,10 +165,22 @@ async def _review(request: web.Request) -> web.Response:
         return web.json_response({"error": str(err)}, status=400)
     outcome = review_pod(review, request.app[SETTINGS_KEY], request.app[MUTATOR_KEY])
     _log_outcome(outcome)
-    return web.json_response(outcome.body)
+    response = web.json_response(outcome.body)
+    if request.app[DRAINING_KEY].is_set():
+        # The API server's next review then dials anew and reaches a replica that stays.
+        response.force_close()
+    return response
 
 
 async def handle_healthz(request: web.Request) -> web.Response:
+    """Liveness: the process serves."""
+    return web.Response(text="ok")
+
+
+async def handle_readyz(request: web.Request) -> web.Response:
+    """Readiness: 503 once SIGTERM started the drain."""
+    if request.app[DRAINING_KEY].is_set():
+        return web.Response(status=503, text="draining")
     return web.Response(text="ok")
 
 
@@ -141,11 +192,14 @@ def create_app(
     """The routes only; TLS and the certificate loop live in ``serve``."""
     app = web.Application(client_max_size=MAX_BODY)
     app[SLOTS_KEY] = asyncio.Semaphore(max_inflight)
+    app[DRAINING_KEY] = asyncio.Event()
+    app[IN_FLIGHT_KEY] = InFlight()
     app[SETTINGS_KEY] = settings
     app[MUTATOR_KEY] = mutator
     app.router.add_post("/defaulting", handle_review)
     app.router.add_post("/mutate", handle_review)
     app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/readyz", handle_readyz)
     return app
 
 
@@ -193,9 +247,8 @@ async def serve(settings: WebhookSettings) -> None:
         first.cancel()
         return
     keeper = first.result()
-    runner = web.AppRunner(
-        create_app(settings.mutation, max_inflight=settings.max_inflight), access_log=None
-    )
+    app = create_app(settings.mutation, max_inflight=settings.max_inflight)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls.context)
     await site.start()
@@ -205,6 +258,30 @@ async def serve(settings: WebhookSettings) -> None:
     )
     try:
         await stopper
+        # The API server keeps sending reviews here until it learns that this pod is going
+        # (endpoints, kube-proxy): answer them, unready, each on a connection closed after use.
+        app[DRAINING_KEY].set()
+        log.info(
+            "SIGTERM: draining, then stopping",
+            extra={
+                "drain_delay": f"{settings.drain_delay:g}s",
+                "shutdown_timeout": f"{settings.shutdown_timeout:g}s",
+            },
+        )
+        await asyncio.sleep(settings.drain_delay)
+        # Stop listening, then let the reviews in flight finish (their bodies still arriving:
+        # aiohttp's cleanup alone stops reading from every connection, so a review half
+        # received would never complete).
+        await site.stop()
+        in_flight = app[IN_FLIGHT_KEY]
+        try:
+            async with asyncio.timeout(settings.shutdown_timeout):
+                await in_flight.wait_idle()
+        except TimeoutError:
+            log.warning(
+                "reviews still in flight after the shutdown timeout; closing them",
+                extra={"in_flight": in_flight.count},
+            )
     finally:
         keeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
