@@ -66,7 +66,6 @@ from webhook.mutation import (
     mutate,
     projected_volume,
     proxy_container,
-    validate_grace,
 )
 
 pytestmark = pytest.mark.apiserver
@@ -764,7 +763,7 @@ def test_knative_pod_is_mutated_exactly_as_intended(webhook: Webhook, ns: str) -
     user = container(pod, "user-container")
     proxy = container(created, PROXY_CONTAINER_NAME)
     intended = proxy_container(
-        SETTINGS, "user-container", 8080, VOLUME_NAME, None, user["lifecycle"]["preStop"]
+        SETTINGS, "user-container", 8080, VOLUME_NAME, pre_stop=user["lifecycle"]["preStop"]
     )
     contains(
         {k: v for k, v in proxy.items() if k != "volumeMounts"},
@@ -816,8 +815,7 @@ def test_invalid_grace_is_admitted_with_the_default_and_a_warning(
     webhook: Webhook, ns: str
 ) -> None:
     annotations = {ANNOTATION_GRACE: "soon"}
-    _, warning = validate_grace(annotations)
-    assert warning
+    (warning,) = mutate(pod_in(ns, annotations=annotations), SETTINGS).warnings
     created, stderr = create_pod(webhook.api, pod_in(ns, annotations=annotations))
     assert f"Warning: {warning}" in stderr  # the admission warning reached the client
     proxy = container(created, PROXY_CONTAINER_NAME)
@@ -826,6 +824,62 @@ def test_invalid_grace_is_admitted_with_the_default_and_a_warning(
     created, stderr = create_pod(webhook.api, pod_in(ns, annotations={ANNOTATION_GRACE: "2s"}))
     assert "Warning" not in stderr, stderr
     assert env(container(created, PROXY_CONTAINER_NAME))["FREEZE_GRACE"] == "2s"
+
+
+def with_resources(c: dict[str, Any], cpu: str, memory: str, *, equal: bool = True) -> None:
+    c["resources"] = {
+        "requests": {"cpu": cpu if equal else "10m", "memory": memory},
+        "limits": {"cpu": cpu, "memory": memory},
+    }
+
+
+def test_namespace_with_a_limits_cpu_quota_accepts_the_mutated_pod(
+    webhook: Webhook, ns: str
+) -> None:
+    """The ResourceQuota admission plugin refuses a pod with any container lacking limits.cpu
+    in a namespace whose quota has limits.cpu: the sidecar must bring its own."""
+    api = webhook.api
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "cpu", "namespace": ns},
+        "spec": {"hard": {"limits.cpu": "10", "limits.memory": "10Gi"}},
+    }
+    api.kubectl("create", "-f", "-", input=json.dumps(quota))
+    # No controller manager here: record the quota's status as its controller would.
+    used = {"limits.cpu": "0", "limits.memory": "0"}
+    status = {"status": {"hard": quota["spec"]["hard"], "used": used}}
+    api.kubectl(
+        "-n", ns, "patch", "resourcequota", "cpu", "--subresource=status", "--type=merge",
+        "-p", json.dumps(status),
+    )  # fmt: skip
+    pod = pod_in(ns)
+    for c in pod["spec"]["containers"]:
+        with_resources(c, "500m", "256Mi", equal=False)
+    created, stderr = create_pod(api, pod)
+    assert "Warning" not in stderr, stderr
+    proxy = container(created, PROXY_CONTAINER_NAME)
+    assert "cpu" in proxy["resources"]["limits"]
+    used = kjson(api, "-n", ns, "get", "resourcequota", "cpu")["status"]["used"]
+    assert used["limits.cpu"] == "2"  # 500m + 500m + the sidecar's 1
+
+
+def test_guaranteed_pod_stays_guaranteed(webhook: Webhook, ns: str) -> None:
+    """status.qosClass is computed by the API server when it stores the pod."""
+    pod = pod_in(ns)
+    with_resources(container(pod, "user-container"), "500m", "256Mi")
+    with_resources(container(pod, "queue-proxy"), "100m", "64Mi")
+    created, stderr = create_pod(webhook.api, pod)
+    assert "Warning" not in stderr, stderr
+    assert PROXY_CONTAINER_NAME in [c["name"] for c in created["spec"]["containers"]]
+    assert created["status"]["qosClass"] == "Guaranteed"
+    # And a Burstable one stays Burstable, with small requests for the sidecar.
+    pod = pod_in(ns)
+    with_resources(container(pod, "user-container"), "500m", "256Mi", equal=False)
+    created, _ = create_pod(webhook.api, pod)
+    assert created["status"]["qosClass"] == "Burstable"
+    proxy = container(created, PROXY_CONTAINER_NAME)
+    assert proxy["resources"]["requests"] == {"cpu": "10m", "memory": "32Mi"}
 
 
 def test_second_admission_is_a_no_op(webhook: Webhook, ns: str) -> None:

@@ -380,6 +380,107 @@ def test_exec_probe_on_a_container_that_is_not_frozen_is_fine() -> None:
     assert result.action == "mutated" and result.user_container == "user-container-0"
 
 
+def guaranteed(c: dict[str, Any], cpu: str = "500m", memory: str = "256Mi") -> dict[str, Any]:
+    c["resources"] = {
+        "requests": {"cpu": cpu, "memory": memory},
+        "limits": {"cpu": cpu, "memory": memory},
+    }
+    return c
+
+
+def qos_class(pod: dict[str, Any]) -> str:
+    """Kubernetes' QoS classification (pkg/apis/core/helper/qos), cpu and memory only."""
+    containers = pod["spec"]["containers"] + pod["spec"].get("initContainers", [])
+    requested = limited = 0
+    guaranteed_all = True
+    for c in containers:
+        requests = c.get("resources", {}).get("requests", {})
+        limits = c.get("resources", {}).get("limits", {})
+        requested += len(requests)
+        limited += len(limits)
+        for r in ("cpu", "memory"):
+            if r not in limits or (r in requests and requests[r] != limits[r]):
+                guaranteed_all = False
+    if guaranteed_all:
+        return "Guaranteed"
+    return "Burstable" if requested or limited else "BestEffort"
+
+
+def test_sidecar_has_a_cpu_limit_so_limits_cpu_quotas_accept_the_pod() -> None:
+    """A namespace with a limits.cpu ResourceQuota rejects any container without a CPU limit."""
+    proxy = container(mutated(knative_pod()), "freeze-proxy")
+    assert set(proxy["resources"]["limits"]) == {"cpu", "memory"}
+    assert set(proxy["resources"]["requests"]) == {"cpu", "memory"}
+
+
+def test_guaranteed_pod_stays_guaranteed() -> None:
+    pod = knative_pod([guaranteed(user_container()), guaranteed(queue_proxy(), "100m", "64Mi")])
+    assert qos_class(pod) == "Guaranteed"
+    out = mutated(pod)
+    validate(out)
+    assert qos_class(out) == "Guaranteed"
+    resources = container(out, "freeze-proxy")["resources"]
+    assert resources["requests"] == resources["limits"]
+
+
+def test_burstable_pod_gets_small_requests() -> None:
+    pod = knative_pod([guaranteed(user_container()), queue_proxy()])  # queue-proxy: 25m, no limit
+    resources = container(mutated(pod), "freeze-proxy")["resources"]
+    assert resources["requests"] != resources["limits"]
+
+
+@pytest.mark.parametrize(
+    ("annotations", "requests", "limits"),
+    [
+        (
+            {"freeze-proxy.knative.dev/cpu-request": "50m",
+             "freeze-proxy.knative.dev/cpu-limit": "2"},
+            {"cpu": "50m", "memory": "32Mi"},
+            {"cpu": "2", "memory": "128Mi"},
+        ),
+        (
+            {"freeze-proxy.knative.dev/memory-request": "64Mi",
+             "freeze-proxy.knative.dev/memory-limit": "1Gi"},
+            {"cpu": "10m", "memory": "64Mi"},
+            {"cpu": "1", "memory": "1Gi"},
+        ),
+    ],
+)  # fmt: skip
+def test_per_service_resources_by_annotation(
+    annotations: dict[str, str], requests: dict[str, str], limits: dict[str, str]
+) -> None:
+    pod = knative_pod(annotations=annotations)
+    result = mutate(pod, SETTINGS)
+    assert not result.warnings
+    resources = container(apply_patch(pod, result.patch), "freeze-proxy")["resources"]
+    assert resources == {"requests": requests, "limits": limits}
+
+
+@pytest.mark.parametrize(
+    ("annotations", "refused"),
+    [
+        ({"freeze-proxy.knative.dev/cpu-limit": "lots"}, "cpu-limit"),
+        ({"freeze-proxy.knative.dev/memory-limit": "0"}, "memory-limit"),
+        ({"freeze-proxy.knative.dev/cpu-request": "-1"}, "cpu-request"),
+        ({"freeze-proxy.knative.dev/cpu-request": "3"}, "cpu-request"),  # above the 1 CPU limit
+    ],
+)
+def test_bad_resource_annotation_is_refused_and_the_pod_stays_valid(
+    annotations: dict[str, str], refused: str
+) -> None:
+    pod = knative_pod(annotations=annotations)
+    result = mutate(pod, SETTINGS)
+    assert result.action == "mutated"
+    (warning,) = result.warnings
+    assert f"freeze-proxy.knative.dev/{refused}" in warning and "refused" in warning
+    out = apply_patch(pod, result.patch)
+    validate(out)
+    assert (
+        container(out, "freeze-proxy")["resources"]
+        == container(mutated(knative_pod()), "freeze-proxy")["resources"]
+    )
+
+
 def test_app_on_proxy_port_is_not_mutated() -> None:
     pod = knative_pod([user_container(port=9999), queue_proxy(user_port=9999)])
     result = mutate(pod, SETTINGS)

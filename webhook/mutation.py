@@ -34,12 +34,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from freeze_proxy.durations import parse_duration
+from webhook.sidecar import (
+    ANNOTATION_PREFIX,
+    SidecarConfig,
+    apply_overrides,
+    is_guaranteed,
+    overrides_from_annotations,
+    resources,
+)
+from webhook.sidecar import DEFAULTS as DEFAULT_SIDECAR
 
 LABEL_ADDED = "freeze-pod-added"
 LABEL_VERSION = "freeze-pod-version"
 MUTATION_VERSION = "3"
-ANNOTATION_PREFIX = "freeze-proxy.knative.dev/"
 ANNOTATION_ENABLED = ANNOTATION_PREFIX + "enabled"
 ANNOTATION_GRACE = ANNOTATION_PREFIX + "grace"
 ANNOTATION_CONTAINER = ANNOTATION_PREFIX + "container"
@@ -70,10 +77,9 @@ class MutationSettings:
     proxy_image: str
     proxy_port: int = 9999
     health_port: int = 9998
-    cpu_request: str = "10m"
-    memory_request: str = "32Mi"
-    memory_limit: str = "128Mi"
     image_pull_policy: str = "IfNotPresent"
+    # The cluster's defaults (ConfigMap config-freeze-proxy); annotations override them per pod.
+    defaults: SidecarConfig = DEFAULT_SIDECAR
 
 
 @dataclass(frozen=True)
@@ -237,22 +243,34 @@ def proxy_container(
     user_container: str,
     user_port: int,
     volume_name: str,
-    grace: str | None,
+    config: SidecarConfig = DEFAULT_SIDECAR,
     pre_stop: JsonObj | None = None,
     state_volume: str = STATE_VOLUME_NAME,
+    *,
+    guaranteed: bool = False,
 ) -> JsonObj:
     """The freeze-proxy container spec (least privilege, small requests, health probe).
 
     ``pre_stop`` is the user container's own preStop hook (Knative's wait-for-drain on
     queue-proxy): with it kubelet holds our SIGTERM, like the app's, until queue-proxy has
     drained, so requests still arriving during the drain find the proxy listening.
+    ``guaranteed``: every other container is Guaranteed, so requests equal the limits.
     """
     env: list[JsonObj] = [
         {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
         {"name": "USER_CONTAINER", "value": user_container},
     ]
-    if grace is not None:
-        env.append({"name": "FREEZE_GRACE", "value": grace})
+    if config.grace is not None:
+        env.append({"name": "FREEZE_GRACE", "value": config.grace})
+    timeouts = [
+        arg
+        for flag, value in (
+            ("--resume-timeout", config.resume_timeout),
+            ("--drain-timeout", config.drain_timeout),
+        )
+        if value is not None
+        for arg in (flag, value)
+    ]
     return {
         "name": PROXY_CONTAINER_NAME,
         "image": settings.proxy_image,
@@ -264,12 +282,10 @@ def proxy_container(
             f"0.0.0.0:{settings.health_port}",
             "--upstream",
             f"http://127.0.0.1:{user_port}",
+            *timeouts,
         ],
         "env": env,
-        "resources": {
-            "requests": {"cpu": settings.cpu_request, "memory": settings.memory_request},
-            "limits": {"memory": settings.memory_limit},
-        },
+        "resources": resources(config, guaranteed),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": PROXY_UID,
@@ -321,23 +337,6 @@ def projected_volume(name: str) -> JsonObj:
             ]
         },
     }
-
-
-def validate_grace(annotations: Mapping[str, Any]) -> tuple[str | None, str | None]:
-    """Return (grace to pass, warning) for the grace annotation; an invalid value is dropped."""
-    raw = annotations.get(ANNOTATION_GRACE)
-    if raw is None:
-        return None, None
-    if not isinstance(raw, str):
-        return None, f"annotation {ANNOTATION_GRACE} is not a string; the default grace applies"
-    try:
-        parse_duration(raw)
-    except ValueError as err:
-        return None, (
-            f"annotation {ANNOTATION_GRACE}={raw!r} refused: {err}; "
-            "freeze-proxy's default idle grace is used instead"
-        )
-    return raw, None
 
 
 PROBE_FIELDS = ("readinessProbe", "livenessProbe", "startupProbe")
@@ -417,10 +416,15 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
             f'have it frozen, or set {ANNOTATION_ENABLED}: "false" to silence this warning',
         )
 
-    warnings: list[str] = []
-    grace, grace_warning = validate_grace(annotations)
-    if grace_warning:
-        warnings.append(grace_warning)
+    config, warnings = apply_overrides(
+        settings.defaults,
+        overrides_from_annotations(annotations),
+        ANNOTATION_PREFIX + "{key}",
+        "the cluster default is used instead",
+    )
+    others = [c for c in containers if c is not None] + list(
+        pod["spec"].get("initContainers") or []
+    )
 
     patch: Patch = []
     new_labels = {LABEL_ADDED: "true", LABEL_VERSION: MUTATION_VERSION}
@@ -495,9 +499,10 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
                 user_name,
                 user_port,
                 volume_name,
-                grace,
+                config,
                 drain_hook(user, user_port),
                 state_volume,
+                guaranteed=is_guaranteed(others),
             ),
         }
     )
