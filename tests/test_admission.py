@@ -95,6 +95,8 @@ def start_webhook(tmp_path: Path, *args: str) -> Webhook:
             str(tmp_path / "tls.key"),
             "--reload-interval",
             "0.2",
+            "--config-map",
+            "",
             *args,
         ],
         cwd=ROOT,

@@ -107,6 +107,7 @@ MWC_NAME: str = MWC["metadata"]["name"]
 HOOK: dict[str, Any] = MWC["webhooks"][0]
 HOOK_PATH: str = HOOK["clientConfig"]["service"]["path"]
 SECRET_NAME: str = shipped("Secret")["metadata"]["name"]
+CONFIG_MAP: str = shipped("ConfigMap")["metadata"]["name"]
 WEBHOOK_SA: str = shipped("Deployment", "freezer-webhook")["spec"]["template"]["spec"][
     "serviceAccountName"
 ]
@@ -259,6 +260,7 @@ class Webhook:
                     "--proxy-image", PROXY_IMAGE,
                     "--extra-san", "127.0.0.1",
                     "--drain-delay", "0.5s",
+                    "--config-refresh", "0.2s",
                     *self.args,
                 ],
                 cwd=ROOT,
@@ -882,6 +884,50 @@ def test_guaranteed_pod_stays_guaranteed(webhook: Webhook, ns: str) -> None:
     assert proxy["resources"]["requests"] == {"cpu": "10m", "memory": "32Mi"}
 
 
+def test_cluster_defaults_come_from_the_configmap(webhook: Webhook, ns: str) -> None:
+    """An operator edits config-freeze-proxy; pods created from then on get its values (the
+    webhook reads it with its own ServiceAccount), a bad value is refused with a log line and
+    the built-in default applies, and an annotation still wins for its Service."""
+    api = webhook.api
+    shipped_data = shipped("ConfigMap")["data"]
+
+    def set_data(data: dict[str, str]) -> None:
+        patch = [{"op": "replace", "path": "/data", "value": data}]
+        api.kubectl("-n", SYSTEM_NS, "patch", "configmap", CONFIG_MAP, "--type=json",
+                    "-p", json.dumps(patch))  # fmt: skip
+
+    def proxy_of(pod: dict[str, Any]) -> dict[str, Any]:
+        created, _ = create_pod(api, pod, dry_run=True)
+        return container(created, PROXY_CONTAINER_NAME)
+
+    def until(check: Any, pod: dict[str, Any]) -> dict[str, Any]:
+        deadline = time.monotonic() + 10
+        while not check(proxy := proxy_of(pod)):
+            if time.monotonic() > deadline:
+                pytest.fail(f"ConfigMap change never applied: {proxy['resources']}")
+            time.sleep(0.1)
+        return proxy
+
+    try:
+        set_data({**shipped_data, "cpu-limit": "2", "memory-limit": "256Mi", "grace": "3s",
+                  "cpu-request": "lots"})  # fmt: skip
+        proxy = until(lambda p: p["resources"]["limits"]["cpu"] == "2", pod_in(ns))
+        assert proxy["resources"] == {
+            "requests": {"cpu": "10m", "memory": "32Mi"},
+            "limits": {"cpu": "2", "memory": "256Mi"},
+        }
+        assert env(proxy)["FREEZE_GRACE"] == "3s"
+        (loaded,) = [r for r in webhook.records() if r.get("settings", {}).get("cpu_limit") == "2"]
+        assert loaded["level"] == "warning"
+        (warning,) = loaded["warnings"]
+        assert f"ConfigMap {CONFIG_MAP} key cpu-request='lots' refused" in warning
+        annotated = pod_in(ns, annotations={"freeze-proxy.knative.dev/cpu-limit": "3"})
+        assert proxy_of(annotated)["resources"]["limits"]["cpu"] == "3"
+    finally:
+        set_data(shipped_data)
+    until(lambda p: p["resources"]["limits"]["cpu"] == "1", pod_in(ns))
+
+
 def test_second_admission_is_a_no_op(webhook: Webhook, ns: str) -> None:
     api = webhook.api
     first, _ = create_pod(api, pod_in(ns))
@@ -1029,7 +1075,11 @@ def test_webhook_service_account_can_do_its_job_and_nothing_more(installed: ApiS
     for verb, resource in denied:
         assert not can_i(api, WEBHOOK_SA, verb, resource), (verb, resource)
     assert not can_i(api, WEBHOOK_SA, "get", f"secrets/{SECRET_NAME}", namespace="default")
+    assert can_i(api, WEBHOOK_SA, "get", f"configmaps/{CONFIG_MAP}")
+    assert not can_i(api, WEBHOOK_SA, "update", f"configmaps/{CONFIG_MAP}")
+    assert not can_i(api, WEBHOOK_SA, "get", "configmaps/config-network")
     assert granted(api, WEBHOOK_SA) == {
+        ("get", "", "configmaps", CONFIG_MAP),
         *((v, "", "secrets", SECRET_NAME) for v in ("get", "update", "patch")),
         *(
             (v, "admissionregistration.k8s.io", "mutatingwebhookconfigurations", MWC_NAME)

@@ -6,6 +6,7 @@ renamed flag default or port shows up here rather than in a cluster.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -19,10 +20,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from freeze_proxy.__main__ import DEFAULT_GRACE as PROXY_DEFAULT_GRACE
 from freeze_proxy.addresses import parse_listen
 from freeze_proxy.durations import parse_duration
 from webhook.app import WebhookSettings, create_app
 from webhook.mutation import ANNOTATION_GRACE, MutationSettings
+from webhook.sidecar import KEYS as SIDECAR_KEYS
+from webhook.sidecar import SidecarConfig, apply_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config"
@@ -191,6 +195,28 @@ def test_webhook_stays_available_through_rollouts_and_drains() -> None:
     assert grace > DEFAULTS.drain_delay + DEFAULTS.shutdown_timeout
 
 
+def test_sidecar_configmap_is_the_one_the_webhook_reads_and_documents_the_defaults() -> None:
+    cm = find("ConfigMap", DEFAULTS.config_map)
+    assert cm["metadata"]["namespace"] == DEFAULTS.namespace
+    assert set(cm["data"]) == {"_example"}, "ships only documentation: operators add keys"
+    lines = [line.strip() for line in cm["data"]["_example"].splitlines()]
+    example = yaml.safe_load("\n".join(line for line in lines if not line.startswith("#")))
+    assert set(example) == set(SIDECAR_KEYS), "every setting documented"
+    config, warnings = apply_overrides(SidecarConfig(), example, "{key}", "")
+    assert not warnings
+    expected = dataclasses.replace(
+        SidecarConfig(), grace=PROXY_DEFAULT_GRACE, resume_timeout="5s", drain_timeout="20s"
+    )
+    assert config == expected, "the example shows the built-in defaults"
+    role = find("Role", "freezer-webhook")
+    assert {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": [DEFAULTS.config_map],
+        "verbs": ["get"],
+    } in role["rules"]
+
+
 def test_mutating_webhook_configuration_policy() -> None:
     (hook,) = find("MutatingWebhookConfiguration")["webhooks"]
     assert hook["name"] == DEFAULTS.webhook_config_name
@@ -229,7 +255,9 @@ def test_rbac_is_least_privilege_and_wired() -> None:
         "resources": ["tokenreviews"],
         "verbs": ["create"],
     }
-    (secret_rule,) = roles[("Role", "freezer-webhook")]["rules"]
+    secret_rule, configmap_rule = roles[("Role", "freezer-webhook")]["rules"]
+    assert configmap_rule["resourceNames"] == [DEFAULTS.config_map]
+    assert configmap_rule["verbs"] == ["get"]
     assert secret_rule["resources"] == ["secrets"]
     assert secret_rule["resourceNames"] == [DEFAULTS.secret_name]
     assert set(secret_rule["verbs"]) == {"get", "update", "patch"}

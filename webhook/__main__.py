@@ -16,6 +16,7 @@ from freeze_proxy.addresses import parse_listen
 from freeze_proxy.durations import parse_duration
 from webhook.app import DEFAULT_MAX_INFLIGHT, WebhookSettings, serve
 from webhook.certs import san_entry
+from webhook.cluster_config import DEFAULT_CONFIG_MAP
 
 
 def _duration(text: str) -> float:
@@ -77,6 +78,18 @@ def parse_args(argv: list[str] | None = None) -> WebhookSettings:
         default="10s",
         help="after the drain delay, how long the reviews in flight may take to finish",
     )
+    p.add_argument(
+        "--config-map",
+        default=DEFAULT_CONFIG_MAP,
+        help="ConfigMap (in --namespace) with the cluster's sidecar defaults: resources, grace, "
+        "timeouts; '' = the built-in defaults only",
+    )
+    p.add_argument(
+        "--config-refresh",
+        type=_duration,
+        default="10s",
+        help="how often the ConfigMap is read again (admission never waits for it)",
+    )
     p.add_argument("--log-level", default="INFO")
     p.add_argument(
         "--reload-interval", type=float, default=10.0, help="seconds between cert-file checks"
@@ -115,6 +128,8 @@ def parse_args(argv: list[str] | None = None) -> WebhookSettings:
         max_inflight=args.max_inflight_reviews,
         drain_delay=args.drain_delay,
         shutdown_timeout=args.shutdown_timeout,
+        config_map=args.config_map,
+        config_refresh=args.config_refresh,
     )
 
 

@@ -7,17 +7,22 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from freeze_proxy.addresses import parse_listen
 from webhook.admission import BadReview, Mutator, Outcome, parse_review, review_pod
+from webhook.cluster_config import DEFAULT_CONFIG_MAP, ConfigWatcher, SettingsBox
 from webhook.mutation import MutationSettings, mutate
 from webhook.tls import CertReconciler, FileWatcher, LiveTLS
 
+if TYPE_CHECKING:
+    from webhook.cluster import KubeCluster
+
 log = logging.getLogger("webhook")
 
-SETTINGS_KEY = web.AppKey("settings", MutationSettings)
+SETTINGS_KEY = web.AppKey("settings", SettingsBox)
 MUTATOR_KEY: web.AppKey[Mutator] = web.AppKey("mutator")
 # The API server accepts request bodies of at most 3 MiB (and etcd stores objects of 1.5 MiB by
 # default), so no AdmissionReview it sends for a pod is bigger. Parsed, a review costs up to ~15x
@@ -78,6 +83,8 @@ class WebhookSettings:
     # reviews in flight up to shutdown_timeout (s) to finish.
     drain_delay: float = 5.0
     shutdown_timeout: float = 10.0
+    config_map: str = DEFAULT_CONFIG_MAP  # "" = the built-in sidecar defaults only
+    config_refresh: float = 10.0
     mutation: MutationSettings = field(init=False)
 
     def __post_init__(self) -> None:
@@ -163,7 +170,7 @@ async def _review(request: web.Request) -> web.Response:
     except BadReview as err:
         log.warning("rejected bad AdmissionReview", extra={"error": str(err), "action": "400"})
         return web.json_response({"error": str(err)}, status=400)
-    outcome = review_pod(review, request.app[SETTINGS_KEY], request.app[MUTATOR_KEY])
+    outcome = review_pod(review, request.app[SETTINGS_KEY].value, request.app[MUTATOR_KEY])
     _log_outcome(outcome)
     response = web.json_response(outcome.body)
     if request.app[DRAINING_KEY].is_set():
@@ -194,7 +201,7 @@ def create_app(
     app[SLOTS_KEY] = asyncio.Semaphore(max_inflight)
     app[DRAINING_KEY] = asyncio.Event()
     app[IN_FLIGHT_KEY] = InFlight()
-    app[SETTINGS_KEY] = settings
+    app[SETTINGS_KEY] = SettingsBox(settings)
     app[MUTATOR_KEY] = mutator
     app.router.add_post("/defaulting", handle_review)
     app.router.add_post("/mutate", handle_review)
@@ -203,7 +210,28 @@ def create_app(
     return app
 
 
-async def _first_tls(settings: WebhookSettings, tls: LiveTLS) -> asyncio.Task[None]:
+async def _kube(settings: WebhookSettings) -> KubeCluster | None:
+    """The API client: required for the TLS bootstrap, optional with cert files (then only the
+    ConfigMap is read through it, and without API access the built-in defaults apply)."""
+    from webhook.cluster import KubeCluster
+
+    try:
+        return await asyncio.to_thread(KubeCluster.from_config, settings.kubeconfig)
+    except Exception as err:
+        if not (settings.tls_cert_file and settings.tls_private_key_file):
+            raise
+        if settings.config_map:
+            log.warning(
+                "no access to the API server; the ConfigMap is not read, built-in sidecar "
+                "defaults apply (give --kubeconfig, or --config-map '' to silence this)",
+                extra={"error": str(err)},
+            )
+        return None
+
+
+async def _first_tls(
+    settings: WebhookSettings, tls: LiveTLS, cluster: KubeCluster | None
+) -> asyncio.Task[None]:
     """Load the first certificate (retrying), then return the task that keeps it fresh."""
     if settings.tls_cert_file and settings.tls_private_key_file:
         watcher = FileWatcher(
@@ -212,9 +240,7 @@ async def _first_tls(settings: WebhookSettings, tls: LiveTLS) -> asyncio.Task[No
         while not watcher.check():  # noqa: ASYNC110 - polling files, nothing to wait on
             await asyncio.sleep(1.0)
         return asyncio.create_task(watcher.run())
-    from webhook.cluster import KubeCluster
-
-    cluster = await asyncio.to_thread(KubeCluster.from_config, settings.kubeconfig)
+    assert cluster is not None
     reconciler = CertReconciler(
         cluster,
         tls,
@@ -232,6 +258,22 @@ async def _first_tls(settings: WebhookSettings, tls: LiveTLS) -> asyncio.Task[No
     return task
 
 
+async def _start(
+    settings: WebhookSettings, tls: LiveTLS, box: SettingsBox
+) -> list[asyncio.Task[None]]:
+    """TLS loaded and the ConfigMap read once (bounded); the tasks that keep both current."""
+    needs_api = not (settings.tls_cert_file and settings.tls_private_key_file)
+    cluster = await _kube(settings) if needs_api or settings.config_map else None
+    tasks = [await _first_tls(settings, tls, cluster)]
+    if cluster is not None and settings.config_map:
+        watcher = ConfigWatcher(
+            cluster, settings.namespace, settings.config_map, box, settings.config_refresh
+        )
+        await watcher.refresh()
+        tasks.append(asyncio.create_task(watcher.run()))
+    return tasks
+
+
 async def serve(settings: WebhookSettings) -> None:
     """Run until SIGTERM/SIGINT."""
     host, port = parse_listen(settings.listen)
@@ -240,14 +282,14 @@ async def serve(settings: WebhookSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    first = asyncio.create_task(_first_tls(settings, tls))
+    app = create_app(settings.mutation, max_inflight=settings.max_inflight)
+    first = asyncio.create_task(_start(settings, tls, app[SETTINGS_KEY]))
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({first, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
         first.cancel()
         return
-    keeper = first.result()
-    app = create_app(settings.mutation, max_inflight=settings.max_inflight)
+    keepers = first.result()
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls.context)
@@ -283,8 +325,9 @@ async def serve(settings: WebhookSettings) -> None:
                 extra={"in_flight": in_flight.count},
             )
     finally:
-        keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keeper
+        for keeper in keepers:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
         await runner.cleanup()
         log.info("freeze-webhook stopped")
