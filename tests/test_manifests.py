@@ -20,7 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from freeze_proxy.__main__ import DEFAULT_GRACE as PROXY_DEFAULT_GRACE
+from freeze_proxy import contract
 from freeze_proxy.addresses import parse_listen
 from freeze_proxy.durations import parse_duration
 from webhook.app import WebhookSettings, create_app
@@ -205,7 +205,10 @@ def test_sidecar_configmap_is_the_one_the_webhook_reads_and_documents_the_defaul
     config, warnings = apply_overrides(SidecarConfig(), example, "{key}", "")
     assert not warnings
     expected = dataclasses.replace(
-        SidecarConfig(), grace=PROXY_DEFAULT_GRACE, resume_timeout="5s", drain_timeout="20s"
+        SidecarConfig(),
+        grace=contract.DEFAULT_GRACE,
+        resume_timeout=contract.DEFAULT_RESUME_TIMEOUT,
+        drain_timeout=contract.DEFAULT_DRAIN_TIMEOUT,
     )
     assert config == expected, "the example shows the built-in defaults"
     role = find("Role", "freezer-webhook")
@@ -300,11 +303,6 @@ def test_daemonset_matches_proxy_and_daemon_defaults() -> None:
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": port["containerPort"]}
     assert {"requests", "limits"} <= container["resources"].keys()
-
-
-def test_proxy_ports_agree() -> None:
-    _, listen = proxy_defaults()
-    assert int(listen.rpartition(":")[2]) == MutationSettings("x").proxy_port == 9999
 
 
 def test_kustomization_lists_every_install_file() -> None:

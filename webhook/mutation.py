@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from freeze_proxy import contract
 from webhook.sidecar import (
     ANNOTATION_PREFIX,
     SidecarConfig,
@@ -54,11 +55,7 @@ QUEUE_PROXY_NAME = "queue-proxy"
 PROXY_CONTAINER_NAME = "freeze-proxy"
 VOLUME_NAME = "freeze-projected"
 STATE_VOLUME_NAME = "freeze-proxy-state"
-STATE_MOUNT_PATH = "/var/run/freeze-proxy"  # freeze-proxy's --state-file lives here
-TOKEN_AUDIENCE = "freeze"
-TOKEN_PATH = "token"
 TOKEN_EXPIRATION_SECONDS = 600
-TOKEN_MOUNT_PATH = "/var/run/projected"
 READINESS_PROBE_ENV = "SERVING_READINESS_PROBE"
 # Knative Serving's encoding of an h2c revision (pkg/reconciler/revision/resources/queue.go):
 # queue-proxy's serving port, named queue-port either way, is 8013 instead of 8012.
@@ -75,8 +72,8 @@ class MutationSettings:
     """What the injected sidecar looks like; defaults match freeze-proxy's own flag defaults."""
 
     proxy_image: str
-    proxy_port: int = 9999
-    health_port: int = 9998
+    proxy_port: int = contract.PROXY_PORT
+    health_port: int = contract.HEALTH_PORT
     image_pull_policy: str = "IfNotPresent"
     # The cluster's defaults (ConfigMap config-freeze-proxy); annotations override them per pod.
     defaults: SidecarConfig = DEFAULT_SIDECAR
@@ -257,16 +254,19 @@ def proxy_container(
     ``guaranteed``: every other container is Guaranteed, so requests equal the limits.
     """
     env: list[JsonObj] = [
-        {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
-        {"name": "USER_CONTAINER", "value": user_container},
+        {
+            "name": contract.ENV_HOST_IP,
+            "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}},
+        },
+        {"name": contract.ENV_USER_CONTAINER, "value": user_container},
     ]
     if config.grace is not None:
-        env.append({"name": "FREEZE_GRACE", "value": config.grace})
+        env.append({"name": contract.ENV_GRACE, "value": config.grace})
     timeouts = [
         arg
         for flag, value in (
-            ("--resume-timeout", config.resume_timeout),
-            ("--drain-timeout", config.drain_timeout),
+            (contract.FLAG_RESUME_TIMEOUT, config.resume_timeout),
+            (contract.FLAG_DRAIN_TIMEOUT, config.drain_timeout),
         )
         if value is not None
         for arg in (flag, value)
@@ -276,11 +276,11 @@ def proxy_container(
         "image": settings.proxy_image,
         "imagePullPolicy": settings.image_pull_policy,
         "args": [
-            "--listen",
+            contract.FLAG_LISTEN,
             f"0.0.0.0:{settings.proxy_port}",
-            "--health-listen",
+            contract.FLAG_HEALTH_LISTEN,
             f"0.0.0.0:{settings.health_port}",
-            "--upstream",
+            contract.FLAG_UPSTREAM,
             f"http://127.0.0.1:{user_port}",
             *timeouts,
         ],
@@ -296,13 +296,13 @@ def proxy_container(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "volumeMounts": [
-            {"name": volume_name, "mountPath": TOKEN_MOUNT_PATH, "readOnly": True},
+            {"name": volume_name, "mountPath": contract.TOKEN_DIR, "readOnly": True},
             # Survives a restart of the container: a proxy killed after a pause tells its
             # successor that the app may be frozen (see freeze_proxy/marker.py).
-            {"name": state_volume, "mountPath": STATE_MOUNT_PATH},
+            {"name": state_volume, "mountPath": contract.STATE_DIR},
         ],
         "readinessProbe": {
-            "httpGet": {"path": "/healthz", "port": settings.health_port},
+            "httpGet": {"path": contract.HEALTH_PATH, "port": settings.health_port},
             "periodSeconds": 2,
             "failureThreshold": 3,
         },
@@ -329,9 +329,9 @@ def projected_volume(name: str) -> JsonObj:
             "sources": [
                 {
                     "serviceAccountToken": {
-                        "audience": TOKEN_AUDIENCE,
+                        "audience": contract.TOKEN_AUDIENCE,
                         "expirationSeconds": TOKEN_EXPIRATION_SECONDS,
-                        "path": TOKEN_PATH,
+                        "path": contract.TOKEN_NAME,
                     }
                 }
             ]
