@@ -12,6 +12,10 @@ How the pod is read (never from hard-coded names):
   ``freeze-proxy.knative.dev/container``, else the one whose ``PORT`` env (set by Knative) equals
   it, else the single other container. Undecidable -> no mutation, a warning.
 
+Resources, grace and timeouts of the sidecar: ``webhook/sidecar.py`` (cluster defaults from the
+ConfigMap, per-pod annotations, Guaranteed QoS kept). Ports, paths, env names and flags the proxy
+reads: ``freeze_proxy/contract.py``.
+
 Probes: queue-proxy checks the app's readiness itself, from ``SERVING_READINESS_PROBE``; an
 ``httpGet`` probe aimed at the app's port is re-aimed at freeze-proxy so a frozen app is woken for
 the probe instead of timing out. The same is done for ``httpGet`` liveness/readiness/startup probes
