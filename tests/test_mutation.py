@@ -336,6 +336,15 @@ def test_h2c_revision_is_not_mutated_with_a_warning() -> None:
     assert ANNOTATION_ENABLED in warning  # the way to silence it
 
 
+def test_h2c_seen_from_queue_port_when_the_env_is_missing() -> None:
+    queue = queue_proxy(h2c=True)
+    queue["env"] = [e for e in queue["env"] if e["name"] != "QUEUE_SERVING_PORT"]
+    assert mutate(knative_pod([user_container(), queue]), SETTINGS).action == "skipped"
+    queue = queue_proxy()
+    queue["env"] = [e for e in queue["env"] if e["name"] != "QUEUE_SERVING_PORT"]
+    assert mutate(knative_pod([user_container(), queue]), SETTINGS).action == "mutated"
+
+
 def test_h2c_multi_container_revision_is_not_mutated() -> None:
     pod = knative_pod([*multi_container(), queue_proxy(h2c=True)])
     assert mutate(pod, SETTINGS).action == "skipped"
