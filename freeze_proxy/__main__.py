@@ -18,15 +18,12 @@ import argparse
 import asyncio
 import os
 
-from freeze_proxy import jsonlog
+from freeze_proxy import contract, jsonlog
 from freeze_proxy.addresses import host_port, parse_listen
 from freeze_proxy.app import Settings, serve
 from freeze_proxy.durations import parse_duration
 
-# Chosen from measurement on real containerd (README, "Idle grace"): long enough that a client
-# calling in a loop or at >= 10 req/s never pays a pause+resume cycle, short next to any real
-# idle period.
-DEFAULT_GRACE = "250ms"
+DEFAULT_GRACE = contract.DEFAULT_GRACE  # README, "Idle grace"
 
 
 def _duration(text: str) -> float:
@@ -38,29 +35,37 @@ def _duration(text: str) -> float:
 
 def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ) if env is None else env
-    host_ip = env.get("HOST_IP", "127.0.0.1")
+    host_ip = env.get(contract.ENV_HOST_IP, "127.0.0.1")
     p = argparse.ArgumentParser(
         prog="freeze-proxy",
         description="Reverse proxy that freezes the app when no request is in flight "
         "and resumes it before forwarding the next one.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--listen", default="0.0.0.0:9999", help="address for app traffic")
-    p.add_argument("--health-listen", default="0.0.0.0:9998", help="address serving GET /healthz")
-    p.add_argument("--upstream", default="http://127.0.0.1:8080", help="the app's URL")
+    p.add_argument(
+        contract.FLAG_LISTEN,
+        default=f"0.0.0.0:{contract.PROXY_PORT}",
+        help="address for app traffic",
+    )
+    p.add_argument(
+        contract.FLAG_HEALTH_LISTEN,
+        default=f"0.0.0.0:{contract.HEALTH_PORT}",
+        help=f"address serving GET {contract.HEALTH_PATH}",
+    )
+    p.add_argument(contract.FLAG_UPSTREAM, default=contract.DEFAULT_UPSTREAM, help="the app's URL")
     p.add_argument(
         "--daemon-url",
-        default=f"http://{host_port(host_ip, 9696)}",
+        default=f"http://{host_port(host_ip, contract.DAEMON_PORT)}",
         help="the node's freeze-daemon (default from env HOST_IP)",
     )
     p.add_argument(
         "--token-file",
-        default="/var/run/projected/token",
+        default=contract.TOKEN_FILE,
         help="projected service-account token (audience freeze); re-read when it changes",
     )
     p.add_argument(
         "--state-file",
-        default="/var/run/freeze-proxy/may-be-frozen",
+        default=contract.STATE_FILE,
         help="exists while the app may be frozen, so a restarted proxy resumes it first; its "
         "directory should survive container restarts (the webhook mounts an emptyDir)",
     )
@@ -74,20 +79,20 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     p.add_argument(
         "--grace",
         type=_duration,
-        default=env.get("FREEZE_GRACE", DEFAULT_GRACE),
+        default=env.get(contract.ENV_GRACE, DEFAULT_GRACE),
         help="idle time before pausing, e.g. 0, 250ms, 1m30s (Go's format); a request within it "
         "cancels the pause (env FREEZE_GRACE)",
     )
     p.add_argument(
-        "--resume-timeout",
+        contract.FLAG_RESUME_TIMEOUT,
         type=_duration,
-        default="5s",
+        default=contract.DEFAULT_RESUME_TIMEOUT,
         help="how long a request waits for a failing resume (retried with backoff) before 503",
     )
     p.add_argument(
-        "--drain-timeout",
+        contract.FLAG_DRAIN_TIMEOUT,
         type=_duration,
-        default="20s",
+        default=contract.DEFAULT_DRAIN_TIMEOUT,
         help="on SIGTERM, how long in-flight requests may take to finish",
     )
     p.add_argument(
@@ -115,7 +120,8 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         p.error("--wake-backlog must be 0 (never) or a positive number of connections")
     containers = args.container
     if containers is None:
-        containers = [env["USER_CONTAINER"]] if env.get("USER_CONTAINER") else []
+        user = env.get(contract.ENV_USER_CONTAINER)
+        containers = [user] if user else []
     jsonlog.setup("freeze-proxy", args.log_level)
     return Settings(
         listen=args.listen,

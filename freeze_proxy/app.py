@@ -17,10 +17,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from freeze_proxy import http1
+from freeze_proxy import contract, http1
 from freeze_proxy.addresses import bind_host, host_port, parse_listen
 from freeze_proxy.backlog import read_accept_queue, wake_at
 from freeze_proxy.daemon_client import DaemonError, FreezeClient, HttpDaemonClient, TokenFile
+from freeze_proxy.durations import parse_duration
 from freeze_proxy.gate import AppState, Decision, Gate, PauseOutcome
 from freeze_proxy.marker import FrozenMarker
 from freeze_proxy.relay import Admission, AlwaysAwake, Relay, Wakeup
@@ -30,16 +31,18 @@ log = logging.getLogger("freeze_proxy")
 
 @dataclass
 class Settings:
-    listen: str = "0.0.0.0:9999"
-    health_listen: str = "0.0.0.0:9998"
-    upstream: str = "http://127.0.0.1:8080"
-    daemon_url: str = "http://127.0.0.1:9696"
-    token_file: str = "/var/run/projected/token"
-    state_file: str = "/var/run/freeze-proxy/may-be-frozen"
+    # The command line's defaults (freeze_proxy/contract.py), so Settings() is the proxy the
+    # webhook injects.
+    listen: str = f"0.0.0.0:{contract.PROXY_PORT}"
+    health_listen: str = f"0.0.0.0:{contract.HEALTH_PORT}"
+    upstream: str = contract.DEFAULT_UPSTREAM
+    daemon_url: str = f"http://127.0.0.1:{contract.DAEMON_PORT}"
+    token_file: str = contract.TOKEN_FILE
+    state_file: str = contract.STATE_FILE
     containers: list[str] = field(default_factory=list)
-    grace: float = 0.0
-    resume_timeout: float = 5.0
-    drain_timeout: float = 20.0
+    grace: float = parse_duration(contract.DEFAULT_GRACE)
+    resume_timeout: float = parse_duration(contract.DEFAULT_RESUME_TIMEOUT)
+    drain_timeout: float = parse_duration(contract.DEFAULT_DRAIN_TIMEOUT)
     freeze: bool = True  # False: a plain proxy (benchmarks, and a kill switch)
     # While frozen, resume the app when this many connections wait in its accept queue (TCP
     # probes of a frozen app pile up there; see freeze_proxy/backlog.py); 0 = never.

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -20,7 +22,8 @@ import aiohttp
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient
 
-from tests.test_mutation import apply_patch, knative_pod
+from tests.knative_pods import knative_pod
+from tests.test_mutation import apply_patch
 from webhook import certs
 from webhook.app import create_app
 from webhook.mutation import MutationResult, MutationSettings
@@ -76,8 +79,7 @@ class Webhook:
         return ssl.create_default_context(cadata=ca.decode())
 
 
-@pytest.fixture
-def webhook_process(tmp_path: Path) -> Iterator[Webhook]:
+def start_webhook(tmp_path: Path, *args: str) -> Webhook:
     bundle = write_certs(tmp_path, dt.datetime.now(dt.UTC))
     port = free_port()
     proc = subprocess.Popen(
@@ -93,18 +95,26 @@ def webhook_process(tmp_path: Path) -> Iterator[Webhook]:
             str(tmp_path / "tls.key"),
             "--reload-interval",
             "0.2",
+            "--config-map",
+            "",
+            *args,
         ],
         cwd=ROOT,
         env={**os.environ, "FREEZE_PROXY_IMAGE": IMAGE, "PYTHONPATH": str(ROOT)},
         stderr=subprocess.PIPE,
     )
-    hook = Webhook(f"https://127.0.0.1:{port}", proc, bundle.ca_bundle, tmp_path)
+    return Webhook(f"https://127.0.0.1:{port}", proc, bundle.ca_bundle, tmp_path)
+
+
+@pytest.fixture
+def webhook_process(tmp_path: Path) -> Iterator[Webhook]:
+    hook = start_webhook(tmp_path, "--drain-delay", "0")
     try:
         yield hook
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=10)
+        if hook.proc.poll() is None:
+            hook.proc.terminate()
+            hook.proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -275,6 +285,154 @@ async def test_cert_files_are_reloaded(
             await asyncio.sleep(0.1)
     else:
         pytest.fail("new certificate was never served")
+
+
+MiB = 1024 * 1024
+
+
+def review_of_size(size: int) -> bytes:
+    """A valid AdmissionReview of exactly ``size`` bytes, made big the way that costs the most
+    memory once parsed: many tiny strings (args), ~15x their JSON size as Python objects."""
+    pod = knative_pod()
+    args: list[str] = []
+    pod["spec"]["containers"][0]["args"] = args
+    pod["metadata"]["annotations"]["pad"] = ""
+    body = json.dumps(review(pod)).encode()
+    args.extend(["00"] * ((size - len(body)) // 6))  # ', "00"' is 6 bytes
+    pad = size - len(json.dumps(review(pod)).encode())
+    assert pad >= 0
+    pod["metadata"]["annotations"]["pad"] = "x" * pad
+    body = json.dumps(review(pod)).encode()
+    assert len(body) == size, (len(body), size)
+    return body
+
+
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM: the highest resident set size the process ever had."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+async def test_reviews_bigger_than_the_api_server_sends_are_refused(
+    webhook_process: Webhook, session: aiohttp.ClientSession
+) -> None:
+    """The API server takes at most 3 MiB request bodies (and etcd stores 1.5 MiB objects): a
+    bigger AdmissionReview is no pod the API server can send, and parsing one costs ~15x its
+    size in memory (an 8 MiB one added ~100 MiB RSS)."""
+    status, _ = await post(webhook_process, session, review_of_size(3 * MiB))
+    assert status == 200
+    status, _ = await post(webhook_process, session, review_of_size(3 * MiB + 1))
+    assert status == 413
+    assert webhook_process.proc.poll() is None
+
+
+async def test_many_big_reviews_at_once_stay_within_the_memory_limit(
+    webhook_process: Webhook, session: aiohttp.ClientSession
+) -> None:
+    """Twenty 3 MiB reviews at once are all answered, and the process peaks far below the
+    256 Mi limit config/ gives it: bodies are read only --max-inflight-reviews at a time, and no
+    copy of a body outlives its review (``request.read()`` kept one per keep-alive connection)."""
+    idle = peak_rss_kib(webhook_process.proc.pid)
+    body = review_of_size(3 * MiB)
+    statuses = await asyncio.gather(*(post(webhook_process, session, body) for _ in range(20)))
+    assert [s for s, _ in statuses] == [200] * 20
+    grown_mib = (peak_rss_kib(webhook_process.proc.pid) - idle) / 1024
+    assert grown_mib < 100, f"peak RSS grew by {grown_mib:.0f} MiB"
+
+
+async def _request(
+    hook: Webhook, head: bytes, body: bytes = b""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    port = int(hook.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=hook.ssl_for(hook.ca), server_hostname=SERVICE_DNS
+    )
+    writer.write(head + body)
+    await writer.drain()
+    return reader, writer
+
+
+async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length body."""
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    headers = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, body
+
+
+def _post_head(length: int) -> bytes:
+    return (
+        f"POST /defaulting HTTP/1.1\r\nHost: {SERVICE_DNS}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+async def test_sigterm_drains_then_finishes_in_flight_reviews(tmp_path: Path) -> None:
+    """A rollout (or a drained node) sends SIGTERM while the API server still routes reviews
+    to this replica; with failurePolicy Ignore, each review lost is a pod that runs unfrozen
+    for good. So: go unready and keep answering (with Connection: close, so the API server's
+    keep-alive connections move to another replica) for --drain-delay, then stop listening and
+    finish the reviews in flight."""
+    hook = start_webhook(tmp_path, "--drain-delay", "1s", "--shutdown-timeout", "10s")
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(100):
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with s.get(
+                        hook.url + "/readyz", ssl=hook.ssl_for(hook.ca), server_hostname=SERVICE_DNS
+                    ) as r:
+                        if r.status == 200:
+                            break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("webhook never became ready")
+        body = json.dumps(review(knative_pod())).encode()
+        # A review in flight: the API server has sent half of it when SIGTERM arrives.
+        in_flight, writer = await _request(hook, _post_head(len(body)), body[:1000])
+        hook.proc.send_signal(signal.SIGTERM)
+        # Still answering during the drain delay, unready, and closing connections after use.
+        for _ in range(100):
+            reader, w2 = await _request(hook, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, _ = await _answer(reader)
+            w2.close()
+            if status == 503:
+                break
+            assert status == 200
+        else:
+            pytest.fail("still ready after SIGTERM")
+        reader, w3 = await _request(hook, _post_head(len(body)), body)
+        status, headers, answer = await _answer(reader)
+        assert status == 200 and json.loads(answer)["response"]["allowed"] is True
+        assert headers.get("connection", "").lower() == "close"
+        w3.close()
+        # Then it stops listening...
+        port = int(hook.url.rsplit(":", 1)[1])
+        for _ in range(100):
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+            except ConnectionRefusedError:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("still listening after the drain delay")
+        # ... but the review in flight is answered, in full, before it exits.
+        assert hook.proc.poll() is None
+        writer.write(body[1000:])
+        await writer.drain()
+        status, _, answer = await _answer(in_flight)
+        assert status == 200
+        assert decode_patch(json.loads(answer)["response"])  # mutated as usual
+        assert hook.proc.wait(timeout=10) == 0
+    finally:
+        if hook.proc.poll() is None:
+            hook.proc.kill()
+            hook.proc.wait()
 
 
 # --- in-process: an exception from the mutation itself ------------------------------------------

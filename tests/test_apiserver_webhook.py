@@ -49,7 +49,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from testbed.apiserver import ApiServer, die_with_parent, free_port
-from tests.test_mutation import apply_patch, knative_pod
+from tests.knative_pods import knative_pod, queue_proxy, user_container
+from tests.test_mutation import apply_patch
 from webhook import certs
 from webhook.cluster import ConflictError, KubeCluster
 from webhook.mutation import (
@@ -65,7 +66,6 @@ from webhook.mutation import (
     mutate,
     projected_volume,
     proxy_container,
-    validate_grace,
 )
 
 pytestmark = pytest.mark.apiserver
@@ -107,6 +107,7 @@ MWC_NAME: str = MWC["metadata"]["name"]
 HOOK: dict[str, Any] = MWC["webhooks"][0]
 HOOK_PATH: str = HOOK["clientConfig"]["service"]["path"]
 SECRET_NAME: str = shipped("Secret")["metadata"]["name"]
+CONFIG_MAP: str = shipped("ConfigMap")["metadata"]["name"]
 WEBHOOK_SA: str = shipped("Deployment", "freezer-webhook")["spec"]["template"]["spec"][
     "serviceAccountName"
 ]
@@ -132,11 +133,29 @@ def outcomes(stdout: str) -> dict[str, str]:
     return result
 
 
+# A PodDisruptionBudget's selector has patchStrategy "replace": kubectl's client-side patch for it
+# is never empty, so a re-apply says "configured" though nothing changes (its resourceVersion
+# stays; test_config_installs_with_apply_f_and_apply_k checks that).
+ALWAYS_PATCHED = {f"poddisruptionbudget/{o['metadata']['name']}" for o in shipped_objects()
+                  if o["kind"] == "PodDisruptionBudget"}  # fmt: skip
+
+
 def assert_applied(proc: subprocess.CompletedProcess[str], outcome: str) -> None:
     """Every shipped object, each with ``outcome``, and no warning at all."""
     assert proc.returncode == 0, proc.stderr
-    assert outcomes(proc.stdout) == dict.fromkeys(EXPECTED_OBJECTS, outcome), proc.stdout
+    expected = dict.fromkeys(EXPECTED_OBJECTS, outcome)
+    for ref in ALWAYS_PATCHED:
+        expected[ref] = outcome.replace("unchanged", "configured")
+    assert outcomes(proc.stdout) == expected, proc.stdout
     assert proc.stderr == "", proc.stderr
+
+
+def resource_versions(api: ApiServer) -> dict[str, str]:
+    listed = kjson(api, "get", "-f", str(CONFIG))
+    return {
+        f"{o['kind'].lower()}/{o['metadata']['name']}": o["metadata"]["resourceVersion"]
+        for o in listed["items"]
+    }
 
 
 def assert_installed(api: ApiServer) -> None:
@@ -222,6 +241,9 @@ class Webhook:
     mwc_bootstrapped: dict[str, Any] = field(default_factory=dict)
     reapply: subprocess.CompletedProcess[str] | None = None
     served_der: bytes = b""
+    args: tuple[str, ...] = ()  # more flags
+    namespace: str = SYSTEM_NS
+    secret_name: str = SECRET_NAME
 
     @property
     def url(self) -> str:
@@ -237,6 +259,9 @@ class Webhook:
                     "--listen", f"127.0.0.1:{self.port}",
                     "--proxy-image", PROXY_IMAGE,
                     "--extra-san", "127.0.0.1",
+                    "--drain-delay", "0.5s",
+                    "--config-refresh", "0.2s",
+                    *self.args,
                 ],
                 cwd=ROOT,
                 stdin=subprocess.DEVNULL,
@@ -266,7 +291,8 @@ class Webhook:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"webhook exited with {self.proc.returncode}:\n{self.log_tail()}")
-            ca = secret_data(read_secret(self.api)).get(certs.CA_CERT_KEY)
+            secret = kjson(self.api, "-n", self.namespace, "get", "secret", self.secret_name)
+            ca = secret_data(secret).get(certs.CA_CERT_KEY)
             if ca:
                 try:
                     self.served_der = served_certificate(self.port, ca)
@@ -507,7 +533,10 @@ def test_config_installs_with_apply_f_and_apply_k(k8s_binaries: dict[str, Path])
         assert_installed(api)
         assert secret_data(read_secret(api)) == {}
         assert "caBundle" not in read_mwc(api)["webhooks"][0]["clientConfig"]
+        versions = resource_versions(api)
         assert_applied(api.kubectl("apply", "-k", str(CONFIG), check=False), "unchanged")
+        assert_applied(api.kubectl("apply", "-f", str(CONFIG), check=False), "unchanged")
+        assert resource_versions(api) == versions  # nothing changed, whatever kubectl says
         assert_applied(
             api.kubectl("apply", "--dry-run=server", "-k", str(CONFIG), check=False),
             "unchanged (server dry run)",
@@ -626,6 +655,70 @@ def test_restart_causes_no_churn(webhook: Webhook, ns: str) -> None:
     assert container(created, PROXY_CONTAINER_NAME)
 
 
+def test_two_replicas_starting_at_once_settle_on_one_ca(
+    installed: ApiServer, tmp_path: Path
+) -> None:
+    """config/ runs two replicas, which a fresh install starts at the same moment: both find
+    the Secret empty, one write wins (resourceVersion), the other adopts it, and both serve
+    certificates of the one CA in the caBundle. (Own Secret and webhook configuration, so the
+    module's webhook is undisturbed; the admin's credentials, RBAC is tested above.)"""
+    api = installed
+    ns = create_namespace(api, "fp-two")
+    secret, config = "two-replicas-certs", f"two-replicas-{ns}.freeze.test"
+    hook = {
+        "name": "two-replicas.freeze.test",
+        "admissionReviewVersions": ["v1"],
+        "clientConfig": {"url": "https://127.0.0.1:1/defaulting"},
+        "rules": [copy.deepcopy(HOOK["rules"][0])],
+        "objectSelector": {"matchLabels": {"freeze-test/never": "true"}},
+        "sideEffects": "None",
+        "failurePolicy": "Ignore",
+    }
+    objects = [
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret, "namespace": ns}},
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": config},
+            "webhooks": [hook],
+        },
+    ]
+    api.kubectl(
+        "create",
+        "-f",
+        "-",
+        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}),
+    )
+    flags = ("--namespace", ns, "--secret-name", secret, "--webhook-config-name", config)
+    replicas = [
+        Webhook(api, api.kubeconfig, tmp_path / f"replica{i}.log", args=flags, namespace=ns,
+                secret_name=secret)
+        for i in range(2)
+    ]  # fmt: skip
+    try:
+        for replica in replicas:
+            replica.start()
+        served = [replica.wait_serving() for replica in replicas]
+        data = secret_data(kjson(api, "-n", ns, "get", "secret", secret))
+        ca = x509.load_pem_x509_certificate(data[certs.CA_CERT_KEY])
+        for der in served:
+            x509.load_der_x509_certificate(der).verify_directly_issued_by(ca)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            mwc = kjson(api, "get", "mutatingwebhookconfiguration", config)
+            if ca_bundle(mwc):
+                break
+            time.sleep(0.1)
+        assert ca_bundle(mwc) == data[certs.CA_CERT_KEY]
+        msgs = [r["msg"] for replica in replicas for r in replica.records()]
+        assert msgs.count("stored new webhook certificates") == 1, msgs
+    finally:
+        for replica in replicas:
+            if replica.proc is not None:
+                replica.stop()
+        api.kubectl("delete", "mutatingwebhookconfiguration", config, check=False)
+
+
 # --- 3. the API server calls it -------------------------------------------------------------------
 
 
@@ -672,7 +765,7 @@ def test_knative_pod_is_mutated_exactly_as_intended(webhook: Webhook, ns: str) -
     user = container(pod, "user-container")
     proxy = container(created, PROXY_CONTAINER_NAME)
     intended = proxy_container(
-        SETTINGS, "user-container", 8080, VOLUME_NAME, None, user["lifecycle"]["preStop"]
+        SETTINGS, "user-container", 8080, VOLUME_NAME, pre_stop=user["lifecycle"]["preStop"]
     )
     contains(
         {k: v for k, v in proxy.items() if k != "volumeMounts"},
@@ -724,8 +817,7 @@ def test_invalid_grace_is_admitted_with_the_default_and_a_warning(
     webhook: Webhook, ns: str
 ) -> None:
     annotations = {ANNOTATION_GRACE: "soon"}
-    _, warning = validate_grace(annotations)
-    assert warning
+    (warning,) = mutate(pod_in(ns, annotations=annotations), SETTINGS).warnings
     created, stderr = create_pod(webhook.api, pod_in(ns, annotations=annotations))
     assert f"Warning: {warning}" in stderr  # the admission warning reached the client
     proxy = container(created, PROXY_CONTAINER_NAME)
@@ -734,6 +826,106 @@ def test_invalid_grace_is_admitted_with_the_default_and_a_warning(
     created, stderr = create_pod(webhook.api, pod_in(ns, annotations={ANNOTATION_GRACE: "2s"}))
     assert "Warning" not in stderr, stderr
     assert env(container(created, PROXY_CONTAINER_NAME))["FREEZE_GRACE"] == "2s"
+
+
+def with_resources(c: dict[str, Any], cpu: str, memory: str, *, equal: bool = True) -> None:
+    c["resources"] = {
+        "requests": {"cpu": cpu if equal else "10m", "memory": memory},
+        "limits": {"cpu": cpu, "memory": memory},
+    }
+
+
+def test_namespace_with_a_limits_cpu_quota_accepts_the_mutated_pod(
+    webhook: Webhook, ns: str
+) -> None:
+    """The ResourceQuota admission plugin refuses a pod with any container lacking limits.cpu
+    in a namespace whose quota has limits.cpu: the sidecar must bring its own."""
+    api = webhook.api
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "cpu", "namespace": ns},
+        "spec": {"hard": {"limits.cpu": "10", "limits.memory": "10Gi"}},
+    }
+    api.kubectl("create", "-f", "-", input=json.dumps(quota))
+    # No controller manager here: record the quota's status as its controller would.
+    used = {"limits.cpu": "0", "limits.memory": "0"}
+    status = {"status": {"hard": quota["spec"]["hard"], "used": used}}
+    api.kubectl(
+        "-n", ns, "patch", "resourcequota", "cpu", "--subresource=status", "--type=merge",
+        "-p", json.dumps(status),
+    )  # fmt: skip
+    pod = pod_in(ns)
+    for c in pod["spec"]["containers"]:
+        with_resources(c, "500m", "256Mi", equal=False)
+    created, stderr = create_pod(api, pod)
+    assert "Warning" not in stderr, stderr
+    proxy = container(created, PROXY_CONTAINER_NAME)
+    assert "cpu" in proxy["resources"]["limits"]
+    used = kjson(api, "-n", ns, "get", "resourcequota", "cpu")["status"]["used"]
+    assert used["limits.cpu"] == "2"  # 500m + 500m + the sidecar's 1
+
+
+def test_guaranteed_pod_stays_guaranteed(webhook: Webhook, ns: str) -> None:
+    """status.qosClass is computed by the API server when it stores the pod."""
+    pod = pod_in(ns)
+    with_resources(container(pod, "user-container"), "500m", "256Mi")
+    with_resources(container(pod, "queue-proxy"), "100m", "64Mi")
+    created, stderr = create_pod(webhook.api, pod)
+    assert "Warning" not in stderr, stderr
+    assert PROXY_CONTAINER_NAME in [c["name"] for c in created["spec"]["containers"]]
+    assert created["status"]["qosClass"] == "Guaranteed"
+    # And a Burstable one stays Burstable, with small requests for the sidecar.
+    pod = pod_in(ns)
+    with_resources(container(pod, "user-container"), "500m", "256Mi", equal=False)
+    created, _ = create_pod(webhook.api, pod)
+    assert created["status"]["qosClass"] == "Burstable"
+    proxy = container(created, PROXY_CONTAINER_NAME)
+    assert proxy["resources"]["requests"] == {"cpu": "10m", "memory": "32Mi"}
+
+
+def test_cluster_defaults_come_from_the_configmap(webhook: Webhook, ns: str) -> None:
+    """An operator edits config-freeze-proxy; pods created from then on get its values (the
+    webhook reads it with its own ServiceAccount), a bad value is refused with a log line and
+    the built-in default applies, and an annotation still wins for its Service."""
+    api = webhook.api
+    shipped_data = shipped("ConfigMap")["data"]
+
+    def set_data(data: dict[str, str]) -> None:
+        patch = [{"op": "replace", "path": "/data", "value": data}]
+        api.kubectl("-n", SYSTEM_NS, "patch", "configmap", CONFIG_MAP, "--type=json",
+                    "-p", json.dumps(patch))  # fmt: skip
+
+    def proxy_of(pod: dict[str, Any]) -> dict[str, Any]:
+        created, _ = create_pod(api, pod, dry_run=True)
+        return container(created, PROXY_CONTAINER_NAME)
+
+    def until(check: Any, pod: dict[str, Any]) -> dict[str, Any]:
+        deadline = time.monotonic() + 10
+        while not check(proxy := proxy_of(pod)):
+            if time.monotonic() > deadline:
+                pytest.fail(f"ConfigMap change never applied: {proxy['resources']}")
+            time.sleep(0.1)
+        return proxy
+
+    try:
+        set_data({**shipped_data, "cpu-limit": "2", "memory-limit": "256Mi", "grace": "3s",
+                  "cpu-request": "lots"})  # fmt: skip
+        proxy = until(lambda p: p["resources"]["limits"]["cpu"] == "2", pod_in(ns))
+        assert proxy["resources"] == {
+            "requests": {"cpu": "10m", "memory": "32Mi"},
+            "limits": {"cpu": "2", "memory": "256Mi"},
+        }
+        assert env(proxy)["FREEZE_GRACE"] == "3s"
+        (loaded,) = [r for r in webhook.records() if r.get("settings", {}).get("cpu_limit") == "2"]
+        assert loaded["level"] == "warning"
+        (warning,) = loaded["warnings"]
+        assert f"ConfigMap {CONFIG_MAP} key cpu-request='lots' refused" in warning
+        annotated = pod_in(ns, annotations={"freeze-proxy.knative.dev/cpu-limit": "3"})
+        assert proxy_of(annotated)["resources"]["limits"]["cpu"] == "3"
+    finally:
+        set_data(shipped_data)
+    until(lambda p: p["resources"]["limits"]["cpu"] == "1", pod_in(ns))
 
 
 def test_second_admission_is_a_no_op(webhook: Webhook, ns: str) -> None:
@@ -768,6 +960,32 @@ def test_non_knative_pod_is_not_even_sent_to_the_webhook(webhook: Webhook, ns: s
     assert stderr == ""
     assert_untouched(created)
     assert webhook.reviews_in(ns) == []  # objectSelector: the API server never called it
+
+
+def test_h2c_revision_is_admitted_unchanged_with_a_warning(webhook: Webhook, ns: str) -> None:
+    """An h2c (gRPC) revision as Knative makes it: only queue-proxy's serving port says so."""
+    pod = pod_in(ns, containers=[user_container(), queue_proxy(h2c=True)])
+    created, stderr = create_pod(webhook.api, pod)
+    assert "Warning: freeze-proxy not injected" in stderr and "h2c" in stderr, stderr
+    assert_untouched(created)
+    (review,) = webhook.reviews_in(ns)
+    assert review["action"] == "skipped" and "h2c" in review["reason"]
+
+
+def test_exec_probes_on_the_app_are_admitted_unchanged_with_a_warning(
+    webhook: Webhook, ns: str
+) -> None:
+    """Exec probes Knative leaves on the user container would fail once it is frozen."""
+    user = user_container()
+    user["livenessProbe"] = {"exec": {"command": ["/bin/true"]}, "periodSeconds": 10}
+    user["readinessProbe"] = {"exec": {"command": ["/bin/true"]}}
+    created, stderr = create_pod(webhook.api, pod_in(ns, containers=[user, queue_proxy()]))
+    assert "Warning: freeze-proxy not injected" in stderr, stderr
+    assert "exec readinessProbe, exec livenessProbe" in stderr, stderr
+    assert_untouched(created)
+    assert container(created, "user-container")["livenessProbe"]["exec"] == {
+        "command": ["/bin/true"]
+    }
 
 
 # --- 4. the webhook down --------------------------------------------------------------------------
@@ -857,7 +1075,11 @@ def test_webhook_service_account_can_do_its_job_and_nothing_more(installed: ApiS
     for verb, resource in denied:
         assert not can_i(api, WEBHOOK_SA, verb, resource), (verb, resource)
     assert not can_i(api, WEBHOOK_SA, "get", f"secrets/{SECRET_NAME}", namespace="default")
+    assert can_i(api, WEBHOOK_SA, "get", f"configmaps/{CONFIG_MAP}")
+    assert not can_i(api, WEBHOOK_SA, "update", f"configmaps/{CONFIG_MAP}")
+    assert not can_i(api, WEBHOOK_SA, "get", "configmaps/config-network")
     assert granted(api, WEBHOOK_SA) == {
+        ("get", "", "configmaps", CONFIG_MAP),
         *((v, "", "secrets", SECRET_NAME) for v in ("get", "update", "patch")),
         *(
             (v, "admissionregistration.k8s.io", "mutatingwebhookconfigurations", MWC_NAME)

@@ -326,6 +326,34 @@ async def test_conflict_rereads_and_adopts_the_winner() -> None:
     assert cluster.secret_writes == 0
 
 
+class InterleavingCluster(FakeCluster):
+    """Every API call yields to the event loop first, so concurrent replicas interleave."""
+
+    async def read_secret(self, namespace: str, name: str) -> StoredSecret | None:
+        await asyncio.sleep(0)
+        return await super().read_secret(namespace, name)
+
+    async def write_secret(
+        self, namespace: str, name: str, data: dict[str, bytes], resource_version: str | None
+    ) -> None:
+        await asyncio.sleep(0)
+        await super().write_secret(namespace, name, data, resource_version)
+
+
+async def test_replicas_starting_together_settle_on_one_ca() -> None:
+    """config/ runs two replicas: both read the empty Secret, both mint a CA, one write wins
+    and the other adopts it, so both serve certificates of the CA in the caBundle."""
+    cluster = InterleavingCluster()
+    replicas = [reconciler(cluster), reconciler(cluster)]
+    bundles = await asyncio.gather(*(r.reconcile() for r in replicas))
+    assert cluster.secret is not None
+    assert cluster.secret_writes == 1
+    assert bundles[0] == bundles[1]
+    assert cluster.secret.data == bundles[0].to_secret_data()
+    assert cluster.hooks[0][1] == bundles[0].ca_bundle
+    assert replicas[0].served == replicas[1].served == bundles[0].server_cert
+
+
 # --- the KubeCluster adapter against a fake API server (HTTP, just the four endpoints) -----------
 
 

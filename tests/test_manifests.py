@@ -6,6 +6,7 @@ renamed flag default or port shows up here rather than in a cluster.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -19,10 +20,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from freeze_proxy import contract
 from freeze_proxy.addresses import parse_listen
 from freeze_proxy.durations import parse_duration
 from webhook.app import WebhookSettings, create_app
 from webhook.mutation import ANNOTATION_GRACE, MutationSettings
+from webhook.sidecar import KEYS as SIDECAR_KEYS
+from webhook.sidecar import SidecarConfig, apply_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config"
@@ -147,9 +151,10 @@ def test_webhook_names_agree_with_its_defaults() -> None:
     listen_port = parse_listen(DEFAULTS.listen)[1]
     assert svc_port["targetPort"] == listen_port == 8443
     assert [p["containerPort"] for p in container["ports"]] == [listen_port]
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         get = container[probe]["httpGet"]
-        assert (get["scheme"], get["path"], get["port"]) == ("HTTPS", "/healthz", listen_port)
+        assert (get["scheme"], get["path"], get["port"]) == ("HTTPS", path, listen_port)
+        assert path in routes
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -165,6 +170,54 @@ def test_webhook_names_agree_with_its_defaults() -> None:
     )
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert "/tmp" in mounts, "TLS temp files need a writable /tmp"
+
+
+def test_webhook_stays_available_through_rollouts_and_drains() -> None:
+    """With failurePolicy Ignore, every pod created while no webhook answers runs unfrozen for
+    good: two replicas on different nodes, a PodDisruptionBudget, and time to drain."""
+    deployment = find("Deployment", "freezer-webhook")
+    spec = deployment["spec"]
+    assert spec["replicas"] >= 2
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    labels = spec["template"]["metadata"]["labels"]
+    pdbs = [o for o in install_objects() if o["kind"] == "PodDisruptionBudget"]
+    (pdb,) = [p for p in pdbs if p["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert pdb["spec"]["minAvailable"] == 1 < spec["replicas"]  # a node drain may evict one
+    (term,) = spec["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+    # SIGTERM -> drain delay -> in-flight reviews finish -> exit, before kubelet's SIGKILL.
+    grace = spec["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > DEFAULTS.drain_delay + DEFAULTS.shutdown_timeout
+
+
+def test_sidecar_configmap_is_the_one_the_webhook_reads_and_documents_the_defaults() -> None:
+    cm = find("ConfigMap", DEFAULTS.config_map)
+    assert cm["metadata"]["namespace"] == DEFAULTS.namespace
+    assert set(cm["data"]) == {"_example"}, "ships only documentation: operators add keys"
+    lines = [line.strip() for line in cm["data"]["_example"].splitlines()]
+    example = yaml.safe_load("\n".join(line for line in lines if not line.startswith("#")))
+    assert set(example) == set(SIDECAR_KEYS), "every setting documented"
+    config, warnings = apply_overrides(SidecarConfig(), example, "{key}", "")
+    assert not warnings
+    expected = dataclasses.replace(
+        SidecarConfig(),
+        grace=contract.DEFAULT_GRACE,
+        resume_timeout=contract.DEFAULT_RESUME_TIMEOUT,
+        drain_timeout=contract.DEFAULT_DRAIN_TIMEOUT,
+    )
+    assert config == expected, "the example shows the built-in defaults"
+    role = find("Role", "freezer-webhook")
+    assert {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": [DEFAULTS.config_map],
+        "verbs": ["get"],
+    } in role["rules"]
 
 
 def test_mutating_webhook_configuration_policy() -> None:
@@ -205,7 +258,9 @@ def test_rbac_is_least_privilege_and_wired() -> None:
         "resources": ["tokenreviews"],
         "verbs": ["create"],
     }
-    (secret_rule,) = roles[("Role", "freezer-webhook")]["rules"]
+    secret_rule, configmap_rule = roles[("Role", "freezer-webhook")]["rules"]
+    assert configmap_rule["resourceNames"] == [DEFAULTS.config_map]
+    assert configmap_rule["verbs"] == ["get"]
     assert secret_rule["resources"] == ["secrets"]
     assert secret_rule["resourceNames"] == [DEFAULTS.secret_name]
     assert set(secret_rule["verbs"]) == {"get", "update", "patch"}
@@ -248,11 +303,6 @@ def test_daemonset_matches_proxy_and_daemon_defaults() -> None:
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": port["containerPort"]}
     assert {"requests", "limits"} <= container["resources"].keys()
-
-
-def test_proxy_ports_agree() -> None:
-    _, listen = proxy_defaults()
-    assert int(listen.rpartition(":")[2]) == MutationSettings("x").proxy_port == 9999
 
 
 def test_kustomization_lists_every_install_file() -> None:

@@ -11,6 +11,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.knative_pods import (
+    TCP_PROBE,
+    knative_pod,
+    multi_container,
+    queue_proxy,
+    tcp_probe,
+    user_container,
+)
 from webhook.mutation import (
     ANNOTATION_CONTAINER,
     ANNOTATION_ENABLED,
@@ -22,7 +30,6 @@ from webhook.mutation import (
 )
 
 SETTINGS = MutationSettings(proxy_image="ghcr.io/freeze-proxy/freeze-proxy:test")
-TCP_PROBE = '{"tcpSocket":{"port":8080,"host":"127.0.0.1"},"successThreshold":1}'
 
 
 # --- a tiny RFC 6902 applier (add/replace/remove/test), enough to check our patches -------------
@@ -70,143 +77,7 @@ def apply_patch(doc: Any, patch: list[dict[str, Any]]) -> Any:
     return doc
 
 
-# --- realistic pods ------------------------------------------------------------------------------
-
-
-def queue_proxy(
-    user_port: int = 8080, probe: str | None = TCP_PROBE, serving_port_name: str = "http1"
-) -> dict[str, Any]:
-    """queue-proxy as Knative 1.x's revision reconciler builds it (real env names, trimmed)."""
-    env: list[dict[str, Any]] = [
-        {"name": "SERVING_NAMESPACE", "value": "default"},
-        {"name": "SERVING_SERVICE", "value": "hello"},
-        {"name": "SERVING_CONFIGURATION", "value": "hello"},
-        {"name": "SERVING_REVISION", "value": "hello-00001"},
-        {"name": "QUEUE_SERVING_PORT", "value": "8012"},
-        {"name": "QUEUE_SERVING_TLS_PORT", "value": "8112"},
-        {"name": "CONTAINER_CONCURRENCY", "value": "0"},
-        {"name": "REVISION_TIMEOUT_SECONDS", "value": "300"},
-        {"name": "REVISION_RESPONSE_START_TIMEOUT_SECONDS", "value": "0"},
-        {"name": "REVISION_IDLE_TIMEOUT_SECONDS", "value": "0"},
-        {"name": "SERVING_POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "SERVING_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-        {"name": "SERVING_LOGGING_CONFIG"},
-        {"name": "SERVING_LOGGING_LEVEL"},
-        {"name": "SERVING_REQUEST_LOG_TEMPLATE", "value": ""},
-        {"name": "SERVING_ENABLE_REQUEST_LOG", "value": "false"},
-        {"name": "SERVING_REQUEST_METRICS_BACKEND", "value": "prometheus"},
-        {"name": "TRACING_CONFIG_BACKEND", "value": "none"},
-        {"name": "USER_PORT", "value": str(user_port)},
-        {"name": "SYSTEM_NAMESPACE", "value": "knative-serving"},
-        {"name": "METRICS_DOMAIN", "value": "knative.dev/internal/serving"},
-        {"name": "ENABLE_PROFILING", "value": "false"},
-        {"name": "SERVING_ENABLE_PROBE_REQUEST_LOG", "value": "false"},
-        {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
-        {"name": "ENABLE_HTTP2_AUTO_DETECTION", "value": "false"},
-        {"name": "ROOT_CA", "value": ""},
-    ]
-    if probe is not None:
-        env.insert(21, {"name": "SERVING_READINESS_PROBE", "value": probe})
-    return {
-        "name": "queue-proxy",
-        "image": "gcr.io/knative-releases/knative.dev/serving/cmd/queue@sha256:" + "a" * 64,
-        "env": env,
-        "ports": [
-            {"name": "http-queueadm", "containerPort": 8022, "protocol": "TCP"},
-            {"name": "http-autometric", "containerPort": 9090, "protocol": "TCP"},
-            {"name": "http-usermetric", "containerPort": 9091, "protocol": "TCP"},
-            {"name": serving_port_name, "containerPort": 8012, "protocol": "TCP"},
-            {"name": "https", "containerPort": 8112, "protocol": "TCP"},
-        ],
-        "readinessProbe": {
-            "httpGet": {
-                "port": 8012,
-                "httpHeaders": [{"name": "K-Network-Probe", "value": "queue"}],
-            },
-            "periodSeconds": 10,
-        },
-        "resources": {"requests": {"cpu": "25m"}},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-        },
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "imagePullPolicy": "IfNotPresent",
-    }
-
-
-def user_container(
-    name: str = "user-container", port: int | None = 8080, port_name: str = "user-port"
-) -> dict[str, Any]:
-    container: dict[str, Any] = {
-        "name": name,
-        "image": "ghcr.io/freeze-proxy/sleeptalker@sha256:" + "b" * 64,
-        "env": [
-            {"name": "K_REVISION", "value": "hello-00001"},
-            {"name": "K_CONFIGURATION", "value": "hello"},
-            {"name": "K_SERVICE", "value": "hello"},
-        ],
-        "lifecycle": {
-            "preStop": {"httpGet": {"path": "/wait-for-drain", "port": 8022, "scheme": "HTTP"}}
-        },
-        "resources": {},
-        "terminationMessagePath": "/dev/termination-log",
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "imagePullPolicy": "IfNotPresent",
-    }
-    if port is not None:
-        container["ports"] = [{"name": port_name, "containerPort": port, "protocol": "TCP"}]
-        container["env"].insert(0, {"name": "PORT", "value": str(port)})
-    return container
-
-
-def knative_pod(
-    containers: list[dict[str, Any]] | None = None,
-    annotations: dict[str, str] | None = None,
-    labels: dict[str, str] | None = None,
-    volumes: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    pod: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "generateName": "hello-00001-deployment-6d9f8c7b5-",
-            "namespace": "default",
-            "labels": {
-                "app": "hello-00001",
-                "pod-template-hash": "6d9f8c7b5",
-                "serving.knative.dev/configuration": "hello",
-                "serving.knative.dev/configurationGeneration": "1",
-                "serving.knative.dev/revision": "hello-00001",
-                "serving.knative.dev/service": "hello",
-                **(labels or {}),
-            },
-            "annotations": {"serving.knative.dev/creator": "admin", **(annotations or {})},
-            "ownerReferences": [
-                {
-                    "apiVersion": "apps/v1",
-                    "kind": "ReplicaSet",
-                    "name": "hello-00001-deployment-6d9f8c7b5",
-                    "uid": "0b8e0d55-8d8c-4c69-9d43-3e0f8f6c1b2a",
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
-        },
-        "spec": {
-            "containers": containers
-            if containers is not None
-            else [user_container(), queue_proxy()],
-            "enableServiceLinks": False,
-            "serviceAccountName": "default",
-            "terminationGracePeriodSeconds": 300,
-        },
-    }
-    if volumes is not None:
-        pod["spec"]["volumes"] = volumes
-    return pod
+# --- helpers on the pods of tests/knative_pods.py ------------------------------------------------
 
 
 def mutated(pod: dict[str, Any]) -> dict[str, Any]:
@@ -291,7 +162,7 @@ def test_no_drain_hook_is_invented_when_the_app_has_none() -> None:
 
 
 def test_custom_user_port_and_container_name() -> None:
-    pod = knative_pod([queue_proxy(user_port=3000), user_container("api", 3000, "http1")])
+    pod = knative_pod([queue_proxy(user_port=3000), user_container("api", 3000)])
     out = mutated(pod)
     validate(out)
     proxy = container(out, "freeze-proxy")
@@ -453,10 +324,170 @@ def test_user_liveness_probe_named_port_reaimed() -> None:
     assert new_user["startupProbe"] == {"tcpSocket": {"port": 8080}}
 
 
-def test_h2c_apps_are_not_mutated() -> None:
-    pod = knative_pod([user_container(port_name="h2c"), queue_proxy(serving_port_name="h2c")])
+def test_h2c_revision_is_not_mutated_with_a_warning() -> None:
+    """Knative marks an h2c revision only by queue-proxy serving on 8013 (QUEUE_SERVING_PORT);
+    the app's port is named user-port like any other. Mutated, the proxy would answer
+    queue-proxy's HTTP/2 preface with 505."""
+    pod = knative_pod([user_container(), queue_proxy(h2c=True)])
     result = mutate(pod, SETTINGS)
-    assert result.patch == [] and "h2c" in result.warnings[0]
+    assert result.action == "skipped" and result.patch == []
+    (warning,) = result.warnings
+    assert "h2c" in warning and "not relayed" in warning
+    assert ANNOTATION_ENABLED in warning  # the way to silence it
+
+
+def test_h2c_seen_from_queue_port_when_the_env_is_missing() -> None:
+    queue = queue_proxy(h2c=True)
+    queue["env"] = [e for e in queue["env"] if e["name"] != "QUEUE_SERVING_PORT"]
+    assert mutate(knative_pod([user_container(), queue]), SETTINGS).action == "skipped"
+    queue = queue_proxy()
+    queue["env"] = [e for e in queue["env"] if e["name"] != "QUEUE_SERVING_PORT"]
+    assert mutate(knative_pod([user_container(), queue]), SETTINGS).action == "mutated"
+
+
+def test_h2c_multi_container_revision_is_not_mutated() -> None:
+    pod = knative_pod([*multi_container(), queue_proxy(h2c=True)])
+    assert mutate(pod, SETTINGS).action == "skipped"
+
+
+def test_http1_multi_container_revision_freezes_the_serving_container() -> None:
+    pod = knative_pod([*multi_container(), queue_proxy()])
+    result = mutate(pod, SETTINGS)
+    assert result.user_container == "user-container-0"
+    out = apply_patch(pod, result.patch)
+    validate(out)
+    assert (
+        container(out, "freeze-proxy")["lifecycle"]["preStop"]
+        == (container(pod, "user-container-1")["lifecycle"]["preStop"])
+    )
+
+
+EXEC_PROBE = {"exec": {"command": ["/bin/healthcheck"]}, "periodSeconds": 10}
+
+
+@pytest.mark.parametrize("probe_field", ["livenessProbe", "readinessProbe", "startupProbe"])
+def test_exec_probe_on_the_frozen_container_is_not_mutated(probe_field: str) -> None:
+    """kubelet would exec into the frozen container: readiness turns the pod NotReady (no
+    request ever wakes it again), liveness and startup restart a healthy app."""
+    user = user_container()
+    user[probe_field] = copy.deepcopy(EXEC_PROBE)
+    pod = knative_pod([user, queue_proxy()])
+    validate(pod)
+    result = mutate(pod, SETTINGS)
+    assert result.action == "skipped" and result.patch == []
+    (warning,) = result.warnings
+    assert f"exec {probe_field}" in warning and "user-container" in warning
+    assert "httpGet" in warning and ANNOTATION_ENABLED in warning  # the ways out
+    assert probe_field in result.reason
+
+
+def test_exec_probe_on_a_container_that_is_not_frozen_is_fine() -> None:
+    """Only the serving container is frozen (USER_CONTAINER); another one may exec-probe."""
+    serving, other = multi_container()
+    other["livenessProbe"] = copy.deepcopy(EXEC_PROBE)
+    result = mutate(knative_pod([serving, other, queue_proxy()]), SETTINGS)
+    assert result.action == "mutated" and result.user_container == "user-container-0"
+
+
+def guaranteed(c: dict[str, Any], cpu: str = "500m", memory: str = "256Mi") -> dict[str, Any]:
+    c["resources"] = {
+        "requests": {"cpu": cpu, "memory": memory},
+        "limits": {"cpu": cpu, "memory": memory},
+    }
+    return c
+
+
+def qos_class(pod: dict[str, Any]) -> str:
+    """Kubernetes' QoS classification (pkg/apis/core/helper/qos), cpu and memory only."""
+    containers = pod["spec"]["containers"] + pod["spec"].get("initContainers", [])
+    requested = limited = 0
+    guaranteed_all = True
+    for c in containers:
+        requests = c.get("resources", {}).get("requests", {})
+        limits = c.get("resources", {}).get("limits", {})
+        requested += len(requests)
+        limited += len(limits)
+        for r in ("cpu", "memory"):
+            if r not in limits or (r in requests and requests[r] != limits[r]):
+                guaranteed_all = False
+    if guaranteed_all:
+        return "Guaranteed"
+    return "Burstable" if requested or limited else "BestEffort"
+
+
+def test_sidecar_has_a_cpu_limit_so_limits_cpu_quotas_accept_the_pod() -> None:
+    """A namespace with a limits.cpu ResourceQuota rejects any container without a CPU limit."""
+    proxy = container(mutated(knative_pod()), "freeze-proxy")
+    assert set(proxy["resources"]["limits"]) == {"cpu", "memory"}
+    assert set(proxy["resources"]["requests"]) == {"cpu", "memory"}
+
+
+def test_guaranteed_pod_stays_guaranteed() -> None:
+    pod = knative_pod([guaranteed(user_container()), guaranteed(queue_proxy(), "100m", "64Mi")])
+    assert qos_class(pod) == "Guaranteed"
+    out = mutated(pod)
+    validate(out)
+    assert qos_class(out) == "Guaranteed"
+    resources = container(out, "freeze-proxy")["resources"]
+    assert resources["requests"] == resources["limits"]
+
+
+def test_burstable_pod_gets_small_requests() -> None:
+    pod = knative_pod([guaranteed(user_container()), queue_proxy()])  # queue-proxy: 25m, no limit
+    resources = container(mutated(pod), "freeze-proxy")["resources"]
+    assert resources["requests"] != resources["limits"]
+
+
+@pytest.mark.parametrize(
+    ("annotations", "requests", "limits"),
+    [
+        (
+            {"freeze-proxy.knative.dev/cpu-request": "50m",
+             "freeze-proxy.knative.dev/cpu-limit": "2"},
+            {"cpu": "50m", "memory": "32Mi"},
+            {"cpu": "2", "memory": "128Mi"},
+        ),
+        (
+            {"freeze-proxy.knative.dev/memory-request": "64Mi",
+             "freeze-proxy.knative.dev/memory-limit": "1Gi"},
+            {"cpu": "10m", "memory": "64Mi"},
+            {"cpu": "1", "memory": "1Gi"},
+        ),
+    ],
+)  # fmt: skip
+def test_per_service_resources_by_annotation(
+    annotations: dict[str, str], requests: dict[str, str], limits: dict[str, str]
+) -> None:
+    pod = knative_pod(annotations=annotations)
+    result = mutate(pod, SETTINGS)
+    assert not result.warnings
+    resources = container(apply_patch(pod, result.patch), "freeze-proxy")["resources"]
+    assert resources == {"requests": requests, "limits": limits}
+
+
+@pytest.mark.parametrize(
+    ("annotations", "refused"),
+    [
+        ({"freeze-proxy.knative.dev/cpu-limit": "lots"}, "cpu-limit"),
+        ({"freeze-proxy.knative.dev/memory-limit": "0"}, "memory-limit"),
+        ({"freeze-proxy.knative.dev/cpu-request": "-1"}, "cpu-request"),
+        ({"freeze-proxy.knative.dev/cpu-request": "3"}, "cpu-request"),  # above the 1 CPU limit
+    ],
+)
+def test_bad_resource_annotation_is_refused_and_the_pod_stays_valid(
+    annotations: dict[str, str], refused: str
+) -> None:
+    pod = knative_pod(annotations=annotations)
+    result = mutate(pod, SETTINGS)
+    assert result.action == "mutated"
+    (warning,) = result.warnings
+    assert f"freeze-proxy.knative.dev/{refused}" in warning and "refused" in warning
+    out = apply_patch(pod, result.patch)
+    validate(out)
+    assert (
+        container(out, "freeze-proxy")["resources"]
+        == container(mutated(knative_pod()), "freeze-proxy")["resources"]
+    )
 
 
 def test_app_on_proxy_port_is_not_mutated() -> None:
@@ -497,7 +528,7 @@ ports = st.integers(min_value=1, max_value=65535).filter(lambda p: p not in (999
 def pods(draw: st.DrawFn) -> dict[str, Any]:
     user_port = draw(ports)
     user_name = draw(names.filter(lambda n: n not in ("queue-proxy", "freeze-proxy")))
-    user = user_container(user_name, user_port, draw(st.sampled_from(["user-port", "http1"])))
+    user = user_container(user_name, user_port)
     if draw(st.booleans()):
         user["livenessProbe"] = {
             "httpGet": {"path": "/", "port": draw(st.sampled_from([user_port, "user-port"]))}
@@ -506,7 +537,7 @@ def pods(draw: st.DrawFn) -> dict[str, Any]:
         st.sampled_from(
             [
                 None,
-                TCP_PROBE.replace("8080", str(user_port)),
+                tcp_probe(user_port),
                 json.dumps({"httpGet": {"port": user_port, "host": "127.0.0.1"}}),
                 json.dumps([{"httpGet": {"port": user_port}}, {"tcpSocket": {"port": 1234}}]),
             ]

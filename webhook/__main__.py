@@ -13,8 +13,17 @@ require_extra("freeze-webhook", "webhook", ("kubernetes", "cryptography"))
 
 from freeze_proxy import jsonlog
 from freeze_proxy.addresses import parse_listen
-from webhook.app import WebhookSettings, serve
+from freeze_proxy.durations import parse_duration
+from webhook.app import DEFAULT_MAX_INFLIGHT, WebhookSettings, serve
 from webhook.certs import san_entry
+from webhook.cluster_config import DEFAULT_CONFIG_MAP
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def parse_args(argv: list[str] | None = None) -> WebhookSettings:
@@ -48,6 +57,39 @@ def parse_args(argv: list[str] | None = None) -> WebhookSettings:
         help="also put this DNS name or IP address on the bootstrapped serving certificate "
         "(repeatable; e.g. when the API server reaches the webhook by clientConfig.url)",
     )
+    p.add_argument(
+        "--max-inflight-reviews",
+        type=int,
+        default=DEFAULT_MAX_INFLIGHT,
+        metavar="N",
+        help="AdmissionReviews read and processed at once (each up to 3 MiB, ~15x that parsed); "
+        "the others wait up to 4s, then get 503",
+    )
+    p.add_argument(
+        "--drain-delay",
+        type=_duration,
+        default="5s",
+        help="on SIGTERM, keep answering (unready, closing each connection after use) this long "
+        "while the API server learns that the pod is going; then stop listening",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=_duration,
+        default="10s",
+        help="after the drain delay, how long the reviews in flight may take to finish",
+    )
+    p.add_argument(
+        "--config-map",
+        default=DEFAULT_CONFIG_MAP,
+        help="ConfigMap (in --namespace) with the cluster's sidecar defaults: resources, grace, "
+        "timeouts; '' = the built-in defaults only",
+    )
+    p.add_argument(
+        "--config-refresh",
+        type=_duration,
+        default="10s",
+        help="how often the ConfigMap is read again (admission never waits for it)",
+    )
     p.add_argument("--log-level", default="INFO")
     p.add_argument(
         "--reload-interval", type=float, default=10.0, help="seconds between cert-file checks"
@@ -55,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> WebhookSettings:
     args = p.parse_args(argv)
     if not args.proxy_image:
         p.error("--proxy-image (or env FREEZE_PROXY_IMAGE) is required")
+    if args.max_inflight_reviews < 1:
+        p.error("--max-inflight-reviews must be at least 1")
     if bool(args.tls_cert_file) != bool(args.tls_private_key_file):
         p.error("--tls-cert-file and --tls-private-key-file go together")
     try:
@@ -81,6 +125,11 @@ def parse_args(argv: list[str] | None = None) -> WebhookSettings:
         log_level=args.log_level,
         reload_interval=args.reload_interval,
         extra_sans=tuple(args.extra_san),
+        max_inflight=args.max_inflight_reviews,
+        drain_delay=args.drain_delay,
+        shutdown_timeout=args.shutdown_timeout,
+        config_map=args.config_map,
+        config_refresh=args.config_refresh,
     )
 
 

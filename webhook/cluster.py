@@ -1,4 +1,4 @@
-"""The four Kubernetes API calls the webhook makes, behind a small Protocol.
+"""The Kubernetes API calls the webhook makes, behind small Protocols.
 
 ``Cluster`` is what the TLS bootstrap depends on; tests use an in-memory fake and a later test bed
 can point ``KubeCluster`` at a real kube-apiserver. ``KubeCluster`` uses the synchronous
@@ -54,6 +54,14 @@ class Cluster(Protocol):
         self, webhook_config: str, bundles: dict[int, tuple[str, bytes]]
     ) -> None:
         """Set caBundle of the webhooks at these indexes (guarded by their names)."""
+        ...
+
+
+class ConfigMapReader(Protocol):
+    """What the cluster defaults need from the API server."""
+
+    async def read_config_map(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The ConfigMap's data, or None when it does not exist."""
         ...
 
 
@@ -137,6 +145,17 @@ class KubeCluster:
             raise
         data = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
         return StoredSecret(data, str(secret.metadata.resource_version or ""))
+
+    async def read_config_map(self, namespace: str, name: str) -> dict[str, str] | None:
+        try:
+            cm = await asyncio.to_thread(
+                self._core.read_namespaced_config_map, name, namespace, _request_timeout=5
+            )
+        except Exception as err:
+            if self._status(err) == 404:
+                return None
+            raise
+        return {str(k): str(v) for k, v in (cm.data or {}).items()}
 
     async def write_secret(
         self, namespace: str, name: str, data: dict[str, bytes], resource_version: str | None

@@ -12,6 +12,10 @@ How the pod is read (never from hard-coded names):
   ``freeze-proxy.knative.dev/container``, else the one whose ``PORT`` env (set by Knative) equals
   it, else the single other container. Undecidable -> no mutation, a warning.
 
+Resources, grace and timeouts of the sidecar: ``webhook/sidecar.py`` (cluster defaults from the
+ConfigMap, per-pod annotations, Guaranteed QoS kept). Ports, paths, env names and flags the proxy
+reads: ``freeze_proxy/contract.py``.
+
 Probes: queue-proxy checks the app's readiness itself, from ``SERVING_READINESS_PROBE``; an
 ``httpGet`` probe aimed at the app's port is re-aimed at freeze-proxy so a frozen app is woken for
 the probe instead of timing out. The same is done for ``httpGet`` liveness/readiness/startup probes
@@ -20,7 +24,10 @@ kubelet sends straight to the user container (a frozen app would otherwise be re
 report "ready" before the app listens. Aimed at a frozen app, the kernel still completes their
 handshakes but queues the connections; freeze-proxy drains that accept queue by waking the app
 briefly (``--wake-backlog``, freeze_proxy/backlog.py) before it fills. ``grpc`` probes cannot be
-relayed by an HTTP/1 proxy: they are left alone with a warning.
+relayed by an HTTP/1 proxy: they are left alone with a warning. ``exec`` probes (Knative leaves
+them on the user container) run inside the frozen container and would fail: readiness would turn
+the pod NotReady with nothing left to wake it, liveness/startup would restart a healthy app. Until
+probes are answered while frozen, such a pod is not mutated, with a warning naming the probe.
 """
 
 from __future__ import annotations
@@ -31,12 +38,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from freeze_proxy.durations import parse_duration
+from freeze_proxy import contract
+from webhook.sidecar import (
+    ANNOTATION_PREFIX,
+    SidecarConfig,
+    apply_overrides,
+    is_guaranteed,
+    overrides_from_annotations,
+    resources,
+)
+from webhook.sidecar import DEFAULTS as DEFAULT_SIDECAR
 
 LABEL_ADDED = "freeze-pod-added"
 LABEL_VERSION = "freeze-pod-version"
 MUTATION_VERSION = "3"
-ANNOTATION_PREFIX = "freeze-proxy.knative.dev/"
 ANNOTATION_ENABLED = ANNOTATION_PREFIX + "enabled"
 ANNOTATION_GRACE = ANNOTATION_PREFIX + "grace"
 ANNOTATION_CONTAINER = ANNOTATION_PREFIX + "container"
@@ -44,12 +59,12 @@ QUEUE_PROXY_NAME = "queue-proxy"
 PROXY_CONTAINER_NAME = "freeze-proxy"
 VOLUME_NAME = "freeze-projected"
 STATE_VOLUME_NAME = "freeze-proxy-state"
-STATE_MOUNT_PATH = "/var/run/freeze-proxy"  # freeze-proxy's --state-file lives here
-TOKEN_AUDIENCE = "freeze"
-TOKEN_PATH = "token"
 TOKEN_EXPIRATION_SECONDS = 600
-TOKEN_MOUNT_PATH = "/var/run/projected"
 READINESS_PROBE_ENV = "SERVING_READINESS_PROBE"
+# Knative Serving's encoding of an h2c revision (pkg/reconciler/revision/resources/queue.go):
+# queue-proxy's serving port, named queue-port either way, is 8013 instead of 8012.
+KNATIVE_QUEUE_PORT_NAME = "queue-port"
+KNATIVE_H2C_SERVING_PORT = 8013
 PROXY_UID = 65532
 
 JsonObj = dict[str, Any]
@@ -61,12 +76,11 @@ class MutationSettings:
     """What the injected sidecar looks like; defaults match freeze-proxy's own flag defaults."""
 
     proxy_image: str
-    proxy_port: int = 9999
-    health_port: int = 9998
-    cpu_request: str = "10m"
-    memory_request: str = "32Mi"
-    memory_limit: str = "128Mi"
+    proxy_port: int = contract.PROXY_PORT
+    health_port: int = contract.HEALTH_PORT
     image_pull_policy: str = "IfNotPresent"
+    # The cluster's defaults (ConfigMap config-freeze-proxy); annotations override them per pod.
+    defaults: SidecarConfig = DEFAULT_SIDECAR
 
 
 @dataclass(frozen=True)
@@ -210,13 +224,19 @@ def _choose_volume_name(pod: Mapping[str, Any], base: str) -> str:
     return name
 
 
-def _is_h2c(queue: Mapping[str, Any], user: Mapping[str, Any]) -> bool:
-    """Knative names queue-proxy's serving port (or the app's) 'h2c' for HTTP/2 cleartext apps."""
+def _is_h2c(queue: Mapping[str, Any]) -> bool:
+    """Knative marks an h2c revision in one place only: queue-proxy serves on 8013
+    (``networking.BackendHTTP2Port``: ``QUEUE_SERVING_PORT`` and its ``queue-port``) instead of
+    8012. The app's port is named ``user-port`` either way (the Service's port name, ``h2c``
+    included, does not reach the pod)."""
     serving = _env_value(queue, "QUEUE_SERVING_PORT")
-    for port in queue.get("ports") or []:
-        if port.get("name") == "h2c" and str(port.get("containerPort")) == serving:
-            return True
-    return any(p.get("name") == "h2c" for p in user.get("ports") or [])
+    if serving is not None:
+        return serving.strip() == str(KNATIVE_H2C_SERVING_PORT)
+    return any(
+        p.get("name") == KNATIVE_QUEUE_PORT_NAME
+        and p.get("containerPort") == KNATIVE_H2C_SERVING_PORT
+        for p in queue.get("ports") or []
+    )
 
 
 def proxy_container(
@@ -224,39 +244,52 @@ def proxy_container(
     user_container: str,
     user_port: int,
     volume_name: str,
-    grace: str | None,
+    config: SidecarConfig = DEFAULT_SIDECAR,
     pre_stop: JsonObj | None = None,
     state_volume: str = STATE_VOLUME_NAME,
+    *,
+    guaranteed: bool = False,
 ) -> JsonObj:
     """The freeze-proxy container spec (least privilege, small requests, health probe).
 
     ``pre_stop`` is the user container's own preStop hook (Knative's wait-for-drain on
     queue-proxy): with it kubelet holds our SIGTERM, like the app's, until queue-proxy has
     drained, so requests still arriving during the drain find the proxy listening.
+    ``guaranteed``: every other container is Guaranteed, so requests equal the limits.
     """
     env: list[JsonObj] = [
-        {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
-        {"name": "USER_CONTAINER", "value": user_container},
+        {
+            "name": contract.ENV_HOST_IP,
+            "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}},
+        },
+        {"name": contract.ENV_USER_CONTAINER, "value": user_container},
     ]
-    if grace is not None:
-        env.append({"name": "FREEZE_GRACE", "value": grace})
+    if config.grace is not None:
+        env.append({"name": contract.ENV_GRACE, "value": config.grace})
+    timeouts = [
+        arg
+        for flag, value in (
+            (contract.FLAG_RESUME_TIMEOUT, config.resume_timeout),
+            (contract.FLAG_DRAIN_TIMEOUT, config.drain_timeout),
+        )
+        if value is not None
+        for arg in (flag, value)
+    ]
     return {
         "name": PROXY_CONTAINER_NAME,
         "image": settings.proxy_image,
         "imagePullPolicy": settings.image_pull_policy,
         "args": [
-            "--listen",
+            contract.FLAG_LISTEN,
             f"0.0.0.0:{settings.proxy_port}",
-            "--health-listen",
+            contract.FLAG_HEALTH_LISTEN,
             f"0.0.0.0:{settings.health_port}",
-            "--upstream",
+            contract.FLAG_UPSTREAM,
             f"http://127.0.0.1:{user_port}",
+            *timeouts,
         ],
         "env": env,
-        "resources": {
-            "requests": {"cpu": settings.cpu_request, "memory": settings.memory_request},
-            "limits": {"memory": settings.memory_limit},
-        },
+        "resources": resources(config, guaranteed),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": PROXY_UID,
@@ -267,13 +300,13 @@ def proxy_container(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "volumeMounts": [
-            {"name": volume_name, "mountPath": TOKEN_MOUNT_PATH, "readOnly": True},
+            {"name": volume_name, "mountPath": contract.TOKEN_DIR, "readOnly": True},
             # Survives a restart of the container: a proxy killed after a pause tells its
             # successor that the app may be frozen (see freeze_proxy/marker.py).
-            {"name": state_volume, "mountPath": STATE_MOUNT_PATH},
+            {"name": state_volume, "mountPath": contract.STATE_DIR},
         ],
         "readinessProbe": {
-            "httpGet": {"path": "/healthz", "port": settings.health_port},
+            "httpGet": {"path": contract.HEALTH_PATH, "port": settings.health_port},
             "periodSeconds": 2,
             "failureThreshold": 3,
         },
@@ -300,9 +333,9 @@ def projected_volume(name: str) -> JsonObj:
             "sources": [
                 {
                     "serviceAccountToken": {
-                        "audience": TOKEN_AUDIENCE,
+                        "audience": contract.TOKEN_AUDIENCE,
                         "expirationSeconds": TOKEN_EXPIRATION_SECONDS,
-                        "path": TOKEN_PATH,
+                        "path": contract.TOKEN_NAME,
                     }
                 }
             ]
@@ -310,21 +343,16 @@ def projected_volume(name: str) -> JsonObj:
     }
 
 
-def validate_grace(annotations: Mapping[str, Any]) -> tuple[str | None, str | None]:
-    """Return (grace to pass, warning) for the grace annotation; an invalid value is dropped."""
-    raw = annotations.get(ANNOTATION_GRACE)
-    if raw is None:
-        return None, None
-    if not isinstance(raw, str):
-        return None, f"annotation {ANNOTATION_GRACE} is not a string; the default grace applies"
-    try:
-        parse_duration(raw)
-    except ValueError as err:
-        return None, (
-            f"annotation {ANNOTATION_GRACE}={raw!r} refused: {err}; "
-            "freeze-proxy's default idle grace is used instead"
-        )
-    return raw, None
+PROBE_FIELDS = ("readinessProbe", "livenessProbe", "startupProbe")
+
+
+def exec_probes(container: Mapping[str, Any]) -> list[str]:
+    """The probe fields of ``container`` that kubelet runs by exec-ing into it."""
+    return [
+        f
+        for f in PROBE_FIELDS
+        if isinstance(container.get(f), dict) and container[f].get("exec") is not None
+    ]
 
 
 def _skip(reason: str, warning: str | None = None) -> MutationResult:
@@ -373,16 +401,34 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
         return _skip(str(err), f"freeze-proxy not injected: {err}")
     user = containers[user_index]
     user_name = str(user.get("name"))
-    if _is_h2c(queue, user):
+    if _is_h2c(queue):
         return _skip(
-            "h2c app",
-            "freeze-proxy not injected: HTTP/2 cleartext (h2c) apps are not supported yet",
+            "h2c revision (queue-proxy serves on 8013)",
+            "freeze-proxy not injected: this revision speaks HTTP/2 cleartext (h2c, e.g. gRPC), "
+            "which is not relayed yet; the app runs unfrozen. Set the annotation "
+            f'{ANNOTATION_ENABLED}: "false" on the revision template to silence this warning',
         )
 
-    warnings: list[str] = []
-    grace, grace_warning = validate_grace(annotations)
-    if grace_warning:
-        warnings.append(grace_warning)
+    execs = exec_probes(user)
+    if execs:
+        probes = ", ".join(f"exec {f}" for f in execs)
+        return _skip(
+            f"container {user_name} has {probes}",
+            f"freeze-proxy not injected: container {user_name} has {probes}; kubelet would "
+            "exec into the frozen container and fail it (NotReady for good, or restarted). "
+            "Use an httpGet probe (freeze-proxy wakes the app for it) or a tcpSocket probe to "
+            f'have it frozen, or set {ANNOTATION_ENABLED}: "false" to silence this warning',
+        )
+
+    config, warnings = apply_overrides(
+        settings.defaults,
+        overrides_from_annotations(annotations),
+        ANNOTATION_PREFIX + "{key}",
+        "the cluster default is used instead",
+    )
+    others = [c for c in containers if c is not None] + list(
+        pod["spec"].get("initContainers") or []
+    )
 
     patch: Patch = []
     new_labels = {LABEL_ADDED: "true", LABEL_VERSION: MUTATION_VERSION}
@@ -424,7 +470,7 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
             patch.append({"op": "replace", "path": probe_path, "value": new_probe})
 
     user_path = f"/spec/containers/{user_index}"
-    for probe_field in ("readinessProbe", "livenessProbe", "startupProbe"):
+    for probe_field in PROBE_FIELDS:
         probe = user.get(probe_field)
         if not isinstance(probe, dict):
             continue
@@ -457,9 +503,10 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
                 user_name,
                 user_port,
                 volume_name,
-                grace,
+                config,
                 drain_hook(user, user_port),
                 state_volume,
+                guaranteed=is_guaranteed(others),
             ),
         }
     )

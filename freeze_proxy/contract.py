@@ -1,0 +1,46 @@
+"""What freeze-webhook writes into a pod and freeze-proxy reads there: the one place for it.
+
+Ports, paths, environment variable names, flags and defaults the two sides must agree on. The
+webhook builds the sidecar's container from these (webhook/mutation.py), the proxy takes its flag
+defaults from them (freeze_proxy/__main__.py, ``app.Settings``). Stdlib only, no imports at all:
+the proxy image carries freeze_proxy and nothing else.
+"""
+
+from __future__ import annotations
+
+# Listeners: queue-proxy's USER_PORT is pointed at PROXY_PORT; kubelet probes HEALTH_PATH on
+# HEALTH_PORT.
+PROXY_PORT = 9999
+HEALTH_PORT = 9998
+HEALTH_PATH = "/healthz"
+# The node's freeze-daemon, at the node's IP (env HOST_IP) on its hostPort.
+DAEMON_PORT = 9696
+DEFAULT_UPSTREAM = "http://127.0.0.1:8080"
+
+# The projected service-account token the daemon reviews (audience, mount, file name).
+TOKEN_AUDIENCE = "freeze"
+TOKEN_DIR = "/var/run/projected"
+TOKEN_NAME = "token"
+TOKEN_FILE = f"{TOKEN_DIR}/{TOKEN_NAME}"
+# A directory that survives restarts of the proxy container (an emptyDir) for its state file.
+STATE_DIR = "/var/run/freeze-proxy"
+STATE_FILE = f"{STATE_DIR}/may-be-frozen"
+
+# Environment the webhook sets.
+ENV_HOST_IP = "HOST_IP"
+ENV_USER_CONTAINER = "USER_CONTAINER"
+ENV_GRACE = "FREEZE_GRACE"
+
+# Flags the webhook passes.
+FLAG_LISTEN = "--listen"
+FLAG_HEALTH_LISTEN = "--health-listen"
+FLAG_UPSTREAM = "--upstream"
+FLAG_RESUME_TIMEOUT = "--resume-timeout"
+FLAG_DRAIN_TIMEOUT = "--drain-timeout"
+
+# Defaults, in Go's duration format. The grace was chosen from measurement on real containerd
+# (README, "Idle grace"): long enough that a client calling in a loop or at >= 10 req/s never
+# pays a pause+resume cycle, short next to any real idle period.
+DEFAULT_GRACE = "250ms"
+DEFAULT_RESUME_TIMEOUT = "5s"
+DEFAULT_DRAIN_TIMEOUT = "20s"
