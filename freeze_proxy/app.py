@@ -81,6 +81,9 @@ class FreezeProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         # "unknown" until the first call; "unreachable" while no daemon takes our connections.
         self.daemon = "unknown"
+        # Called as a pause starts: the relay drops its pooled app connections, which the
+        # frozen app's keep-alive timers would close just as we sent on them after a resume.
+        self.on_pause: Callable[[], None] = lambda: None
 
     def arrive(self) -> Wakeup | None:
         """Count one more piece of work in flight; pair it with exactly one ``depart()``.
@@ -150,6 +153,7 @@ class FreezeProxy:
 
     async def _pause(self) -> None:
         started = time.perf_counter()
+        self.on_pause()
         try:
             self._marker.set()
         except OSError as exc:
@@ -350,11 +354,12 @@ def health_handler(
         try:
             head = await reader.readuntil(http1.END_OF_HEAD)
             request = http1.parse_request(head[: -len(http1.END_OF_HEAD)])
-            if request.target.partition(b"?")[0] == b"/healthz":
+            if request.target.partition(b"?")[0] == contract.HEALTH_PATH.encode():
                 status = 503 if stopping.is_set() else 200
                 writer.write(http1.json_response(status, json.dumps(body()).encode()))
             else:
-                writer.write(http1.json_response(404, b'{"error": "only /healthz is served"}'))
+                only = json.dumps({"error": f"only {contract.HEALTH_PATH} is served"})
+                writer.write(http1.json_response(404, only.encode()))
             await writer.drain()
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
@@ -392,6 +397,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     relay = Relay(
         *upstream_address(settings.upstream), admission, wait_timeout=settings.resume_timeout + 5
     )
+    if proxy is not None:
+        proxy.on_pause = relay.drop_idle
     stopping = asyncio.Event()
     # A wildcard host listens on every address family the pod has (IPv4, and IPv6 where it has
     # it); asyncio skips a family the kernel lacks.

@@ -20,6 +20,7 @@ from collections.abc import Coroutine
 from typing import Any, Protocol, cast
 
 from freeze_proxy import http1
+from freeze_proxy.durations import format_duration
 from freeze_proxy.http1 import CHUNKED, END_OF_HEAD, LENGTH, NO_BODY, UNTIL_CLOSE, HttpError
 
 log = logging.getLogger("freeze_proxy.relay")
@@ -88,10 +89,6 @@ WAIT_TIMED_OUT = (
     "the request waited {} for the app to be resumed and was not forwarded; check that the "
     "freeze-daemon on this node answers (see the freeze-proxy and freeze-daemon logs)"
 )
-
-
-def _go_duration(seconds: float) -> str:
-    return f"{round(seconds * 1000)}ms" if seconds < 1 else f"{seconds:g}s"
 
 
 # Why a client connection is not being read (several may hold at once).
@@ -298,7 +295,7 @@ class Downstream(asyncio.Protocol):
         except TimeoutError:
             if self.transport is not None:
                 self.relay.admission.refused()
-                message = WAIT_TIMED_OUT.format(_go_duration(self.relay.wait_timeout))
+                message = WAIT_TIMED_OUT.format(format_duration(self.relay.wait_timeout))
                 self._refuse(503, message, "wait-timeout")
             return
         if self.transport is None:

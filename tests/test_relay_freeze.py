@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from freeze_proxy.app import FreezeProxy
+from freeze_proxy.gate import Gate
+from freeze_proxy.marker import FrozenMarker
 from tests.proxy_harness import Harness, start_harness
 
 
@@ -42,3 +46,32 @@ async def test_without_a_freeze_the_connection_is_reused(tmp_path: Path) -> None
         assert first == second
     finally:
         await h.close()
+
+
+class _RecordingClient:
+    """A FreezeClient that records the calls it gets, in order with ``events``."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+    async def pause(self) -> None:
+        self.events.append("pause")
+
+    async def resume(self, budget: float) -> None:
+        self.events.append("resume")
+
+
+async def test_pooled_connections_are_dropped_before_every_pause(tmp_path: Path) -> None:
+    """Not only a request released by a resume: after a backlog wake, requests arrive while
+    the app is awake, and must not meet a connection pooled before the freeze."""
+    events: list[str] = []
+    proxy = FreezeProxy(
+        Gate(grace=0.0), _RecordingClient(events), 1.0, FrozenMarker(str(tmp_path / "m"))
+    )
+    proxy.on_pause = lambda: events.append("drop pooled")
+    proxy.start()
+    for _ in range(100):
+        if events:
+            break
+        await asyncio.sleep(0.01)
+    assert events == ["drop pooled", "pause"]
