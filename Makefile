@@ -1,7 +1,8 @@
 # freeze-proxy — every entry point a person or CI uses. `make demo` and `make test` set up
 # everything they need themselves (apt packages, the Python package, Go-built test binaries).
 PYTHON ?= python3
-APT_PACKAGES := containerd runc busybox-static wrk containernetworking-plugins debootstrap
+APT_PACKAGES := containerd runc busybox-static wrk containernetworking-plugins debootstrap \
+	apache2-utils curl
 PIP_EXTRAS := fast,daemon,webhook,test
 STAMP := .setup.stamp
 

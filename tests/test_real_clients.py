@@ -8,6 +8,7 @@ The app is the harness's aiohttp app; the proxy runs with ``--no-freeze`` (the r
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import sys
@@ -79,8 +80,10 @@ async def run(*cmd: str, within: float = 30.0) -> tuple[int, str, str]:
 
 
 def needs(tool: str) -> pytest.MarkDecorator:
+    """Skip without ``tool`` — unless FREEZE_REQUIRE_REAL=1 (CI), where the test must run."""
     return pytest.mark.skipif(
-        shutil.which(tool) is None, reason=f"{tool} is not installed (see APT_PACKAGES)"
+        shutil.which(tool) is None and os.environ.get("FREEZE_REQUIRE_REAL") != "1",
+        reason=f"{tool} is not installed (see APT_PACKAGES)",
     )
 
 

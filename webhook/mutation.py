@@ -51,7 +51,7 @@ from webhook.sidecar import DEFAULTS as DEFAULT_SIDECAR
 
 LABEL_ADDED = "freeze-pod-added"
 LABEL_VERSION = "freeze-pod-version"
-MUTATION_VERSION = "3"
+MUTATION_VERSION = "4"  # the sidecar spec changed: CPU limit, QoS-matched resources (issue #11)
 ANNOTATION_ENABLED = ANNOTATION_PREFIX + "enabled"
 ANNOTATION_GRACE = ANNOTATION_PREFIX + "grace"
 ANNOTATION_CONTAINER = ANNOTATION_PREFIX + "container"
