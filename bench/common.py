@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testbed.processes import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "bench" / "out"
 GO_CACHE = Path(os.environ.get("FREEZE_CACHE_DIR", "/var/cache/freeze-proxy"))
@@ -68,12 +70,6 @@ def _fmt(value: float | int | str) -> str:
 
 def _fmt_values(values: dict[str, float | int | str]) -> str:
     return "  ".join(f"{k}={_fmt(v)}" for k, v in values.items())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 15.0) -> None:

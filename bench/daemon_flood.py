@@ -39,7 +39,8 @@ from bench.common import Table, percentile
 from testbed import tokens
 from testbed.containerd import missing_prerequisites
 from testbed.pods import Pod, ticker
-from testbed.stack import Stack, free_port, program, stack, wait_http
+from testbed.processes import free_port
+from testbed.stack import Stack, program, stack, wait_http
 
 BENCH = "daemon_flood"
 MAX_CONNECTIONS = 256  # the daemons' --max-connections here (default 1024): a quicker fill

@@ -9,8 +9,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Table, free_port, process, proxy_python, wrk
+from bench.common import Table, process, proxy_python, wrk
 from testbed.containerd import missing_prerequisites
+from testbed.processes import free_port
 from testbed.stack import stack
 from testbed.tokens import new_rsa_key, write_jwks
 

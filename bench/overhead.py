@@ -11,13 +11,13 @@ from bench.common import (
     before_env,
     before_tree,
     bench_app,
-    free_port,
     freeze_proxy_cmd,
     go_proxy_binary,
     process,
     proxy_python,
     wrk,
 )
+from testbed.processes import free_port
 
 
 def run(table: Table, quick: bool = False) -> None:

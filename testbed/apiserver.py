@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -50,6 +49,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from testbed import gobins
 from webhook import certs
 
+from .processes import free_port
+
 SERVICE_CLUSTER_IP_RANGE: Final = "10.0.0.0/24"
 _PR_SET_PDEATHSIG: Final = 1
 _T = TypeVar("_T")
@@ -66,14 +67,6 @@ class KubectlError(subprocess.CalledProcessError):
     def __str__(self) -> str:
         err = self.stderr if isinstance(self.stderr, str) else ""
         return f"{super().__str__()}\nstderr:\n{err.strip()}"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host`` (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec

@@ -63,6 +63,8 @@ from typing import Any, Final
 from testbed import gobins
 from testbed.apiserver import die_with_parent_argv
 
+from .processes import free_port
+
 ADMIN_PORT: Final = 8022
 METRICS_PORT: Final = 9090
 PROBE_HEADER: Final = "K-Network-Probe"
@@ -96,13 +98,6 @@ DEFAULT_LOGGING_CONFIG: Final = json.dumps(
 
 class QueueProxyError(RuntimeError):
     """queue-proxy did not start; the message carries the tail of its output."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def tcp_probe(port: int) -> dict[str, Any]:
@@ -203,8 +198,8 @@ class QueueProxy:
         **env_kwargs: Any,
     ) -> None:
         self.user_port = user_port
-        self.serving_port = serving_port or _free_port()
-        self.tls_port = tls_port or _free_port()
+        self.serving_port = serving_port or free_port()
+        self.tls_port = tls_port or free_port()
         self._binary = binary
         self._start_timeout = start_timeout
         self._stop_grace = stop_grace

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,15 +26,11 @@ from testbed import oci, rootfs, tokens
 from testbed.containerd import Containerd
 from testbed.pods import ContainerSpec, Pod, PodClient
 
+from .processes import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 SLEEPTALKER = REPO / "examples" / "sleeptalker" / "app.py"
 SLEEPTALKER_IMAGE = "freeze.test/sleeptalker:1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_http(url: str, limit: float = 60.0) -> None:

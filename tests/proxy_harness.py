@@ -9,7 +9,6 @@ proxy's ordering rules so they can be provoked precisely (slow or failing daemon
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,12 +17,7 @@ from pathlib import Path
 from aiohttp import WSMsgType, web
 
 from freeze_proxy.app import Settings, serve
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from testbed.processes import free_port
 
 
 @dataclass

@@ -9,7 +9,6 @@ import datetime as dt
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import aiohttp
 import pytest
 from aiohttp.pytest_plugin import AiohttpClient
 
+from testbed.processes import free_port
 from tests.knative_pods import knative_pod
 from tests.test_mutation import apply_patch
 from webhook import certs
@@ -51,12 +51,6 @@ def review(obj: Any, api_version: str = "admission.k8s.io/v1", **request: Any) -
     }
     body.update(request)
     return {"apiVersion": api_version, "kind": "AdmissionReview", "request": body}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_certs(directory: Path, now: dt.datetime) -> certs.CertBundle:

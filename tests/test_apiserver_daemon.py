@@ -40,6 +40,7 @@ from testbed.apiserver import ApiServer
 from testbed.containerd import Containerd
 from testbed.kubeconfig import service_account_kubeconfig
 from testbed.pods import Pod, PodClient, ticker
+from testbed.processes import free_port
 from testbed.tokens import new_rsa_key
 from tests.pod_checks import USER, eventually, log_grows, log_is_quiet
 
@@ -120,13 +121,6 @@ def _prepare(apiserver: ApiServer) -> Cluster:
 # --------------------------------------------------------------------------- the daemon process
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @dataclass
 class Daemon:
     url: str
@@ -145,7 +139,7 @@ class Daemon:
 def _start_daemon(
     kubeconfig: Path, containerd: Containerd, log_file: Path, *extra: str
 ) -> tuple[subprocess.Popen[bytes], Daemon]:
-    port = _free_port()
+    port = free_port()
     with log_file.open("ab") as log:
         proc = subprocess.Popen(
             [
@@ -490,7 +484,7 @@ class Forwarder:
         parts = urlsplit(target)
         assert parts.hostname and parts.port
         self._target = (parts.hostname, parts.port)
-        self.port = _free_port()
+        self.port = free_port()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()

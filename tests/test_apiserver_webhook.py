@@ -48,7 +48,8 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from testbed.apiserver import ApiServer, die_with_parent, free_port
+from testbed.apiserver import ApiServer, die_with_parent
+from testbed.processes import free_port
 from tests.knative_pods import knative_pod, queue_proxy, user_container
 from tests.test_mutation import apply_patch
 from webhook import certs

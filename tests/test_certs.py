@@ -7,7 +7,6 @@ import base64
 import copy
 import datetime as dt
 import json
-import socket
 import ssl
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from cryptography import x509
 
+from testbed.processes import free_port
 from webhook import certs
 from webhook.cluster import ConflictError, KubeCluster, StoredSecret, ca_bundle_patch
 from webhook.tls import CertReconciler, LiveTLS
@@ -508,7 +508,7 @@ async def test_webhook_process_bootstraps_tls_from_the_api(tmp_path: Path) -> No
     )
 
     async def run_once() -> bytes:
-        port = _free_port()
+        port = free_port()
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "webhook", "--kubeconfig", str(kubeconfig),
             "--listen", f"127.0.0.1:{port}", "--proxy-image", "img",
@@ -550,9 +550,3 @@ async def test_webhook_process_bootstraps_tls_from_the_api(tmp_path: Path) -> No
         assert len(fake.patches) == patches == 1
     finally:
         await server.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

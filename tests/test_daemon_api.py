@@ -28,6 +28,7 @@ from daemon.api import make_app
 from daemon.auth import AuthUnavailable, JwtVerifier, KeyCache, KeyDocument, PodTokenAuthenticator
 from daemon.claims import Identity
 from daemon.runtimes import NEVER_FROZEN, ContainerNotFound, RuntimeFailure
+from testbed.processes import free_port
 from testbed.tokens import DEFAULT_ISSUER, SigningKey, jwks, mint_token, new_rsa_key, write_jwks
 
 POD_A: dict[str, Any] = {
@@ -505,13 +506,6 @@ async def test_refusals_are_logged_without_the_token(
 # ------------------------------------------------------------------ the real process
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _daemon(*args: str) -> subprocess.Popen[bytes]:
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root)}
@@ -529,7 +523,7 @@ def _daemon(*args: str) -> subprocess.Popen[bytes]:
 @pytest.fixture
 def daemon_process(tmp_path: Path, key: SigningKey) -> Iterator[str]:
     pytest.importorskip("daemon.runtimes.containerd")
-    port = _free_port()
+    port = free_port()
     jwks_file = write_jwks(tmp_path / "jwks.json", key)
     proc = _daemon(
         "--listen",
@@ -619,7 +613,7 @@ def test_daemon_refuses_unknown_runtime_from_env() -> None:
 def test_daemon_stops_on_a_missing_jwks_file(tmp_path: Path) -> None:
     proc = _daemon(
         "--listen",
-        f"127.0.0.1:{_free_port()}",
+        f"127.0.0.1:{free_port()}",
         "--no-token-review",
         "--jwks-file",
         str(tmp_path / "missing.json"),

@@ -24,6 +24,7 @@ import pytest
 
 from testbed.containerd import Containerd
 from testbed.pods import MakePod, Pod
+from testbed.processes import free_port
 from testbed.tokens import DEFAULT_ISSUER, SigningKey, mint_token, new_rsa_key, write_jwks
 from tests.pod_checks import USER, eventually, log_grows, log_is_quiet
 
@@ -37,20 +38,13 @@ def key() -> SigningKey:
     return new_rsa_key()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def daemon_url(
     containerd: Containerd, key: SigningKey, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """The daemon process, pointed at the test bed's containerd socket and namespace."""
     jwks_file = write_jwks(tmp_path_factory.mktemp("daemon") / "jwks.json", key)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from testbed.processes import free_port
 from testbed.tokens import DEFAULT_ISSUER, SigningKey, mint_token, new_rsa_key, write_jwks
 from tests.pod_checks import eventually
 
@@ -58,17 +59,10 @@ class Daemon:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def start_daemon(
     tmp_path: Path, key: SigningKey, *args: str, env: dict[str, str] | None = None
 ) -> Daemon:
-    port = _free_port()
+    port = free_port()
     jwks_file = write_jwks(tmp_path / "jwks.json", key)
     log_file = tmp_path / "daemon.log"
     with log_file.open("ab") as log:

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,18 +29,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from testbed.processes import free_port
+
 APP = Path(__file__).resolve().parent.parent / "examples" / "sleeptalker" / "app.py"
 TICK = 0.2
 FIRST = "Hello, this request will take two seconds..\n"
 LAST = ".. world.\n"
 TICK_RE = re.compile(r"^tick (\d+) (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)$")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
