@@ -6,8 +6,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from testbed.processes import free_port
+from testbed.processes import free_port, stop, wait_listening
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "bench" / "out"
@@ -72,17 +70,6 @@ def _fmt_values(values: dict[str, float | int | str]) -> str:
     return "  ".join(f"{k}={_fmt(v)}" for k, v in values.items())
 
 
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
-
-
 @contextmanager
 def process(
     cmd: Sequence[str],
@@ -101,16 +88,10 @@ def process(
     )
     try:
         if port is not None:
-            wait_port(port)
+            wait_listening(proc, "127.0.0.1", port, cmd[0], within=15.0)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
 
 
 def before_tree(ref: str) -> Path:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,7 +38,7 @@ from testbed.apiserver import ApiServer
 from testbed.containerd import Containerd
 from testbed.kubeconfig import service_account_kubeconfig
 from testbed.pods import Pod, PodClient, ticker
-from testbed.processes import free_port
+from testbed.processes import free_port, stop, wait_listening
 from testbed.tokens import new_rsa_key
 from tests.pod_checks import USER, eventually, log_grows, log_is_quiet
 
@@ -157,30 +155,12 @@ def _start_daemon(
             stderr=log,
         )  # fmt: skip
     daemon = Daemon(f"http://127.0.0.1:{port}", log_file)
-    deadline = time.monotonic() + 20
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"daemon exited with {proc.returncode}:\n{log_file.read_text()[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"daemon did not listen in 20 s:\n{log_file.read_text()[-3000:]}")
-            time.sleep(0.05)
+    try:
+        wait_listening(proc, "127.0.0.1", port, "freeze-daemon", log_file)
+    except RuntimeError:
+        stop(proc)
+        raise
     return proc, daemon
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
 
 
 @pytest.fixture(scope="module")
@@ -201,9 +181,9 @@ def daemon(
     )
     try:
         yield running
-        assert _stop(proc) == 0, running.log_file.read_text()[-3000:]
+        assert stop(proc) == 0, running.log_file.read_text()[-3000:]
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -463,7 +443,7 @@ async def test_token_review_needs_the_auth_delegator_binding(
         loaded = [r for r in daemon.log_records() if r.get("msg") == "loaded service-account keys"]
         assert loaded, daemon.log_file.read_text()[-2000:]
     finally:
-        assert _stop(proc) == 0
+        assert stop(proc) == 0
 
     # The shipped RBAC: may create TokenReviews (and nothing like reading pods).
     sa = "system:serviceaccount:knative-serving:freeze-tokenreview"
@@ -608,7 +588,7 @@ async def test_thaw_survives_an_api_server_outage_freeze_does_not(
         assert await thawed_and_ticking(pod)
     finally:
         forwarder.close()
-        assert _stop(proc) == 0, daemon.log_file.read_text()[-3000:]
+        assert stop(proc) == 0, daemon.log_file.read_text()[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -671,4 +651,4 @@ async def test_es384_tokens_of_a_real_api_server_are_accepted(
         loaded = [r for r in daemon.log_records() if r.get("msg") == "loaded service-account keys"]
         assert loaded and "ES384" in json.dumps(loaded[-1]["algorithms"]), loaded
     finally:
-        assert _stop(proc) == 0, daemon.log_file.read_text()[-3000:]
+        assert stop(proc) == 0, daemon.log_file.read_text()[-3000:]

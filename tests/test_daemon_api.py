@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from daemon.api import make_app
 from daemon.auth import AuthUnavailable, JwtVerifier, KeyCache, KeyDocument, PodTokenAuthenticator
 from daemon.claims import Identity
 from daemon.runtimes import NEVER_FROZEN, ContainerNotFound, RuntimeFailure
-from testbed.processes import free_port
+from testbed.processes import free_port, wait_listening
 from testbed.tokens import DEFAULT_ISSUER, SigningKey, jwks, mint_token, new_rsa_key, write_jwks
 
 POD_A: dict[str, Any] = {
@@ -538,17 +537,7 @@ def daemon_process(tmp_path: Path, key: SigningKey) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"daemon exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("daemon did not listen within 20 s")
-                time.sleep(0.05)
+        wait_listening(proc, "127.0.0.1", port, "freeze-daemon")
         yield url
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0

@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import pytest
 
 from testbed.containerd import Containerd
 from testbed.pods import MakePod, Pod
-from testbed.processes import free_port
+from testbed.processes import free_port, wait_listening
 from testbed.tokens import DEFAULT_ISSUER, SigningKey, mint_token, new_rsa_key, write_jwks
 from tests.pod_checks import USER, eventually, log_grows, log_is_quiet
 
@@ -64,18 +63,7 @@ def daemon_url(
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                pytest.fail(f"daemon exited: {err}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("daemon did not listen within 20 s")
-                time.sleep(0.05)
+        wait_listening(proc, "127.0.0.1", port, "freeze-daemon")
         yield f"http://127.0.0.1:{port}"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from testbed.processes import free_port
+from testbed.processes import free_port, stop, wait_listening
 from testbed.tokens import DEFAULT_ISSUER, SigningKey, mint_token, new_rsa_key, write_jwks
 from tests.pod_checks import eventually
 
@@ -81,30 +79,16 @@ def start_daemon(
             stdout=log,
             stderr=log,
         )  # fmt: skip
-    deadline = time.monotonic() + 20
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"daemon exited {proc.returncode}: {log_file.read_text()[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("daemon did not listen within 20 s")
-            time.sleep(0.05)
+    try:
+        wait_listening(proc, "127.0.0.1", port, "freeze-daemon", log_file)
+    except RuntimeError:
+        stop(proc)
+        raise
     return Daemon(proc, port, log_file)
 
 
 def stop_daemon(daemon: Daemon) -> int:
-    if daemon.proc.poll() is None:
-        daemon.proc.send_signal(signal.SIGTERM)
-        try:
-            daemon.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            daemon.proc.kill()
-            daemon.proc.wait()
-    return daemon.proc.returncode
+    return stop(daemon.proc)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import pytest
 
 from freeze_proxy.__main__ import parse_args
 from freeze_proxy.addresses import bind_host, host_port
+from testbed.processes import stop, wait_listening
 from testbed.tokens import DEFAULT_ISSUER, mint_token, new_rsa_key, write_jwks
 from tests.proxy_harness import free_port
 from tests.test_no_daemon import app_site, real_proxy
@@ -72,24 +72,10 @@ def real_daemon(tmp_path: Path, listen: str, port: int) -> Iterator[subprocess.P
             stderr=log,
         )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
-            try:
-                with socket.create_connection(("::1", port), timeout=0.2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the daemon did not listen within 20 s"
-                time.sleep(0.05)
+        wait_listening(proc, "::1", port, "freeze-daemon", tmp_path / "daemon.log")
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
 
 
 async def get_json(url: str) -> tuple[int, dict[str, Any]]:

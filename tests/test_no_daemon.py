@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
+from testbed.processes import stop, wait_listening
 from tests.proxy_harness import free_port, start_site
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,24 +102,10 @@ async def real_proxy(
     shown = bracketed(connect)
     proxy = RealProxy(f"http://{shown}:{port}", f"http://{shown}:{health}/healthz", proc, log_file)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert proc.poll() is None, log_file.read_text()
-            try:
-                with socket.create_connection((connect, health), timeout=0.2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the proxy did not listen within 20 s"
-                await asyncio.sleep(0.02)
+        await asyncio.to_thread(wait_listening, proc, connect, health, "freeze-proxy", log_file)
         yield proxy
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
 
 
 async def hello(request: web.Request) -> web.Response:
