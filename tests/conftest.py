@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
 
 from testbed.containerd import Containerd, missing_prerequisites
 from testbed.pods import ContainerSpec, MakePod, Pod, PodClient, sleeper, ticker
+from tests.proxy_harness import Harness, start_harness
 
 # The real control plane (etcd + kube-apiserver) and the Go-built binaries' fixtures.
 pytest_plugins = ["tests.apiserver_fixtures"]
@@ -49,3 +51,13 @@ async def make_pod(containerd: Containerd) -> AsyncIterator[MakePod]:
 
     yield make
     await client.close()
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    """The in-process proxy in front of a real app, with the app frozen once it idled."""
+    h = await start_harness(tmp_path)
+    await h.wait_for(lambda: h.daemon.frozen)
+    yield h
+    await h.close()
+    assert h.app.violations == [], "the app received work while frozen"

@@ -20,6 +20,15 @@ async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> bool:
     return True
 
 
+async def until(predicate: Callable[[], bool], what: str, limit: float = 10.0) -> None:
+    """Return once ``predicate()`` holds; fail the test naming ``what`` after ``limit`` s."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} within {limit} s")
+        await asyncio.sleep(0.01)
+
+
 async def log_is_quiet(pod: Pod, seconds: float = 0.6) -> bool:
     """No new line for ``seconds`` (the ticker logs every 150 ms while it runs)."""
     await asyncio.sleep(0.1)

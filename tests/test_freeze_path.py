@@ -9,8 +9,7 @@ import asyncio
 import contextlib
 import os
 import signal
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +18,7 @@ import pytest
 from testbed.containerd import Containerd
 from testbed.pods import Pod
 from testbed.stack import Stack, stack
+from tests.pod_checks import until
 
 pytestmark = pytest.mark.containerd
 APP = "user-container"
@@ -26,14 +26,6 @@ APP = "user-container"
 
 def ticks(pod: Pod) -> int:
     return sum(1 for line in pod.log_lines(APP) if line.startswith("tick"))
-
-
-async def until(predicate: Callable[[], bool], what: str, limit: float = 10.0) -> None:
-    deadline = time.monotonic() + limit
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} within {limit} s")
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager

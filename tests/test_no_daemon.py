@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,14 +28,6 @@ from testbed.processes import stop, wait_listening
 from tests.proxy_harness import free_port, start_site
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-async def until(predicate: Callable[[], bool], what: str, limit: float = 10.0) -> None:
-    deadline = time.monotonic() + limit
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} within {limit} s")
-        await asyncio.sleep(0.01)
 
 
 @dataclass

@@ -8,24 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from freeze_proxy.daemon_client import TokenFile
 from freeze_proxy.http1 import HOP_BY_HOP
 from tests.proxy_harness import Harness, free_port, start_harness, start_site
-
-
-@pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    h = await start_harness(tmp_path)
-    await h.wait_for(lambda: h.daemon.frozen)
-    yield h
-    await h.close()
-    assert h.app.violations == [], "the app received work while frozen"
 
 
 async def test_idle_app_is_frozen_and_a_request_wakes_it_first(harness: Harness) -> None:

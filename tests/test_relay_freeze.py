@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from freeze_proxy.app import FreezeProxy
 from freeze_proxy.gate import Gate
 from freeze_proxy.marker import FrozenMarker
 from tests.proxy_harness import Harness, start_harness
-
-
-@pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    h = await start_harness(tmp_path)
-    await h.wait_for(lambda: h.daemon.frozen)
-    yield h
-    await h.close()
-    assert h.app.violations == [], "the app received work while frozen"
 
 
 async def test_no_connection_to_the_app_is_reused_across_a_freeze(harness: Harness) -> None:
