@@ -126,20 +126,22 @@ def bench_app(port: int) -> list[str]:
     return [sys.executable, "-m", "bench.app", "--port", str(port)]
 
 
-def proxy_python(fast: bool = False) -> str:
-    """An interpreter that sees what the proxy image's clean venv has: the repo only, or (with
-    ``fast``) also uvloop, as ``pip install freeze-proxy[fast]`` would.
+def proxy_python(fast: bool = False, root: Path = REPO) -> str:
+    """An interpreter that sees what the proxy image's clean venv has: the code at ``root`` (the
+    repo, or a ``before_tree``) only, or (with ``fast``) also uvloop, as ``pip install
+    freeze-proxy[fast]`` would.
 
     This machine's own site-packages runs .pth start-up hooks (a CA injector importing certifi,
     setuptools' distutils shim) in every Python process, memory a pod never pays; a venv without
     system site-packages runs none of them.
     """
-    venv = GO_CACHE / ("bench-venv-fast" if fast else "bench-venv")
+    name = "bench-venv-fast" if fast else "bench-venv"
+    venv = GO_CACHE / (name if root == REPO else f"{name}-before")
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    paths = [str(REPO)]
+    paths = [str(root)]
     if fast:
         import uvloop
 

@@ -76,16 +76,23 @@ def test_quick_row(row: str, tmp_path: Path) -> None:
 
 def test_the_before_variant_runs_the_old_code() -> None:
     """``--before REF`` must import freeze_proxy from REF's checkout: run from the repo, ``python
-    -m`` would put the current code first on sys.path and compare a commit with itself."""
-    from bench.common import before_env, before_tree
+    -m`` would put the current code first on sys.path and compare a commit with itself. And it
+    must run as the current code does, in the image's interpreter: this machine's own Python
+    has uvloop, which the proxy then uses, so "before" would be the uvloop variant."""
+    from bench.common import before_env, before_tree, proxy_python
 
     tree = before_tree("HEAD")
-    found = subprocess.run(
-        [sys.executable, "-c", "import freeze_proxy; print(freeze_proxy.__file__)"],
+    probe = (
+        "import importlib.util, freeze_proxy; "
+        "print(freeze_proxy.__file__); print(importlib.util.find_spec('uvloop') is not None)"
+    )
+    found, has_uvloop = subprocess.run(
+        [proxy_python(root=tree), "-c", probe],
         env={**os.environ, **before_env(tree)},
         cwd=tree,
         capture_output=True,
         text=True,
         check=True,
-    ).stdout.strip()
+    ).stdout.split()
     assert Path(found).resolve().is_relative_to(tree.resolve()), found
+    assert has_uvloop == "False", "the before variant can load uvloop; the current one cannot"
