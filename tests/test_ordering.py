@@ -25,9 +25,10 @@ from daemon.auth import Authenticator, JwtVerifier, KeyCache, PodTokenAuthentica
 from daemon.claims import Identity
 from daemon.ordering import CallOrder, parse_sequence
 from testbed.tokens import DEFAULT_ISSUER, SigningKey, mint_token, new_rsa_key
+from tests.pod_checks import until
 from tests.proxy_harness import free_port, start_site
 from tests.test_daemon_api import POD_A, POD_B, FakeRuntime, StaticKeys
-from tests.test_no_daemon import real_proxy, until
+from tests.test_no_daemon import real_proxy
 
 UID = "pod-1"
 
