@@ -10,7 +10,8 @@ an ``flock`` makes a second engine on the same data root wait.
 the shims, unmounts whatever is left under its directories, removes the exec root and the
 volatile parts of the data root, its cgroups, and what dockerd writes outside its directories:
 ``/run/docker`` and ``/run/containerd`` (if they did not exist before) and ``/etc/docker/key.json``
-(restored to what was there). Blocking calls throughout: this is test setup.
+(restored to what was there). Untagged (superseded) images are pruned first. Blocking calls
+throughout: this is test setup.
 
 The images' base: ``base_image()`` imports the cached Debian bookworm rootfs of
 ``testbed.rootfs.BUILD_BASE_PACKAGES`` (``python``, ``venv``, CA certificates) as a local stand-in
@@ -310,6 +311,9 @@ class Dockerd:
                 ids = self.run("ps", "-aq", timeout=30).stdout.split()
                 if ids:
                     self.run("rm", "-f", "-v", *ids, timeout=60)
+                # Images a rebuild untagged (and their build-cache layers): the cache stays the
+                # size of what is tagged instead of growing with every change.
+                self.run("image", "prune", "-f", timeout=120)
             except (DockerError, subprocess.TimeoutExpired) as err:
                 errors.append(f"removing containers: {err}")
         if self.proc is not None:
