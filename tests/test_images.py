@@ -9,18 +9,24 @@ warm run rebuilds nothing that did not change.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from testbed import rootfs
+from testbed.containerd import Containerd
 from testbed.docker import Dockerd, DockerError, missing_prerequisites
+from testbed.oci import import_image
+from testbed.pods import ContainerSpec, MakePod
 from testbed.processes import free_port
 from tests.conftest import _unavailable
 
@@ -165,3 +171,66 @@ def test_sleeptalker_answers_on_its_port(built: Built) -> None:
             built.engine.run("rm", "-f", name, timeout=30)
         except DockerError as err:
             pytest.fail(f"could not remove {name}: {err}")
+
+
+@pytest.mark.containerd
+async def test_the_proxy_image_runs_as_a_pod_on_containerd(
+    built: Built, make_pod: MakePod, containerd: Containerd, tmp_path: Path
+) -> None:
+    """What a node does with the image: `docker save` → `ctr images import` into the test bed's
+    containerd, then a pod through CRI (host network) that relays a request to an app."""
+    tar = tmp_path / "freeze-proxy.tar"
+    built.engine.run("save", "-o", str(tar), built.refs["proxy"], timeout=300)
+    import_image(containerd.socket, tar, containerd.namespace)
+    app = ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    thread = threading.Thread(target=app.serve_forever, daemon=True)
+    thread.start()
+    listen, health = free_port(), free_port()
+    try:
+        spec = ContainerSpec(
+            "freeze-proxy",
+            image=built.refs["proxy"],
+            args=[
+                "--listen", f"127.0.0.1:{listen}", "--health-listen", f"127.0.0.1:{health}",
+                "--upstream", f"http://127.0.0.1:{app.server_address[1]}", "--no-freeze",
+            ],
+        )  # fmt: skip
+        pod = await make_pod(extra=[spec])
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                reply = await asyncio.to_thread(_get, listen)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"the proxy pod did not answer: {pod.log_path('freeze-proxy')}"
+                    ) from None
+                await asyncio.sleep(0.1)
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+        assert reply.endswith(b"hello from the app"), reply[-200:]
+    finally:
+        app.shutdown()
+        app.server_close()
+
+
+class _Hello(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"hello from the app"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def _get(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        conn.settimeout(10)
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    return reply
