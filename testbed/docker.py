@@ -10,7 +10,7 @@ an ``flock`` makes a second engine on the same data root wait.
 the shims, unmounts whatever is left under its directories, removes the exec root and the
 volatile parts of the data root, its cgroups, and what dockerd writes outside its directories:
 ``/run/docker`` and ``/run/containerd`` (if they did not exist before) and ``/etc/docker/key.json``
-(restored to what was there). Untagged (superseded) images are pruned first. Blocking calls
+(restored to what was there). Untagged images older than a week are pruned first. Blocking calls
 throughout: this is test setup.
 
 The images' base: ``base_image()`` imports the cached Debian bookworm rootfs of
@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -311,9 +312,10 @@ class Dockerd:
                 ids = self.run("ps", "-aq", timeout=30).stdout.split()
                 if ids:
                     self.run("rm", "-f", "-v", *ids, timeout=60)
-                # Images a rebuild untagged (and their build-cache layers): the cache stays the
-                # size of what is tagged instead of growing with every change.
-                self.run("image", "prune", "-f", timeout=120)
+                # Untagged images older than a week: what rebuilds superseded, so the cache does
+                # not grow forever. Not younger ones: a build stage's last layer is untagged too,
+                # and pruning it would drop that stage's whole build cache (a cold rebuild).
+                self.run("image", "prune", "-f", "--filter", "until=168h", timeout=120)
             except (DockerError, subprocess.TimeoutExpired) as err:
                 errors.append(f"removing containers: {err}")
         if self.proc is not None:
@@ -427,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m testbed.docker",
         description="Start a private dockerd, import the images' local base, print how to use "
-        "it; Ctrl-C (or without --keep: at once) stops it and cleans up.",
+        "it; Ctrl-C or SIGTERM (without --keep: at once) stops it and cleans up.",
     )
     parser.add_argument("--keep", action="store_true", help="keep it running until Ctrl-C")
     args = parser.parse_args(argv)
@@ -438,8 +440,11 @@ def main(argv: list[str] | None = None) -> int:
                 json.dumps({"DOCKER_HOST": engine.host, "DOCKER": engine.cli, "PYTHON_IMAGE": base})
             )
             if args.keep:
-                with contextlib.suppress(KeyboardInterrupt):
-                    signal.pause()
+                stop = threading.Event()
+                for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT is ignored in `cmd &`
+                    signal.signal(signum, lambda *_: stop.set())
+                while not stop.wait(1):
+                    pass
     except (DockerError, rootfs.RootfsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
