@@ -2,7 +2,7 @@
 # everything they need themselves (apt packages, the Python package, Go-built test binaries).
 PYTHON ?= python3
 APT_PACKAGES := containerd runc busybox-static wrk containernetworking-plugins debootstrap \
-	apache2-utils curl
+	apache2-utils curl docker.io
 PIP_EXTRAS := fast,daemon,webhook,test
 STAMP := .setup.stamp
 
@@ -50,10 +50,11 @@ check-protos:
 k8s-bins:
 	scripts/build_k8s.sh
 
-# The Debian root filesystem (python3 + aiohttp) of the sleeptalker image, cached by key outside
+# The Debian root filesystems (sleeptalker's: python3 + aiohttp; the images' Python base), cached by key outside
 # the repo: built before the tests so no test's time limit has to cover debootstrap.
 rootfs: setup
 	$(PYTHON) -m testbed.rootfs
+	$(PYTHON) -m testbed.rootfs --images-base
 
 bench: setup
 	$(PYTHON) -m bench.run $(ARGS)

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "BUILD_BASE_PACKAGES",
     "DEFAULT_CACHE_ROOT",
     "PACKAGES",
     "ROOTFS_VERSION",
@@ -59,6 +60,15 @@ ROOTFS_VERSION = 1
 SUITE = "bookworm"
 VARIANT = "minbase"
 PACKAGES: tuple[str, ...] = ("python3", "python3-aiohttp")
+#: The second variant: a local stand-in for ``python:3.11-slim-bookworm`` as the Dockerfiles' base
+#: (``PYTHON_IMAGE``; testbed/docker.py imports it). ``python`` on PATH, ``python -m venv`` with its
+#: bundled pip, CA certificates; no aiohttp (the proxy image must not contain it).
+BUILD_BASE_PACKAGES: tuple[str, ...] = (
+    "python3",
+    "python3-venv",
+    "python-is-python3",
+    "ca-certificates",
+)
 DEFAULT_CACHE_ROOT = Path("/var/cache/freeze-proxy")
 FALLBACK_MIRROR = "http://deb.debian.org/debian"
 
@@ -296,11 +306,13 @@ def _chroot_python(root: Path, code: str, timeout: float = 60) -> str:
     return proc.stdout.strip()
 
 
-def _build(target: Path, mirror: str, log_path: Path, lock_fd: int) -> None:
+def _build(
+    target: Path, mirror: str, log_path: Path, lock_fd: int, packages: tuple[str, ...]
+) -> None:
     cmd = [
         "debootstrap",
         f"--variant={VARIANT}",
-        f"--include={','.join(PACKAGES)}",
+        f"--include={','.join(packages)}",
         SUITE,
         str(target),
         mirror,
@@ -339,7 +351,9 @@ def _make_tar(root: Path, tar_path: Path) -> None:
     )
 
 
-def _build_entry(entry: Path, cache_dir: Path, key: str, lock_fd: int) -> None:
+def _build_entry(
+    entry: Path, cache_dir: Path, key: str, lock_fd: int, packages: tuple[str, ...]
+) -> None:
     if os.geteuid() != 0:
         raise RootfsError("building the rootfs needs root (debootstrap, chroot)")
     if shutil.which("debootstrap") is None:
@@ -351,12 +365,18 @@ def _build_entry(entry: Path, cache_dir: Path, key: str, lock_fd: int) -> None:
         tmp.chmod(0o755)
         root = tmp / "rootfs"
         root.mkdir()
-        _build(root, mirror, tmp / "build.log", lock_fd)
+        _build(root, mirror, tmp / "build.log", lock_fd, packages)
         debootstrap_seconds = time.monotonic() - started
         size_before = _du_bytes(root)
         _slim(root)
         python_version = _chroot_python(root, "import sys; print(sys.version.split()[0])")
-        aiohttp_version = _chroot_python(root, "import aiohttp; print(aiohttp.__version__)")
+        aiohttp_version = (
+            _chroot_python(root, "import aiohttp; print(aiohttp.__version__)")
+            if "python3-aiohttp" in packages
+            else None
+        )
+        if "python3-venv" in packages:
+            _chroot_python(root, "import ensurepip, venv")
         size_after = _du_bytes(root)
         _make_tar(root, tmp / "rootfs.tar")
         meta: dict[str, Any] = {
@@ -364,7 +384,7 @@ def _build_entry(entry: Path, cache_dir: Path, key: str, lock_fd: int) -> None:
             "rootfs_version": ROOTFS_VERSION,
             "suite": SUITE,
             "variant": VARIANT,
-            "packages": list(PACKAGES),
+            "packages": list(packages),
             "arch": _arch(),
             "mirror": mirror,
             "python_version": python_version,
@@ -398,21 +418,23 @@ def _complete(entry: Path) -> bool:
     return (entry / "meta.json").is_file() and (entry / "rootfs/usr/bin/python3").exists()
 
 
-def _entry(cache_dir: Path | None) -> tuple[Path, str]:
+def _entry(cache_dir: Path | None, packages: tuple[str, ...]) -> tuple[Path, str]:
     base = cache_dir if cache_dir is not None else cache_root() / "rootfs"
-    key = cache_key()
+    key = cache_key(packages=packages)
     return base / key, key
 
 
-def python_rootfs(cache_dir: Path | None = None) -> Path:
+def python_rootfs(cache_dir: Path | None = None, packages: tuple[str, ...] = PACKAGES) -> Path:
     """Return the extracted Debian bookworm rootfs (python3 + python3-aiohttp), building it once.
 
     ``cache_dir`` holds the keyed entries (default ``$FREEZE_CACHE_DIR/rootfs``, i.e.
     ``/var/cache/freeze-proxy/rootfs``). The returned directory is ``<cache_dir>/<key>/rootfs``;
     ``rootfs_tar()`` / ``rootfs_meta()`` give its tar and metadata. Treat it as read-only: it is
     shared by every caller. Raises ``RootfsError`` if it is missing and cannot be built here.
+    ``packages`` picks the variant (``PACKAGES``, or ``BUILD_BASE_PACKAGES`` for the images' base);
+    each has its own key.
     """
-    entry, key = _entry(cache_dir)
+    entry, key = _entry(cache_dir, packages)
     if _complete(entry):
         return entry / "rootfs"
     entry.parent.mkdir(parents=True, exist_ok=True)
@@ -424,13 +446,13 @@ def python_rootfs(cache_dir: Path | None = None) -> Path:
             _safe_rmtree(entry)
         for stale in entry.parent.glob(f".tmp-{key}-*"):
             _safe_rmtree(stale)
-        _build_entry(entry, entry.parent, key, lock_fd)
+        _build_entry(entry, entry.parent, key, lock_fd, packages)
     return entry / "rootfs"
 
 
-def rootfs_tar(cache_dir: Path | None = None) -> Path:
+def rootfs_tar(cache_dir: Path | None = None, packages: tuple[str, ...] = PACKAGES) -> Path:
     """The rootfs as an uncompressed tar (building it if needed)."""
-    return python_rootfs(cache_dir).parent / "rootfs.tar"
+    return python_rootfs(cache_dir, packages).parent / "rootfs.tar"
 
 
 def rootfs_meta(cache_dir: Path | None = None) -> dict[str, Any]:
@@ -453,10 +475,17 @@ def main(argv: list[str] | None = None) -> int:
         "/var/cache/freeze-proxy/rootfs)",
     )
     parser.add_argument("--tar", action="store_true", help="print the rootfs.tar path instead")
+    parser.add_argument(
+        "--images-base",
+        action="store_true",
+        help="the images' local base variant (python3, python3-venv, python-is-python3, "
+        "ca-certificates) instead of the sleeptalker rootfs",
+    )
     parser.add_argument("--info", action="store_true", help="also print meta.json to stderr")
     args = parser.parse_args(argv)
     try:
-        root = python_rootfs(args.cache_dir)
+        packages = BUILD_BASE_PACKAGES if args.images_base else PACKAGES
+        root = python_rootfs(args.cache_dir, packages)
     except RootfsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -294,3 +294,20 @@ def test_config_images_are_what_the_script_builds() -> None:
     for name in ("freeze-proxy", "freeze-daemon", "freeze-webhook", "sleeptalker"):
         assert f'image="{name}"' in text
         assert f"ghcr.io/freeze-proxy/{name}:latest" in config_text
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=IDS)
+def test_a_local_wheelhouse_replaces_the_index(image: Image) -> None:
+    """README, "Images": wheels in the context's wheelhouse/ are installed with --no-index, so a
+    build needs no index (offline, or behind a TLS-intercepting proxy); without any, the index."""
+    instructions = load(image)
+    copies = [i for i in instructions if i.keyword == "COPY" and i.words()[0] == "wheelhouse"]
+    assert copies and copies[0].words() == ["wheelhouse", "/wheelhouse"]
+    (install,) = [i for i in instructions if i.keyword == "RUN" and "pip install" in i.args]
+    assert install.args.startswith(
+        "if ls /wheelhouse/*.whl >/dev/null 2>&1; then export PIP_NO_INDEX=1 "
+        "PIP_FIND_LINKS=/wheelhouse; fi && "
+    ), install.args
+    assert instructions.index(copies[0]) < instructions.index(install)
+    ignore = ROOT / image.context / "wheelhouse/.gitignore"
+    assert ignore.read_text().splitlines()[-2:] == ["*", "!.gitignore"], "wheels stay uncommitted"
