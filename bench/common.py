@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -94,8 +95,10 @@ def process(
         stop(proc)
 
 
-def before_tree(ref: str) -> Path:
-    """A checkout of ``ref`` (a git worktree under /tmp) to run the code as it was.
+@contextmanager
+def before_tree(ref: str) -> Iterator[Path]:
+    """A checkout of ``ref`` (a git worktree under /tmp) to run the code as it was; removed, with
+    its worktree entry, at exit.
 
     Run its programs with ``cwd`` and ``PYTHONPATH`` both set to it (``before_env``): ``python
     -m`` puts the working directory first on ``sys.path``, so from the repo it would run the
@@ -107,14 +110,21 @@ def before_tree(ref: str) -> Path:
         capture_output=True,
         text=True,
     ).stdout.strip()
-    tree = Path(f"/tmp/freeze-proxy-before-{sha}")
-    if not tree.exists():
+    tree = Path(tempfile.mkdtemp(prefix=f"freeze-proxy-before-{sha}-"))
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(tree), sha],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield tree
+    finally:
         subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(tree), sha],
-            check=True,
+            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
+            check=False,
             capture_output=True,
         )
-    return tree
+        shutil.rmtree(tree, ignore_errors=True)
 
 
 def before_env(tree: Path) -> dict[str, str]:

@@ -83,21 +83,23 @@ async def _proxy_rows(table: Table, load_seconds: float) -> None:
 
 def _daemon_row(table: Table) -> None:
     daemon_port = free_port()
-    jwks = write_jwks(Path(tempfile.mkdtemp(prefix="freeze-bench-")) / "jwks.json", new_rsa_key())
-    with process(
-        [
-            sys.executable,
-            "-m",
-            "daemon",
-            f"--listen=127.0.0.1:{daemon_port}",
-            "--no-token-review",
-            f"--jwks-file={jwks}",
-            "--issuer=https://bench.invalid",
-            "--containerd-socket=/nonexistent.sock",
-            "--log-level=warning",
-        ],
-        daemon_port,
-    ) as daemon:
+    with (
+        tempfile.TemporaryDirectory(prefix="freeze-bench-") as keys,
+        process(
+            [
+                sys.executable,
+                "-m",
+                "daemon",
+                f"--listen=127.0.0.1:{daemon_port}",
+                "--no-token-review",
+                f"--jwks-file={write_jwks(Path(keys) / 'jwks.json', new_rsa_key())}",
+                "--issuer=https://bench.invalid",
+                "--containerd-socket=/nonexistent.sock",
+                "--log-level=warning",
+            ],
+            daemon_port,
+        ) as daemon,
+    ):
         time.sleep(0.3)
         table.add_row("footprint", "freeze-daemon idle", memory_mib(daemon.pid))
 

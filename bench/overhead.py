@@ -52,7 +52,7 @@ def run(table: Table, quick: bool = False) -> None:
         )
         if before_ref:
             port = ports[f"freeze-proxy@{before_ref}"] = free_port()
-            tree = before_tree(before_ref)
+            tree = stack.enter_context(before_tree(before_ref))
             cmd = freeze_proxy_cmd(port, app_port, "--no-freeze", python=proxy_python(root=tree))
             stack.enter_context(process(cmd, port, env=before_env(tree), cwd=tree))
         variants = list(ports)

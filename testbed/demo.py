@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -145,6 +146,14 @@ async def run(args: argparse.Namespace) -> Summary:
     if why:
         raise SystemExit(f"the demo needs a real containerd here, but {why}")
     work = Path(tempfile.mkdtemp(prefix="freeze-demo-"))
+    try:
+        return await _run(args, work)
+    finally:
+        if not (args.keep_logs or args.keep):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+async def _run(args: argparse.Namespace, work: Path) -> Summary:
     summary = Summary(idle_seconds=args.idle)
     done = _progress("starting a private containerd and freeze-daemon (local JWKS, no API server)")
     async with stack(work, keep_work=args.keep_logs) as st:

@@ -81,14 +81,23 @@ def test_the_before_variant_runs_the_old_code() -> None:
     has uvloop, which the proxy then uses, so "before" would be the uvloop variant."""
     from bench.common import before_env, before_tree, proxy_python
 
-    tree = before_tree("HEAD")
+    with before_tree("HEAD") as tree:
+        _check_before_tree(tree, proxy_python(root=tree), before_env(tree))
+    assert not tree.exists(), f"the before checkout {tree} was left behind"
+    worktrees = subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True, check=True
+    ).stdout
+    assert str(tree) not in worktrees, worktrees
+
+
+def _check_before_tree(tree: Path, python: str, env: dict[str, str]) -> None:
     probe = (
         "import importlib.util, freeze_proxy; "
         "print(freeze_proxy.__file__); print(importlib.util.find_spec('uvloop') is not None)"
     )
     found, has_uvloop = subprocess.run(
-        [proxy_python(root=tree), "-c", probe],
-        env={**os.environ, **before_env(tree)},
+        [python, "-c", probe],
+        env={**os.environ, **env},
         cwd=tree,
         capture_output=True,
         text=True,

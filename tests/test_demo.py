@@ -50,6 +50,8 @@ def test_demo_proves_its_point_and_leaves_nothing_behind(
     assert work, proc.stdout[:2000]
     sock = work[0].split(": ", 1)[1].strip()
     assert not Path(sock).exists()
+    demo_dir = next(p for p in Path(sock).parents if p.name.startswith("freeze-demo-"))
+    assert not demo_dir.exists(), f"the demo left {demo_dir} (its logs and a 124 MB image tar)"
     assert shim_pids(sock) == []
     uid = next(
         line.split("pod uid ")[1].split(",")[0]
