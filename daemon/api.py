@@ -26,13 +26,14 @@ from aiohttp import web
 from daemon.auth import Authenticator, AuthUnavailable
 from daemon.claims import Identity, TokenRefused, unverified_claims
 from daemon.limits import Action, Admission, LimitSettings, PodStates
-from daemon.ordering import SEQUENCE_HEADER, CallOrder, parse_sequence
+from daemon.ordering import CallOrder, parse_sequence
 from daemon.runtimes import (
     NEVER_FROZEN,
     ContainerNotFound,
     Runtime,
     RuntimeBackendError,
 )
+from freeze_proxy.contract import SEQUENCE_HEADER
 
 log = logging.getLogger("daemon.api")
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-SEQUENCE_HEADER = "Freeze-Sequence"
+from freeze_proxy.contract import SEQUENCE_HEADER
+
 MAX_SEQUENCE = 2**64 - 1
 
 

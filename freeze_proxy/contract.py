@@ -1,9 +1,11 @@
-"""What freeze-webhook writes into a pod and freeze-proxy reads there: the one place for it.
+"""What freeze-webhook writes into a pod and freeze-proxy reads there, and what freeze-proxy sends
+freeze-daemon: the one place for it.
 
-Ports, paths, environment variable names, flags and defaults the two sides must agree on. The
-webhook builds the sidecar's container from these (webhook/mutation.py), the proxy takes its flag
-defaults from them (freeze_proxy/__main__.py, ``app.Settings``). Stdlib only, no imports at all:
-the proxy image carries freeze_proxy and nothing else.
+Ports, paths, environment variable names, headers, flags and defaults the sides must agree on.
+The webhook builds the sidecar's container from these (webhook/mutation.py), the proxy takes its
+flag defaults from them (freeze_proxy/__main__.py, ``app.Settings``), the daemon reads the
+proxy's headers by these names (daemon/ordering.py). Stdlib only, no imports at all: the proxy
+image carries freeze_proxy and nothing else.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ TOKEN_FILE = f"{TOKEN_DIR}/{TOKEN_NAME}"
 # A directory that survives restarts of the proxy container (an emptyDir) for its state file.
 STATE_DIR = "/var/run/freeze-proxy"
 STATE_FILE = f"{STATE_DIR}/may-be-frozen"
+
+# Each call to the daemon carries the time it was sent (CLOCK_MONOTONIC in ns, shared by every
+# container of a node, so it keeps increasing across proxy restarts): the daemon refuses (409) a
+# call older than one it has already carried out for this pod (daemon/ordering.py).
+SEQUENCE_HEADER = "Freeze-Sequence"
 
 # Environment the webhook sets.
 ENV_HOST_IP = "HOST_IP"

@@ -15,6 +15,7 @@ from typing import Protocol
 from urllib.parse import quote, urlsplit
 
 from freeze_proxy.addresses import host_port
+from freeze_proxy.contract import SEQUENCE_HEADER
 from freeze_proxy.http1 import (
     CHUNKED,
     END_OF_HEAD,
@@ -112,14 +113,6 @@ class TokenFile:
         while True:
             await asyncio.sleep(every)
             await self.refresh()
-
-
-# Each call carries the time it was sent (CLOCK_MONOTONIC, shared by every container of a node,
-# so it keeps increasing across proxy restarts): the daemon refuses (409) a call older than one it
-# has already carried out for this pod, so a pause that arrives late (after its caller timed out
-# and resumed on another connection) cannot freeze an app the proxy believes awake. The daemon
-# reads it in daemon/ordering.py.
-SEQUENCE_HEADER = "Freeze-Sequence"
 
 
 @dataclass
