@@ -22,6 +22,7 @@ import grpc
 
 from daemon._proto import cri_pb2, cri_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
+from .mounts import unmount_under
 from .oci import BUSYBOX_IMAGE_NAME, busybox_image, import_image
 
 NAMESPACE = "k8s.io"
@@ -100,18 +101,6 @@ oom_score = 0
 """
 
 
-def _mounts_under(base: Path) -> list[str]:
-    """Mount points at or below ``base``, deepest first (from /proc/self/mountinfo)."""
-    prefix = str(base)
-    points: list[str] = []
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            point = line.split()[4].replace("\\040", " ")
-            if point == prefix or point.startswith(prefix + "/"):
-                points.append(point)
-    return sorted(set(points), key=len, reverse=True)
-
-
 def shim_pids(address: Path | str) -> list[int]:
     """PIDs of containerd-shim processes serving the containerd at ``address``."""
     needle = str(address).encode()
@@ -141,6 +130,14 @@ def _shared_dirs_in_use() -> bool:
             if comm in ("containerd", "kubelet"):
                 return True
     return False
+
+
+def release_run_containerd() -> None:
+    """Remove /run/containerd's shared dirs if empty and no containerd or kubelet runs."""
+    if not _shared_dirs_in_use():
+        for d in (RUN_CONTAINERD / "fifo", RUN_CONTAINERD / "s", RUN_CONTAINERD):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty
 
 
 def pod_cgroup_dirs(pod_uid: str) -> list[Path]:
@@ -364,18 +361,12 @@ class Containerd:
 
     def _remove_dirs(self) -> list[str]:
         errors: list[str] = []
-        for point in _mounts_under(self.base):
-            proc = subprocess.run(["umount", point], capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+        unmount_under(self.base)
         if self.base.exists():
             shutil.rmtree(self.base, ignore_errors=True)
             if self.base.exists():
                 errors.append(f"could not remove {self.base}")
-        if not _shared_dirs_in_use():
-            for d in (RUN_CONTAINERD / "fifo", RUN_CONTAINERD / "s", RUN_CONTAINERD):
-                with contextlib.suppress(OSError):
-                    d.rmdir()  # only if empty
+        release_run_containerd()
         return errors
 
     def __enter__(self) -> Containerd:

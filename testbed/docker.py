@@ -39,7 +39,8 @@ from pathlib import Path
 from types import TracebackType
 
 from . import rootfs
-from .containerd import CGROUP_ROOT, remove_cgroup_tree, shim_pids
+from .containerd import CGROUP_ROOT, release_run_containerd, remove_cgroup_tree, shim_pids
+from .mounts import unmount_under
 
 #: Bump when the engine's flags or storage layout change: part of the data root's key.
 DOCKER_CACHE_VERSION = 1
@@ -92,18 +93,6 @@ def _dockerd_version(dockerd: str) -> str:
     # "Docker version 20.10.24+dfsg1, build 297e128"
     words = out.stdout.replace(",", " ").split()
     return words[2] if len(words) > 2 else "unknown"
-
-
-def _mounts_under(path: Path) -> list[str]:
-    """Mount points at or below ``path``, deepest first (from /proc/self/mountinfo)."""
-    prefix = str(path)
-    points: list[str] = []
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            point = line.split()[4].replace("\\040", " ")
-            if point == prefix or point.startswith(prefix + "/"):
-                points.append(point)
-    return sorted(set(points), key=len, reverse=True)
 
 
 def _pids_with_arg(needle: str) -> list[int]:
@@ -368,11 +357,7 @@ class Dockerd:
         if not self._had_run_docker:
             watched.append(RUN_DOCKER)
         for top in watched:
-            for point in _mounts_under(top):
-                proc = subprocess.run(["umount", point], capture_output=True, check=False)
-                if proc.returncode != 0:
-                    subprocess.run(["umount", "-l", point], capture_output=True, check=False)
-            left = _mounts_under(top)
+            left = unmount_under(top)
             if left:
                 errors.append(f"still mounted under {top}: {left}")
         if errors:
@@ -382,10 +367,8 @@ class Dockerd:
             shutil.rmtree(self.data_root / name, ignore_errors=True)
         if not self._had_run_docker:
             shutil.rmtree(RUN_DOCKER, ignore_errors=True)
-        if not self._had_run_containerd and not _pids_with_comm("containerd"):
-            for d in (RUN_CONTAINERD / "fifo", RUN_CONTAINERD / "s", RUN_CONTAINERD):
-                with contextlib.suppress(OSError):
-                    d.rmdir()  # only if empty
+        if not self._had_run_containerd:
+            release_run_containerd()
         for path in (self.base, *(() if self._had_run_docker else (RUN_DOCKER,))):
             if path.exists():
                 errors.append(f"could not remove {path}")
@@ -411,18 +394,6 @@ class Dockerd:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def _pids_with_comm(comm: str) -> list[int]:
-    found: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() == comm:
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .mounts import mounts_under, unmount_under
+
 __all__ = [
     "BUILD_BASE_PACKAGES",
     "DEFAULT_CACHE_ROOT",
@@ -206,33 +208,12 @@ def debian_mirror(suite: str = SUITE, apt_dir: Path = Path("/etc/apt")) -> str:
 # --- mounts left behind by a crashed debootstrap ---------------------------------------------
 
 
-def _mounts_under(path: Path) -> list[str]:
-    """Mount points at or below ``path`` (deepest first), from /proc/self/mountinfo."""
-    prefix = str(path.resolve())
-    found: list[str] = []
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 5:
-            continue
-        # Octal escapes (\040 for space) in mount points.
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-        if point == prefix or point.startswith(prefix + "/"):
-            found.append(point)
-    return sorted(found, key=len, reverse=True)
-
-
 def _safe_rmtree(path: Path) -> None:
     """Remove a (possibly half-built) tree; first unmount whatever debootstrap left mounted in
     it (it bind-mounts host /dev nodes inside containers, and mounts /proc and /sys)."""
     if not path.exists() and not path.is_symlink():
         return
-    for point in _mounts_under(path):
-        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
-    left = _mounts_under(path)
+    left = unmount_under(path)
     if left:
         raise RootfsError(f"refusing to delete {path}: still mounted: {left}")
     shutil.rmtree(path)
@@ -338,7 +319,7 @@ def _build(
         if inner.is_file():
             tail += "\n--- debootstrap.log ---\n" + inner.read_text(errors="replace")[-3000:]
         raise RootfsError(f"debootstrap failed ({proc.returncode}):\n{tail}")
-    leftover = _mounts_under(target)
+    leftover = mounts_under(target)
     if leftover:
         raise RootfsError(f"debootstrap left mounts in {target}: {leftover}")
 

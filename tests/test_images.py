@@ -150,12 +150,7 @@ def test_sleeptalker_answers_on_its_port(built: Built) -> None:
         deadline = time.monotonic() + 30
         while True:
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
-                    conn.sendall(b"GET /?sleep=0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    conn.settimeout(10)
-                    reply = b""
-                    while chunk := conn.recv(65536):
-                        reply += chunk
+                reply = _get(port, b"/?sleep=0")
                 break
             except OSError:
                 if time.monotonic() > deadline:
@@ -226,9 +221,10 @@ class _Hello(BaseHTTPRequestHandler):
         pass
 
 
-def _get(port: int) -> bytes:
+def _get(port: int, path: bytes = b"/") -> bytes:
+    """The whole answer to one ``GET path`` on 127.0.0.1:``port`` (the server closes after it)."""
     with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
-        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        conn.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path)
         conn.settimeout(10)
         reply = b""
         while chunk := conn.recv(65536):
