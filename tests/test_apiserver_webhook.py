@@ -48,7 +48,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from testbed.apiserver import ApiServer, die_with_parent
+from testbed.apiserver import ApiServer, die_with_parent_argv
 from testbed.processes import free_port
 from tests.knative_pods import knative_pod, queue_proxy, user_container
 from tests.test_mutation import apply_patch
@@ -253,7 +253,9 @@ class Webhook:
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None
         with self.log_file.open("ab") as log:
-            self.proc = subprocess.Popen(
+            # Not a preexec_fn: a fork() beside the test process's gRPC channels can abort the
+            # child (die_with_parent_argv says why).
+            argv, preexec = die_with_parent_argv(
                 [
                     sys.executable, "-m", "webhook",
                     "--kubeconfig", str(self.kubeconfig),
@@ -263,13 +265,16 @@ class Webhook:
                     "--drain-delay", "0.5s",
                     "--config-refresh", "0.2s",
                     *self.args,
-                ],
+                ]
+            )  # fmt: skip
+            self.proc = subprocess.Popen(
+                argv,
                 cwd=ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
-                preexec_fn=die_with_parent,
-            )  # fmt: skip
+                preexec_fn=preexec,
+            )
 
     def stop(self) -> int:
         """SIGTERM, as kubelet does; the exit code."""
