@@ -20,21 +20,30 @@
 set -euo pipefail
 
 # ---- pinned versions: the one place to change them -------------------------------------
-K8S_VERSION=v1.37.2              # k8s.io/kubernetes (kube-apiserver, kubectl)
+K8S_VERSION=v1.37.2              # k8s.io/kubernetes (kube-apiserver, kubectl, kubelet, kube-proxy,
+                                 #  kube-controller-manager, kube-scheduler)
 ETCD_VERSION=v3.6.8              # go.etcd.io/etcd/server/v3 (the etcd binary's main package)
 KNATIVE_SERVING_VERSION=v0.50.0  # knative.dev/serving (cmd/queue = queue-proxy); v0.51.0's
                                  # knative.dev/pkg pseudo-version is refused by the module proxy
+                                 # (also controller, webhook, activator, autoscaler)
+COREDNS_VERSION=v1.15.0          # github.com/coredns/coredns (the cluster DNS Knative needs)
 # -----------------------------------------------------------------------------------------
 
 CACHE_DIR=${FREEZE_CACHE_DIR:-/var/cache/freeze-proxy}
 BIN_DIR=$CACHE_DIR/bin
-ALL_NAMES=(kube-apiserver kubectl etcd queue-proxy)
+# The control-plane fixture's binaries, then the real node's (kubelet and friends, CoreDNS,
+# Knative Serving's components). `--paths` and a bare run cover all of them.
+ALL_NAMES=(kube-apiserver kubectl etcd queue-proxy
+    kubelet kube-controller-manager kube-scheduler kube-proxy coredns
+    knative-controller knative-webhook knative-activator knative-autoscaler)
 
 version_of() {
     case $1 in
-        kube-apiserver | kubectl) echo "$K8S_VERSION" ;;
+        kube-apiserver | kubectl | kubelet | kube-controller-manager | kube-scheduler | kube-proxy)
+            echo "$K8S_VERSION" ;;
         etcd) echo "$ETCD_VERSION" ;;
-        queue-proxy) echo "$KNATIVE_SERVING_VERSION" ;;
+        queue-proxy | knative-*) echo "$KNATIVE_SERVING_VERSION" ;;
+        coredns) echo "$COREDNS_VERSION" ;;
         *) echo "build_k8s.sh: unknown binary '$1' (known: ${ALL_NAMES[*]})" >&2; return 2 ;;
     esac
 }
@@ -80,7 +89,10 @@ log() { echo "build_k8s.sh: $*" >&2; }
 #   rule "same": sibling modules carry the same version as MODULE.
 make_wrapper() {
     local mod=$1 ver=$2 rule=$3; shift 3
-    local dir=$CACHE_DIR/wrap/${mod//\//_}-$ver
+    # Keyed by the tool list too: adding a command must not reuse a go.sum tidied without it.
+    local tools_key
+    tools_key=$(printf '%s\n' "$@" | sha256sum | cut -c1-8)
+    local dir=$CACHE_DIR/wrap/${mod//\//_}-$ver-$tools_key
     if [[ -f $dir/.done ]]; then echo "$dir"; return 0; fi
     rm -rf "$dir"; mkdir -p "$dir"
     local info gomod
@@ -125,7 +137,14 @@ PY
             esac
         done <replaces.txt
         local pkg
-        for pkg in "$@"; do go mod edit -tool="$pkg"; done
+        for pkg in "$@"; do
+            if [[ $pkg == main:* ]]; then
+                # A main package of our own (e.g. CoreDNS's plugin selection), from a file.
+                cp "${pkg#main:}" main.go
+            else
+                go mod edit -tool="$pkg"
+            fi
+        done
         go mod tidy
     ) >&2
     touch "$dir/.done"
@@ -158,10 +177,11 @@ build() {
     exec {lock_fd}>&-
 }
 
-# Version stamping so `kubectl version` / the API server's /version report the release.
+# Version stamping so `kubectl version`, the API server's /version and the node's kubeletVersion
+# report the release.
 ldflags() {
     case $1 in
-        kube-apiserver | kubectl)
+        kube-*| kubectl | kubelet)
             local v=$K8S_VERSION maj min p=k8s.io/component-base/version
             maj=${v#v}; maj=${maj%%.*}
             min=${v#v*.}; min=${min%%.*}
@@ -172,20 +192,31 @@ ldflags() {
     esac
 }
 
-K8S_CMDS=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl)
+# One wrapper module per upstream module serves all of its commands (shared go.sum, shared
+# build cache): adding a name here re-tidies the wrapper once.
+K8S_CMDS=(kube-apiserver kubectl kubelet kube-proxy kube-controller-manager kube-scheduler)
+K8S_PKGS=("${K8S_CMDS[@]/#/k8s.io/kubernetes/cmd/}")
+KNATIVE_CMDS=(queue controller webhook activator autoscaler)
+KNATIVE_PKGS=("${KNATIVE_CMDS[@]/#/knative.dev/serving/cmd/}")
+COREDNS_MAIN=$(cd "$(dirname "$0")" && pwd)/coredns_main.go
 
-# Cheapest first: the fixture needs etcd + kube-apiserver + kubectl; queue-proxy is small.
-for n in etcd queue-proxy kube-apiserver kubectl; do
+# Cheapest first: the control-plane fixture needs etcd + kube-apiserver + kubectl; queue-proxy
+# is small; the real node's binaries come last.
+for n in etcd queue-proxy kube-apiserver kubectl kube-scheduler kube-proxy kubelet \
+    kube-controller-manager coredns knative-controller knative-webhook knative-activator \
+    knative-autoscaler; do
     [[ " ${missing[*]} " == *" $n "* ]] || continue
     case $n in
         etcd) build etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" same \
             go.etcd.io/etcd/server/v3 go.etcd.io/etcd/server/v3 ;;
         queue-proxy) build queue-proxy knative.dev/serving "$KNATIVE_SERVING_VERSION" same \
-            knative.dev/serving/cmd/queue knative.dev/serving/cmd/queue ;;
-        kube-apiserver) build kube-apiserver k8s.io/kubernetes "$K8S_VERSION" k8s \
-            k8s.io/kubernetes/cmd/kube-apiserver "${K8S_CMDS[@]}" ;;
-        kubectl) build kubectl k8s.io/kubernetes "$K8S_VERSION" k8s \
-            k8s.io/kubernetes/cmd/kubectl "${K8S_CMDS[@]}" ;;
+            knative.dev/serving/cmd/queue "${KNATIVE_PKGS[@]}" ;;
+        knative-*) build "$n" knative.dev/serving "$KNATIVE_SERVING_VERSION" same \
+            "knative.dev/serving/cmd/${n#knative-}" "${KNATIVE_PKGS[@]}" ;;
+        coredns) build coredns github.com/coredns/coredns "$COREDNS_VERSION" same \
+            . "main:$COREDNS_MAIN" ;;
+        *) build "$n" k8s.io/kubernetes "$K8S_VERSION" k8s \
+            "k8s.io/kubernetes/cmd/$n" "${K8S_PKGS[@]}" ;;
     esac
 done
 

@@ -17,7 +17,21 @@ from typing import Final
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT: Final = REPO_ROOT / "scripts" / "build_k8s.sh"
-KNOWN: Final = ("kube-apiserver", "kubectl", "etcd", "queue-proxy")
+KNOWN: Final = (
+    "kube-apiserver",
+    "kubectl",
+    "etcd",
+    "queue-proxy",
+    "kubelet",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kube-proxy",
+    "coredns",
+    "knative-controller",
+    "knative-webhook",
+    "knative-activator",
+    "knative-autoscaler",
+)
 
 
 class BuildError(RuntimeError):
