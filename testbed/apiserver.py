@@ -43,7 +43,7 @@ from typing import IO, Any, Final, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from testbed import gobins
@@ -96,8 +96,10 @@ def die_with_parent_argv(
 class _Pki:
     """CA, serving certificate, admin client certificate and service-account keys, on disk."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, address: str = "127.0.0.1") -> None:
         self.dir = directory
+        self.address = address
+        self._ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
         self.ca_file = directory / "ca.crt"
         self.serving_cert = directory / "apiserver.crt"
         self.serving_key = directory / "apiserver.key"
@@ -112,6 +114,7 @@ class _Pki:
         validity = dt.timedelta(days=2)
         # The same certificate code the webhook bootstraps its TLS with.
         ca, ca_key = certs.make_ca("freeze-proxy test bed CA", now, validity)
+        self._ca = (ca, ca_key)
         self.ca_file.write_bytes(certs.cert_pem(ca))
         serving, serving_key = certs.issue_leaf(
             ca,
@@ -121,7 +124,7 @@ class _Pki:
             validity,
             ExtendedKeyUsageOID.SERVER_AUTH,
             [
-                "127.0.0.1",
+                *dict.fromkeys(["127.0.0.1", self.address]),
                 "10.0.0.1",  # the `kubernetes` Service
                 "localhost",
                 "kubernetes",
@@ -157,12 +160,34 @@ class _Pki:
         for path in (self.serving_key, self.admin_key, self.sa_key):
             path.chmod(0o600)
 
+    def issue_client(self, name: str, user: str, groups: Sequence[str] = ()) -> tuple[Path, Path]:
+        """A client certificate for ``user`` in ``groups`` (e.g. a kubelet's
+        ``system:node:<node>`` in ``system:nodes``), written as ``<name>.crt``/``.key``."""
+        if self._ca is None:
+            raise RuntimeError("the PKI is not written yet")
+        ca, ca_key = self._ca
+        now = dt.datetime.now(dt.UTC)
+        subject = x509.Name(
+            [x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in groups]
+            + [x509.NameAttribute(NameOID.COMMON_NAME, user)]
+        )
+        cert, key = certs.issue_leaf(
+            ca, ca_key, subject, now, dt.timedelta(days=2), ExtendedKeyUsageOID.CLIENT_AUTH
+        )
+        cert_file, key_file = self.dir / f"{name}.crt", self.dir / f"{name}.key"
+        cert_file.write_bytes(certs.cert_pem(cert))
+        key_file.write_bytes(certs.key_pem(key))
+        key_file.chmod(0o600)
+        return cert_file, key_file
+
 
 class ApiServer:
     """etcd + kube-apiserver on loopback; a context manager.
 
     Binaries default to the ones :mod:`testbed.gobins` builds. ``extra_args`` are appended to
-    kube-apiserver's command line (later flags win), e.g. ``["--v=4"]``.
+    kube-apiserver's command line (later flags win), e.g. ``["--v=4"]``. ``address`` is where it
+    binds and what it advertises: loopback by default; a real node's pods need an address they
+    can reach through the ``kubernetes`` Service (:mod:`testbed.cluster` passes its bridge's).
     """
 
     def __init__(
@@ -174,7 +199,9 @@ class ApiServer:
         extra_args: Sequence[str] = (),
         start_timeout: float = 90.0,
         workdir_parent: Path | None = None,
+        address: str = "127.0.0.1",
     ) -> None:
+        self._address = address
         self._apiserver_bin = apiserver_bin
         self._etcd_bin = etcd_bin
         self._kubectl_bin = kubectl_bin
@@ -197,9 +224,24 @@ class ApiServer:
 
     @property
     def url(self) -> str:
-        """``https://127.0.0.1:PORT`` (the serving certificate also covers ``localhost``)."""
+        """``https://ADDRESS:PORT`` (the serving certificate also covers ``localhost``)."""
         self._need(self._workdir)
-        return f"https://127.0.0.1:{self._port}"
+        return f"https://{self._address}:{self._port}"
+
+    @property
+    def port(self) -> int:
+        self._need(self._workdir)
+        return self._port
+
+    def issue_client(self, name: str, user: str, groups: Sequence[str] = ()) -> tuple[Path, Path]:
+        """A client certificate (and key) signed by this server's client CA."""
+        return self._need(self._pki).issue_client(name, user, groups)
+
+    def write_kubeconfig(self, path: Path, cert: Path, key: Path) -> Path:
+        """A kubeconfig for another client identity (a kubelet, kube-proxy) at ``path``."""
+        path.write_text(json.dumps(self._kubeconfig(cert, key), indent=2))
+        path.chmod(0o600)
+        return path
 
     @property
     def issuer(self) -> str:
@@ -319,7 +361,7 @@ class ApiServer:
         (self._workdir / "owner.pid").write_text(str(os.getpid()))
         atexit.register(self.stop)
         try:
-            self._pki = _Pki(self._workdir / "pki")
+            self._pki = _Pki(self._workdir / "pki", self._address)
             self._pki.write()
             self._retry_on_port_clash("etcd", self._start_etcd)
             self._retry_on_port_clash("kube-apiserver", self._start_apiserver)
@@ -426,12 +468,13 @@ class ApiServer:
         if self._apiserver is not None:  # a retry
             _terminate(self._apiserver)
         pki = self._need(self._pki)
-        self._port = free_port()
+        self._port = free_port(self._address)
+        loopback = self._address.startswith("127.")
         argv = [
             str(self._apiserver_bin),
             f"--etcd-servers={self._etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={self._address}",
+            f"--advertise-address={self._address}",
             f"--secure-port={self._port}",
             f"--cert-dir={self.workdir / 'cert-dir'}",
             f"--tls-cert-file={pki.serving_cert}",
@@ -442,11 +485,14 @@ class ApiServer:
             f"--service-account-signing-key-file={pki.sa_key}",
             f"--api-audiences={self.issuer}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+            # What it presents to kubelets (logs, exec): the admin identity.
+            f"--kubelet-client-certificate={pki.admin_cert}",
+            f"--kubelet-client-key={pki.admin_key}",
             "--enable-admission-plugins=MutatingAdmissionWebhook",
             "--authorization-mode=Node,RBAC",
             "--allow-privileged=true",
             # A loopback address is no valid Endpoints address for the `kubernetes` Service.
-            "--endpoint-reconciler-type=none",
+            *(["--endpoint-reconciler-type=none"] if loopback else []),
             "--profiling=false",
             "--v=1",
             *self._extra_args,
@@ -479,8 +525,12 @@ class ApiServer:
 
     def _write_kubeconfig(self) -> None:
         pki = self._need(self._pki)
+        self.write_kubeconfig(self.kubeconfig, pki.admin_cert, pki.admin_key)
+
+    def _kubeconfig(self, cert: Path, key: Path) -> dict[str, Any]:
+        pki = self._need(self._pki)
         # JSON is valid YAML; kubectl and the Python client both read it.
-        config = {
+        return {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [
@@ -492,18 +542,13 @@ class ApiServer:
             "users": [
                 {
                     "name": "admin",
-                    "user": {
-                        "client-certificate": str(pki.admin_cert),
-                        "client-key": str(pki.admin_key),
-                    },
+                    "user": {"client-certificate": str(cert), "client-key": str(key)},
                 }
             ],
             "contexts": [{"name": "testbed", "context": {"cluster": "testbed", "user": "admin"}}],
             "current-context": "testbed",
             "preferences": {},
         }
-        self.kubeconfig.write_text(json.dumps(config, indent=2))
-        self.kubeconfig.chmod(0o600)
 
 
 def _terminate(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
