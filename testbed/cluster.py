@@ -76,9 +76,11 @@ def missing_prerequisites() -> str | None:
     missing = [b for b in ("nft", "iptables", "ip", "containerd", "runc") if not shutil.which(b)]
     if missing:
         return f"missing binaries: {', '.join(missing)} (make setup installs them)"
-    plugins = [p for p in ("bridge", "host-local", "portmap") if not Path("/usr/lib/cni", p).exists()]
+    plugins = [
+        p for p in ("bridge", "host-local", "portmap") if not Path("/usr/lib/cni", p).exists()
+    ]
     if plugins:
-        return f"missing CNI plugins in /usr/lib/cni: {plugins} (apt-get install containernetworking-plugins)"
+        return f"missing CNI plugins in /usr/lib/cni: {plugins} (make setup installs them)"
     return None
 
 
@@ -106,7 +108,9 @@ def _cni_conflist(work: Path) -> dict[str, Any]:
     }
 
 
-def _kubelet_config(work: Path, containerd_socket: Path, ca_file: Path, port: int) -> dict[str, Any]:
+def _kubelet_config(
+    work: Path, containerd_socket: Path, ca_file: Path, port: int
+) -> dict[str, Any]:
     """What worked on these machines (see the notes): cgroup v1, containerd 1.6, own paths."""
     endpoint = f"unix://{containerd_socket}"
     return {
@@ -164,8 +168,10 @@ class Cluster:
         images: Sequence[Path] = (),
         workdir_parent: Path | None = None,
         knative_serving: bool = True,
+        skip_tag_resolution: Sequence[str] = (),
         log: IO[str] | None = None,
     ) -> None:
+        self._skip_registries = list(skip_tag_resolution)
         self._extra_images = list(images)
         self._workdir_parent = workdir_parent
         self._knative = knative_serving
@@ -410,7 +416,6 @@ class Cluster:
                 f"--cert-dir={self.work / 'kubelet-pki'}",
                 f"--hostname-override={NODE_NAME}",
                 f"--node-ip={NODE_IP}",
-                f"--node-labels=knative.dev/container-runtime=containerd",
                 "--v=1",
             ],
         )
@@ -460,7 +465,9 @@ class Cluster:
         self.wait_available("kube-system", "coredns", timeout=120)
 
     def _start_knative(self) -> None:
-        crds, rest = knative.serving_manifests(self.images)
+        crds, rest = knative.serving_manifests(
+            self.images, skip_tag_resolution=self._skip_registries
+        )
         self.apply(crds)
         names = [c["metadata"]["name"] for c in crds]
         self.kubectl(
@@ -494,8 +501,9 @@ class Cluster:
         while not ready():
             self._alive(alive)
             if time.monotonic() > deadline:
-                raise ClusterError(f"timed out after {timeout} s waiting for {what}:\n"
-                                   f"{self.log_tail(alive)}")
+                raise ClusterError(
+                    f"timed out after {timeout} s waiting for {what}:\n{self.log_tail(alive)}"
+                )
             time.sleep(0.5)
 
     def _need_api(self) -> ApiServer:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 
@@ -30,6 +31,15 @@ from testbed.pods import Pod
 from testbed.stack import stack
 
 CONTAINER = "user-container"
+
+
+class WatchedPod(Protocol):
+    """What the timeline reads of the app's pod: a CRI pod here, a Kubernetes pod on a cluster
+    (testbed/cluster_demo.py)."""
+
+    def log_lines(self, container_name: str) -> list[str]: ...
+
+    def cpu_usage_seconds(self, container_name: str) -> float: ...
 
 
 @dataclass
@@ -84,7 +94,7 @@ def _progress(step: str) -> Callable[[str], None]:
     return done
 
 
-def _ticks(pod: Pod) -> int:
+def _ticks(pod: WatchedPod) -> int:
     return sum(1 for line in pod.log_lines(CONTAINER) if line.startswith("tick"))
 
 
@@ -101,7 +111,7 @@ def _resume_times(log_file: Path) -> list[float]:
 class Timeline:
     """Prints one line per sample: requests in flight against the app's ticks."""
 
-    def __init__(self, pod: Pod, health_url: str | None, started: float) -> None:
+    def __init__(self, pod: WatchedPod, health_url: str | None, started: float) -> None:
         self.pod, self.health_url, self.started = pod, health_url, started
         self.last_ticks = _ticks(pod)
 

@@ -14,7 +14,7 @@ from testbed.pods import ContainerSpec, MakePod, Pod, PodClient, sleeper, ticker
 from tests.proxy_harness import Harness, start_harness
 
 # The real control plane (etcd + kube-apiserver) and the Go-built binaries' fixtures.
-pytest_plugins = ["tests.apiserver_fixtures"]
+pytest_plugins = ["tests.apiserver_fixtures", "tests.image_fixtures"]
 
 
 def _unavailable(reason: str) -> NoReturn:

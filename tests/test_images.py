@@ -1,100 +1,26 @@
-"""Our four images, built for real: `scripts/build_images.sh` (what `make images` runs) on a private
-dockerd (testbed/docker.py), from the local Debian bookworm base (PYTHON_IMAGE) and a local
-wheelhouse (WHEELHOUSE: the build itself runs with --network none), then each image is run.
-
-The session fixture builds them once; the engine's data root (the base image and the build cache)
-is cached under $FREEZE_CACHE_DIR/docker, the wheelhouse under $FREEZE_CACHE_DIR/wheelhouse, so a
-warm run rebuilds nothing that did not change.
+"""Our four images, built for real (the session fixture in tests/image_fixtures.py builds them with
+`scripts/build_images.sh`, what `make images` runs), then each image is run: its entrypoint, its
+size, what it must not load, and the proxy's image as a pod on containerd.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from testbed import rootfs
 from testbed.containerd import Containerd
-from testbed.docker import Dockerd, DockerError, missing_prerequisites
+from testbed.docker import DockerError
 from testbed.oci import import_image
 from testbed.pods import ContainerSpec, MakePod
 from testbed.processes import free_port
-from tests.conftest import _unavailable
-
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts/build_images.sh"
-REGISTRY = "freeze-test.local"
-TAG = "test"
-IMAGES = {
-    "proxy": "freeze-proxy",
-    "daemon": "freeze-daemon",
-    "webhook": "freeze-webhook",
-    "sleeptalker": "sleeptalker",
-}
-PROGRAMS = ["proxy", "daemon", "webhook"]
-MIB = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Built:
-    engine: Dockerd
-    refs: dict[str, str]
-    seconds: float
-
-
-def ref(name: str) -> str:
-    return f"{REGISTRY}/{IMAGES[name]}:{TAG}"
-
-
-def wheelhouse_dir() -> Path:
-    """Keyed by what decides its contents: pyproject's requirements, the demo app's."""
-    digest = hashlib.sha256()
-    for path in ("pyproject.toml", "examples/sleeptalker/Dockerfile"):
-        digest.update((ROOT / path).read_bytes())
-    return rootfs.cache_root() / "wheelhouse" / f"cp311-{digest.hexdigest()[:16]}"
-
-
-@pytest.fixture(scope="session")
-def dockerd() -> Iterator[Dockerd]:
-    why = missing_prerequisites()
-    if why:
-        _unavailable(f"a private dockerd cannot run here: {why}")
-    with Dockerd() as engine:
-        yield engine
-
-
-@pytest.fixture(scope="session")
-def built(dockerd: Dockerd) -> Built:
-    started = time.monotonic()
-    base = dockerd.base_image()
-    env = dockerd.env() | {
-        "DOCKER": dockerd.cli,
-        "REGISTRY": REGISTRY,
-        "TAG": TAG,
-        "PYTHON_IMAGE": base,
-        "WHEELHOUSE": str(wheelhouse_dir()),
-    }
-    proc = subprocess.run(
-        [str(SCRIPT)], env=env, capture_output=True, text=True, timeout=1800, check=False
-    )
-    seconds = time.monotonic() - started
-    if proc.returncode != 0:
-        pytest.fail(
-            f"scripts/build_images.sh exited with {proc.returncode}:\n"
-            f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}",
-            pytrace=False,
-        )
-    print(f"images: base {base}, built in {seconds:.1f} s")
-    return Built(dockerd, {name: ref(name) for name in IMAGES}, seconds)
+from tests.image_fixtures import IMAGES, MIB, PROGRAMS, Built
 
 
 def run(built: Built, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

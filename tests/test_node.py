@@ -1,0 +1,236 @@
+"""freeze-proxy installed and used the way a Knative operator does, on a real node.
+
+One cluster for the module (testbed/cluster.py: kubelet on containerd, CNI, kube-proxy, CoreDNS,
+Knative Serving v0.50.0 built from its module), our four images built by the real Dockerfiles
+(tests/image_fixtures.py) and imported into the node's containerd. Then: `kubectl apply -k` of
+config/ (an overlay that only names the local images and this node's containerd socket, as a
+user with a private registry or k3s would), Knative Services applied unchanged but for the image,
+and what the user would check: pods Ready and mutated, the app frozen when idle and answering
+when called, probes not restarting anything, scale to zero, deletion and uninstall.
+
+The checks are the issue's proofs 1-7, in order; later tests build on the install of earlier
+ones (module-scoped fixtures), and the uninstall is last.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from freeze_proxy import contract
+from testbed import hostside, install
+from testbed.cluster import BRIDGE, CGROUP_ROOT, NODE_NAME, Cluster, missing_prerequisites
+from testbed.install import get, pods, queue_proxy_url, ready_pod, refresh, revision_route, until
+from tests.conftest import _unavailable
+from tests.image_fixtures import IMAGES, REGISTRY, Built
+
+pytestmark = pytest.mark.node
+
+GRACE_BOUND = 60.0  # seconds: how long a frozen pod may take to go (its grace is 300 s)
+
+
+# ---- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    why = missing_prerequisites()
+    if why:
+        _unavailable(f"a real node cannot run here: {why}")
+    tar = built.save(list(IMAGES), tmp_path_factory.mktemp("images") / "freeze-images.tar")
+    with Cluster(images=[tar], skip_tag_resolution=[REGISTRY]) as c:
+        yield c
+    left = hostside.HostSnapshot.capture(bridge=BRIDGE, cgroup_root=CGROUP_ROOT).leftovers()
+    assert not left, f"the cluster left the host changed: {left}"
+
+
+@pytest.fixture(scope="module")
+def installed(cluster: Cluster, built: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Proof 1's install: `kubectl apply -k` of the overlay; the DaemonSet and webhook Ready."""
+    assert cluster.containerd is not None
+    kustomization = install.overlay(
+        tmp_path_factory.mktemp("overlay"), built.refs, cluster.containerd.socket
+    )
+    install.install(cluster, kustomization)
+    return kustomization
+
+
+@pytest.fixture(scope="module")
+def sleeptalker(cluster: Cluster, installed: Path, built: Built) -> dict[str, Any]:
+    """Proof 2's Service: the example as shipped (but for the image); its Ready pod."""
+    return install.deploy(cluster, install.example(built.refs["sleeptalker"]))
+
+
+def frozen(pod: dict[str, Any]) -> bool:
+    return install.freezer_state(pod) == "FROZEN"
+
+
+def restarts(pod: dict[str, Any]) -> dict[str, int]:
+    return {s["name"]: int(s["restartCount"]) for s in pod["status"]["containerStatuses"]}
+
+
+# ---- proofs ---------------------------------------------------------------------------------
+
+
+def test_1_install_runs_the_daemon_on_the_labelled_node_and_the_webhook_bootstraps_tls(
+    cluster: Cluster, installed: Path
+) -> None:
+    daemons = cluster.get_json("pods", "-n", "knative-serving", "-l", f"app={install.DAEMONSET}")
+    assert [p["spec"]["nodeName"] for p in daemons["items"]] == [NODE_NAME]
+    assert all(install.is_ready(p) for p in daemons["items"])
+    hook = cluster.get_json("mutatingwebhookconfiguration", "freeze-proxy.knative.dev")
+    assert all(w["clientConfig"].get("caBundle") for w in hook["webhooks"]), hook["webhooks"]
+    webhook = cluster.get_json("deployment", "-n", "knative-serving", "freeze-webhook")
+    assert webhook["status"].get("readyReplicas") == webhook["spec"]["replicas"]
+
+
+def test_2_knative_makes_the_revision_pod_and_our_webhook_mutates_it(
+    cluster: Cluster, sleeptalker: dict[str, Any]
+) -> None:
+    spec = sleeptalker["spec"]
+    names = [c["name"] for c in spec["containers"]]
+    assert "freeze-proxy" in names and "queue-proxy" in names and "user-container" in names
+    qp = next(c for c in spec["containers"] if c["name"] == "queue-proxy")
+    env = {e["name"]: e.get("value") for e in qp["env"]}
+    assert env["USER_PORT"] == str(contract.PROXY_PORT)
+    projected = [v for v in spec["volumes"] if "projected" in v]
+    tokens = [
+        s["serviceAccountToken"]
+        for v in projected
+        for s in v["projected"]["sources"]
+        if "serviceAccountToken" in s
+    ]
+    assert [t["audience"] for t in tokens] == [contract.TOKEN_AUDIENCE]
+    assert install.is_ready(sleeptalker)
+
+
+def test_3_idle_app_is_frozen_and_a_request_through_queue_proxy_wakes_it(
+    cluster: Cluster, sleeptalker: dict[str, Any]
+) -> None:
+    pod = sleeptalker
+    until("the idle app frozen", lambda: frozen(pod), 30)
+    before = install.ticks(cluster, pod)
+    time.sleep(2)  # measuring that nothing happens takes time: ticks every 0.5 s when awake
+    assert install.ticks(cluster, pod) == before, "a frozen app ticked"
+    status, body = get(queue_proxy_url(pod, "?sleep=2"))
+    assert status == 200 and body.endswith(b".. world.\n"), (status, body[-200:])
+    during = install.ticks(cluster, pod)
+    assert during >= before + 3, f"the app did not run while serving: {before} -> {during}"
+    until("the app frozen again", lambda: frozen(pod), 30)
+    settled = install.ticks(cluster, pod)
+    time.sleep(2)
+    assert install.ticks(cluster, pod) == settled
+
+
+def test_3b_through_the_revision_service_and_cluster_dns(
+    cluster: Cluster, sleeptalker: dict[str, Any]
+) -> None:
+    """The path a Knative ingress takes: the revision's Service (kube-proxy) by its DNS name."""
+    url, host = revision_route(cluster, sleeptalker)
+    status, body = get(url + "?sleep=0", host=host)
+    assert status == 200 and body.endswith(b".. world.\n"), (status, body[-200:])
+
+
+def test_4_the_proxy_uses_the_kubelet_projected_token_and_the_daemon_reviews_it(
+    cluster: Cluster, sleeptalker: dict[str, Any]
+) -> None:
+    pod = sleeptalker
+    token = cluster.kubectl(
+        "exec", "-n", "default", pod["metadata"]["name"], "-c", "freeze-proxy", "--",
+        "python3", "-c", f"print(open({contract.TOKEN_FILE!r}).read())",
+    ).stdout.strip()  # fmt: skip
+    payload = token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["aud"] == [contract.TOKEN_AUDIENCE]
+    k8s = claims["kubernetes.io"]
+    assert k8s["pod"]["uid"] == pod["metadata"]["uid"]
+    assert k8s["node"]["name"] == NODE_NAME  # minted by the kubelet for this node
+    assert claims["exp"] - claims["iat"] >= 600
+    # The daemon reviewed it through its in-cluster ServiceAccount: its log names this pod.
+    logs = cluster.kubectl(
+        "logs", "-n", "knative-serving", "-l", "app=freeze-daemon-containerd", "--tail=-1"
+    ).stdout
+    assert pod["metadata"]["uid"] in logs, logs[-2000:]
+
+
+def test_5_kubelet_probes_keep_the_frozen_pod_ready_for_three_minutes(
+    cluster: Cluster, sleeptalker: dict[str, Any]
+) -> None:
+    pod = refresh(cluster, sleeptalker)
+    counts = restarts(pod)
+    until("the idle app frozen", lambda: frozen(pod), 30)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        now = refresh(cluster, pod)
+        assert install.is_ready(now), now["status"]
+        assert restarts(now) == counts, now["status"]["containerStatuses"]
+        time.sleep(10)
+    assert install.freezer_state(pod) == "FROZEN"
+
+
+def _gone_after_deletion(cluster: Cluster, pod: dict[str, Any], why: str, timeout: float) -> float:
+    """Wait until something deletes ``pod`` (within ``timeout``), then until it is gone; how
+    long it was Terminating, which must stay within GRACE_BOUND (its grace is 300 s)."""
+    name = pod["metadata"]["name"]
+
+    def deleting() -> bool:
+        live = pods(cluster, pod["metadata"]["labels"]["serving.knative.dev/service"])
+        mine = [p for p in live if p["metadata"]["name"] == name]
+        return not mine or "deletionTimestamp" in mine[0]["metadata"]
+
+    until(why, deleting, timeout)
+    started = time.monotonic()
+    until(
+        f"pod {name} gone (never stuck Terminating)", lambda: not _exists(cluster, pod), GRACE_BOUND
+    )
+    return time.monotonic() - started
+
+
+def _exists(cluster: Cluster, pod: dict[str, Any]) -> bool:
+    proc = cluster.kubectl("get", "pod", "-n", "default", pod["metadata"]["name"], check=False)
+    return proc.returncode == 0
+
+
+def test_6_scale_to_zero_terminates_the_frozen_pod_and_a_request_scales_it_up(
+    cluster: Cluster, installed: Path, built: Built
+) -> None:
+    grace = {"freeze-proxy.knative.dev/grace": "250ms"}
+    pod = install.deploy(cluster, install.service("zero", built.refs["sleeptalker"], grace))
+    until("the idle app frozen", lambda: frozen(pod), 30)
+    took = _gone_after_deletion(cluster, pod, "Knative to scale the revision to zero", 120)
+    print(f"scaled to zero: the frozen pod was Terminating for {took:.1f} s")
+    url, host = revision_route(cluster, pod)
+    status, body = get(url + "?sleep=0", host=host, timeout=60)  # through the activator
+    assert status == 200 and body.endswith(b".. world.\n"), (status, body[-200:])
+    assert install.is_ready(ready_pod(cluster, "zero"))
+    cluster.kubectl("delete", "ksvc", "zero", "--wait=false")
+
+
+def test_7a_deleting_a_frozen_service_removes_its_pods_within_the_grace(
+    cluster: Cluster, installed: Path, built: Built
+) -> None:
+    warm = {"autoscaling.knative.dev/min-scale": "1"}
+    pod = install.deploy(cluster, install.service("doomed", built.refs["sleeptalker"], warm))
+    until("the idle app frozen", lambda: frozen(pod), 30)
+    cluster.kubectl("delete", "ksvc", "doomed", "--wait=false")
+    took = _gone_after_deletion(cluster, pod, "the pod to be deleted", 30)
+    print(f"kubectl delete ksvc: the frozen pod was Terminating for {took:.1f} s")
+
+
+def test_7b_uninstall_while_frozen_leaves_nothing_frozen_and_the_app_answering(
+    cluster: Cluster, installed: Path, sleeptalker: dict[str, Any]
+) -> None:
+    pod = refresh(cluster, sleeptalker)
+    until("the idle app frozen", lambda: frozen(pod), 30)
+    cluster.kubectl("delete", "-k", str(installed), "--wait=true", timeout=180)
+    until("the app thawed", lambda: install.freezer_state(pod) == "THAWED", 30)
+    for _ in range(3):
+        status, body = get(queue_proxy_url(pod), timeout=30)
+        assert status == 200 and body.endswith(b".. world.\n"), (status, body[-200:])
+    assert install.freezer_state(pod) == "THAWED"
