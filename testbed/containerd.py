@@ -22,6 +22,7 @@ import grpc
 
 from daemon._proto import cri_pb2, cri_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
+from .hostside import remove_cgroup_tree
 from .mounts import unmount_under
 from .oci import BUSYBOX_IMAGE_NAME, busybox_image, import_image
 
@@ -147,23 +148,6 @@ def pod_cgroup_dirs(pod_uid: str) -> list[Path]:
         for d in sorted(CGROUP_ROOT.iterdir())
         if d.is_dir() and not d.is_symlink()
     ]
-
-
-def remove_cgroup_tree(path: Path) -> None:
-    """Remove a cgroup dir and its children (cgroup dirs only support rmdir, leaves first)."""
-    if not path.is_dir():
-        return
-    for child in sorted((p for p in path.iterdir() if p.is_dir()), reverse=True):
-        remove_cgroup_tree(child)
-    for _ in range(50):
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.02)  # tasks still leaving the cgroup
-    path.rmdir()
 
 
 class Containerd:

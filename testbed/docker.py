@@ -39,7 +39,8 @@ from pathlib import Path
 from types import TracebackType
 
 from . import rootfs
-from .containerd import CGROUP_ROOT, release_run_containerd, remove_cgroup_tree, shim_pids
+from .containerd import CGROUP_ROOT, release_run_containerd, shim_pids
+from .hostside import remove_cgroup_tree
 from .mounts import unmount_under
 
 #: Bump when the engine's flags or storage layout change: part of the data root's key.

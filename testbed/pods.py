@@ -20,7 +20,8 @@ import grpc
 
 from daemon._proto import cri_pb2, cri_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
-from .containerd import BESTEFFORT, CGROUP_ROOT, pod_cgroup_dirs, remove_cgroup_tree
+from .containerd import BESTEFFORT, CGROUP_ROOT, pod_cgroup_dirs
+from .hostside import remove_cgroup_tree
 from .oci import BUSYBOX_IMAGE_NAME
 
 if TYPE_CHECKING:
