@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -112,7 +113,9 @@ async def run(args: argparse.Namespace) -> Summary:
         summary.baseline_ticks = _ticks(plain) - ticks0
         cluster.kubectl("delete", "ksvc", "sleeptalker-plain", "--wait=false")
 
-        done = _progress("kubectl apply -f config/example/sleeptalker.yaml (mutated by our webhook)")
+        done = _progress(
+            "kubectl apply -f config/example/sleeptalker.yaml (mutated by our webhook)"
+        )
         pod = KubePod(cluster, install.deploy(cluster, install.example(built.refs["sleeptalker"])))
         await _wait_frozen(pod)
         done(f"{pod.pod['metadata']['name']}: the app is frozen")
@@ -164,8 +167,6 @@ async def _keep(cluster: Cluster, pod: KubePod) -> None:
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    import signal
-
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()

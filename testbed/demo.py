@@ -152,6 +152,13 @@ async def _request(url: str, sleep: float) -> tuple[float, str]:
 
 
 async def run(args: argparse.Namespace) -> Summary:
+    if args.cluster:
+        from testbed import cluster, cluster_demo  # the cluster's modules load only for it
+
+        why = cluster.missing_prerequisites()
+        if why:
+            raise SystemExit(f"the cluster demo needs a real node here, but {why}")
+        return await cluster_demo.run(args)
     why = missing_prerequisites()
     if why:
         raise SystemExit(f"the demo needs a real containerd here, but {why}")
@@ -257,6 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=3, help="requests to send")
     p.add_argument("--grace", default=None, help="freeze-proxy --grace (default: its default)")
     p.add_argument("--keep", action="store_true", help="leave it running; Ctrl-C tears down")
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="on a real single-node Kubernetes with Knative Serving, installed with kubectl "
+        "apply -k config/ from images built by our Dockerfiles (several minutes)",
+    )
     p.add_argument("--keep-logs", action="store_true", help="keep the work dir and its logs")
     p.add_argument("--json", type=Path, help="also write the summary here (for tests)")
     args = p.parse_args(argv)
