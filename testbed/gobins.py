@@ -10,6 +10,7 @@ milliseconds and never starts ``go``).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,15 @@ KNOWN: Final = (
 
 class BuildError(RuntimeError):
     """The build script could not produce a binary (no Go, no module proxy, compile error)."""
+
+
+def pinned_version(variable: str) -> str:
+    """A version the build script pins (e.g. ``KNATIVE_SERVING_VERSION``), read from its one
+    home so manifests and image tags cannot drift from the binaries."""
+    match = re.search(rf"^{re.escape(variable)}=(\S+)", BUILD_SCRIPT.read_text(), re.MULTILINE)
+    if match is None:
+        raise ValueError(f"{BUILD_SCRIPT} pins no {variable}")
+    return match.group(1)
 
 
 def _run_script(args: list[str], timeout: float | None) -> str:

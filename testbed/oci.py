@@ -88,9 +88,16 @@ def _content_key(
     env: Mapping[str, str],
     files: Mapping[str, Path],
     symlinks: Mapping[str, str],
+    user: str | None = None,
+    workdir: str | None = None,
 ) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([_FORMAT_VERSION, name, cmd, sorted(env.items()), _oci_arch()]).encode())
+    # Only when set, so the keys (and caches) of images without them stay as they were.
+    if user is not None:
+        h.update(f"U{user}\n".encode())
+    if workdir is not None:
+        h.update(f"W{workdir}\n".encode())
     for dest, src in sorted(files.items()):
         st = os.stat(src)
         h.update(f"F{dest}={src}:{st.st_size}:{st.st_mtime_ns}:{st.st_mode}\n".encode())
@@ -180,12 +187,16 @@ def build_image_tar(
     files: dict[str, Path] | None = None,
     *,
     symlinks: dict[str, str] | None = None,
+    user: str | None = None,
+    workdir: str | None = None,
 ) -> Path:
     """Write an OCI image layout tar for ``name`` to ``out`` and return ``out``.
 
     The single uncompressed layer holds ``rootfs`` (a directory, or a small skeleton when None)
     with ``files`` (image path -> host file, copied) and ``symlinks`` (image path -> target)
-    on top. Skips the work when ``out`` was built from the same inputs before.
+    on top. ``user`` ("65532", "65532:65532") and ``workdir`` go into the image config: pods
+    with ``runAsNonRoot`` need a numeric user there. Skips the work when ``out`` was built from
+    the same inputs before.
     """
     if not name or ":" not in name.rsplit("/", 1)[-1]:
         raise ValueError(f"image name {name!r} needs a tag, e.g. 'freeze.test/app:1'")
@@ -201,7 +212,10 @@ def build_image_tar(
             raise ValueError(f"file for {dest!r} does not exist: {src}")
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 
-    key = _content_key(rootfs, name, cmd, env, files, symlinks)
+    if workdir is not None and not workdir.startswith("/"):
+        raise ValueError(f"workdir {workdir!r} must be an absolute image path")
+
+    key = _content_key(rootfs, name, cmd, env, files, symlinks, user, workdir)
     key_file = out.with_name(out.name + ".key")
     if out.is_file() and key_file.is_file() and key_file.read_text() == key:
         return out
@@ -218,10 +232,18 @@ def build_image_tar(
         layer_digest = "sha256:" + layer_hash.hexdigest()
         layer_size = layer_path.stat().st_size
 
+        image_config: dict[str, Any] = {
+            "Cmd": list(cmd),
+            "Env": [f"{k}={v}" for k, v in sorted(env.items())],
+        }
+        if user is not None:
+            image_config["User"] = user
+        if workdir is not None:
+            image_config["WorkingDir"] = workdir
         config = {
             "architecture": _oci_arch(),
             "os": "linux",
-            "config": {"Cmd": list(cmd), "Env": [f"{k}={v}" for k, v in sorted(env.items())]},
+            "config": image_config,
             "rootfs": {"type": "layers", "diff_ids": [layer_digest]},  # uncompressed: same
         }
         config_bytes = json.dumps(config, sort_keys=True).encode()
@@ -266,6 +288,35 @@ def build_image_tar(
         os.replace(partial, out)
     key_file.write_text(key)
     return out
+
+
+NONROOT_UID = 65532  # distroless' and ko's "nonroot" user; Knative's pods set runAsNonRoot
+_PASSWD = (
+    "root:x:0:0:root:/root:/sbin/nologin\n"
+    "nobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\n"
+    f"nonroot:x:{NONROOT_UID}:{NONROOT_UID}:nonroot:/home/nonroot:/sbin/nologin\n"
+)
+_GROUP = f"root:x:0:\nnobody:x:65534:\nnonroot:x:{NONROOT_UID}:\n"
+
+
+def _write_if_changed(path: Path, text: str) -> Path:
+    """Rewrite only on a change: the content key includes the file's mtime."""
+    if not (path.is_file() and path.read_text() == text):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return path
+
+
+def nonroot_files(out_dir: Path) -> dict[str, Path]:
+    """``/etc/passwd`` and ``/etc/group`` naming the nonroot user, as ``files`` for an image.
+
+    A static Go binary needs no more than that (and a CA bundle) to run as user 65532 the way
+    ko's distroless base runs it.
+    """
+    return {
+        "/etc/passwd": _write_if_changed(out_dir / "nonroot.passwd", _PASSWD),
+        "/etc/group": _write_if_changed(out_dir / "nonroot.group", _GROUP),
+    }
 
 
 def busybox_image(out_dir: Path, name: str = BUSYBOX_IMAGE_NAME) -> tuple[str, Path]:
