@@ -39,6 +39,7 @@ import yaml
 from . import coredns, gobins, hostside, knative
 from .apiserver import SERVICE_CLUSTER_IP_RANGE, ApiServer, KubectlError, die_with_parent_argv
 from .containerd import Containerd
+from .mounts import unmount_under
 from .oci import import_image
 from .processes import free_port
 from .processes import stop as stop_process
@@ -280,7 +281,11 @@ class Cluster:
             errors.extend(self._host.restore())
             self._host = None
         if self.work != Path() and self.work.exists():
+            # The kubelet bind-mounts its root dir onto itself and mounts pods' volumes in it.
+            unmount_under(self.work)
             shutil.rmtree(self.work, ignore_errors=True)
+            if self.work.exists():
+                errors.append(f"could not remove {self.work}")
         if errors:
             raise ClusterError("cluster cleanup incomplete: " + "; ".join(errors))
 
@@ -466,7 +471,7 @@ class Cluster:
 
     def _start_knative(self) -> None:
         crds, rest = knative.serving_manifests(
-            self.images, skip_tag_resolution=self._skip_registries
+            self.images, local_registries=[*knative.LOCAL_REGISTRIES, *self._skip_registries]
         )
         self.apply(crds)
         names = [c["metadata"]["name"] for c in crds]
@@ -475,8 +480,8 @@ class Cluster:
             *(f"crd/{n}" for n in names), timeout=90,
         )  # fmt: skip
         self.apply(rest)
-        for deployment in knative.SERVING_DEPLOYMENTS:
-            self.wait_available("knative-serving", deployment, timeout=180)
+        for namespace, deployment in knative.ready_checks():
+            self.wait_available(namespace, deployment, timeout=180)
 
     # ---- waiting --------------------------------------------------------------------------
 

@@ -27,6 +27,8 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 FREEZER: Final = Path("/sys/fs/cgroup/freezer") / CGROUP_ROOT
 NAMESPACE: Final = "knative-serving"
 DAEMONSET: Final = "freeze-daemon-containerd"
+WEBHOOK: Final = "freezer-webhook"
+WEBHOOK_CONFIGURATION: Final = "webhook.freeze.extensions.knative.dev"
 _T = TypeVar("_T")
 
 
@@ -86,7 +88,7 @@ def install(cluster: Cluster, kustomization: Path) -> None:
         "-n", NAMESPACE, "rollout", "status", f"daemonset/{DAEMONSET}", "--timeout=120s",
         timeout=150,
     )  # fmt: skip
-    cluster.wait_available(NAMESPACE, "freeze-webhook", timeout=120)
+    cluster.wait_available(NAMESPACE, WEBHOOK, timeout=120)
 
 
 def example(image: str) -> dict[str, Any]:
@@ -113,12 +115,16 @@ def service(name: str, image: str, annotations: Mapping[str, str]) -> dict[str, 
 
 
 def deploy(cluster: Cluster, ksvc: Mapping[str, Any], timeout: float = 180) -> dict[str, Any]:
-    """Apply a Knative Service, wait until it is Ready; its Ready pod."""
+    """Apply a Knative Service, wait until its revision is Ready; its Ready pod.
+
+    Not the Service's own Ready: without a networking layer (Kourier, Istio, Contour: all need
+    Envoy) its Route stays ``IngressNotConfigured``; ``ConfigurationsReady`` is its revision's.
+    """
     cluster.apply([ksvc])
     name = ksvc["metadata"]["name"]
     cluster.kubectl(
-        "wait", "--for=condition=Ready", f"ksvc/{name}", f"--timeout={int(timeout)}s",
-        timeout=timeout + 20,
+        "wait", "--for=condition=ConfigurationsReady", f"ksvc/{name}",
+        f"--timeout={int(timeout)}s", timeout=timeout + 20,
     )  # fmt: skip
     return ready_pod(cluster, name)
 
