@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from freeze_proxy.contract import SIDECAR_NAME
+
 # Containers of a Knative pod that must never be frozen: freezing them would cut the pod off.
-NEVER_FROZEN = frozenset({"queue-proxy", "freeze-proxy"})
+NEVER_FROZEN = frozenset({"queue-proxy", SIDECAR_NAME})
 
 
 class RuntimeBackendError(Exception):
