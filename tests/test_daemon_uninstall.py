@@ -76,6 +76,53 @@ def end(proc: subprocess.Popen[bytes], sig: signal.Signals) -> int:
     return proc.wait(timeout=15)
 
 
+async def test_uninstall_sigterm_thaws_the_app_and_the_proxy_serves_it_unfrozen(
+    containerd: Containerd, tmp_path: Path
+) -> None:
+    """``kubectl delete -f config/`` while the app is frozen: the daemon pod gets SIGTERM."""
+    async with our_app(tmp_path) as (st, pod, port, state_flag):
+        async with st.proxy(pod, port, "--grace=0", "--resume-timeout=2s", state_flag) as proxy:
+            await until(lambda: pod.freezer_state(APP) == "FROZEN", "frozen when idle")
+            await eventually_async(
+                lambda: _state_is(proxy.health, "frozen"), "the proxy counted the pause"
+            )
+            assert st.daemon_proc is not None
+            started = time.monotonic()
+            assert end(st.daemon_proc, signal.SIGTERM) == 0
+            assert time.monotonic() - started < 8, "the graceful stop took too long"
+            # The daemon thawed what it froze before exiting.
+            assert pod.freezer_state(APP) == "THAWED"
+            await eventually_async(lambda: ticking(pod), "the app running again")
+            stopped = [
+                line for line in log_lines(st.daemon_log) if line.get("outcome") == "stop_thawed"
+            ]
+            assert [(line["pod_uid"], line["namespace"]) for line in stopped] == [
+                (pod.uid, pod.namespace)
+            ], stopped
+
+            # The proxy still believes the app frozen: its resume finds no daemon.
+            async with aiohttp.ClientSession() as s:
+                async with s.get(f"{proxy.url}/?sleep=0") as r:
+                    assert r.status == 200, await r.text()
+                    assert (await r.text()).rstrip().endswith("world.")
+                health = await proxy.health()
+                assert health["state"] == "awake" and health["daemon"] == "unreachable", health
+                # It no longer calls the gone daemon for every request.
+                for i in range(3):
+                    t0 = time.monotonic()
+                    async with s.get(f"{proxy.url}/?sleep=0&i={i}") as r:
+                        assert r.status == 200, await r.text()
+                    assert time.monotonic() - t0 < 0.5, "the request waited for a resume"
+            assert pod.freezer_state(APP) == "THAWED"
+        warned = [
+            line
+            for line in log_lines(proxy.log_file)
+            if "uninstalled from this node" in line["msg"]
+        ]
+        assert len(warned) == 1 and warned[0]["level"] == "warning", warned
+        assert st.daemon_url in warned[0]["msg"]
+
+
 async def _state_is(health: Any, state: str) -> bool:
     return bool((await health())["state"] == state)
 
