@@ -18,7 +18,7 @@ require_extra("freeze-daemon", "daemon", ("grpc", "google.protobuf", "jwt", "kub
 import aiohttp
 from aiohttp import web
 
-from daemon.api import make_app
+from daemon.api import RUNTIME, make_app, thaw_on_stop
 from daemon.auth import (
     ApiServerJwks,
     AuthUnavailable,
@@ -32,6 +32,7 @@ from daemon.auth import (
     TokenReviewer,
     connect_kubernetes,
 )
+from daemon.lifecycle import thaw_left_frozen
 from daemon.limits import LimitSettings
 from daemon.runtimes import Runtime
 from daemon.server import ServerLimits, files_needed, raise_open_files_limit, serve
@@ -381,10 +382,18 @@ async def build_app(settings: Settings) -> web.Application:
 
 
 async def run(settings: Settings) -> None:
-    """Build the app and serve it until SIGTERM/SIGINT."""
+    """Build the app, thaw what a dead predecessor left paused, serve until SIGTERM/SIGINT,
+    then thaw what this daemon froze before exiting."""
     app = await build_app(settings)
+    await thaw_left_frozen(app[RUNTIME])
     # A wildcard host listens on every address family (IPv4, and IPv6 where the node has it).
-    await serve(app, [bind_host(settings.host)], settings.port, settings.server)
+    await serve(
+        app,
+        [bind_host(settings.host)],
+        settings.port,
+        settings.server,
+        on_stop=lambda: thaw_on_stop(app),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -5,6 +5,9 @@
   container-freezer protocol, called by queue-proxy);
 - ``GET /healthz``.
 
+On its way out (:func:`thaw_on_stop`) the daemon refuses new freezes and thaws every pod it
+holds frozen: a frozen app whose daemon is gone could never be woken.
+
 The pod acted on is the one the token proves (see daemon.auth); the request can only narrow the
 containers of that pod (``?container=NAME``). Every answer is JSON; errors say cause and fix.
 """
@@ -12,6 +15,7 @@ containers of that pod (``?container=NAME``). Every answer is JSON; errors say c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +29,7 @@ from aiohttp import web
 
 from daemon.auth import Authenticator, AuthUnavailable
 from daemon.claims import Identity, TokenRefused, unverified_claims
+from daemon.leftovers import Held, HeldFrozen
 from daemon.limits import Action, Admission, LimitSettings, PodStates
 from daemon.ordering import CallOrder, parse_sequence
 from daemon.runtimes import (
@@ -62,6 +67,10 @@ class _Unchanged(Exception):
     def __init__(self, containers: list[str]) -> None:
         super().__init__(containers)
         self.containers = containers
+
+
+class _Stopping(Exception):
+    """The daemon is stopping: a freeze is refused (503), it would outlive the daemon."""
 
 
 class _FreezeLimited(Exception):
@@ -138,6 +147,16 @@ POD_STATES = web.AppKey("pod_states", PodStates)
 _LIMITED_LOG = web.AppKey("limited_log", _Throttled)
 _TARPIT = web.AppKey("tarpit", _Tarpit)
 CALL_ORDER = web.AppKey("call_order", CallOrder)
+HELD_FROZEN = web.AppKey("held_frozen", HeldFrozen)
+
+
+class Lifecycle:
+    """Whether the daemon is stopping (set once, by :func:`thaw_on_stop`)."""
+
+    stopping: bool = False
+
+
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 
 
 class _OutOfOrder(Exception):
@@ -239,21 +258,20 @@ async def _act(request: web.Request, action: Action | None) -> web.Response:
         )
         return _error(400, "the connection closed before the request body was complete")
 
+    if action == "freeze" and request.app[LIFECYCLE].stopping:
+        return _stopping_answer(None)
     identity_or_answer = await _authenticate(request, action, token)
     if isinstance(identity_or_answer, web.Response):
         return identity_or_answer
     identity = identity_or_answer
 
-    runtime = request.app[RUNTIME]
-    call = runtime.pause if action == "freeze" else runtime.resume
     who = _who(identity)
     runtime_started = time.perf_counter()
 
     try:
-        done = await request.app[POD_LOCKS].run(
-            identity.pod_uid,
-            lambda: _apply(request.app, action, identity.pod_uid, containers, call, sequence),
-        )
+        done = await _carry_out(request.app, action, identity.pod_uid, containers, who, sequence)
+    except _Stopping:
+        return _stopping_answer(identity.pod_uid)
     except _OutOfOrder as e:
         log.warning(
             f"{action} refused: a later call for this pod was already carried out",
@@ -383,6 +401,36 @@ async def _authenticate(
     return identity
 
 
+def _stopping_answer(pod_uid: str | None) -> web.Response:
+    log.info(
+        "freeze refused: the daemon is stopping",
+        extra={"action": "freeze", "pod_uid": pod_uid, "outcome": "stopping"},
+    )
+    return _error(
+        503,
+        "freeze not carried out: this freeze-daemon is stopping (it thaws what it froze on its "
+        "way out); the app stays awake; retry later, a new daemon may be starting",
+        cause="stopping",
+        pod_uid=pod_uid,
+    )
+
+
+async def _carry_out(
+    app: web.Application,
+    action: Action,
+    pod_uid: str,
+    containers: list[str],
+    who: dict[str, Any],
+    sequence: int | None,
+) -> list[str]:
+    """The runtime call for one pod, under that pod's lock (see :func:`_apply`)."""
+    runtime = app[RUNTIME]
+    call = runtime.pause if action == "freeze" else runtime.resume
+    return await app[POD_LOCKS].run(
+        pod_uid, lambda: _apply(app, action, pod_uid, containers, call, sequence, who)
+    )
+
+
 async def _apply(
     app: web.Application,
     action: Action,
@@ -390,10 +438,15 @@ async def _apply(
     containers: list[str],
     call: Callable[[str, list[str]], Awaitable[list[str]]],
     sequence: int | None,
+    who: dict[str, Any],
 ) -> list[str]:
-    """Under the pod's lock: refuse a call a later one overtook (while it authenticated, say),
-    skip what is already so, limit freezes, call the runtime, and remember the state only when
-    the call fully succeeded."""
+    """Under the pod's lock: refuse a freeze once the daemon is stopping (checked here, so none
+    slips in behind the stop's thaw of this pod), refuse a call a later one overtook (while it
+    authenticated, say), skip what is already so, limit freezes, call the runtime, and remember
+    the state only when the call fully succeeded; a freeze marks the pod held frozen before it
+    starts, a successful thaw clears it."""
+    if action == "freeze" and app[LIFECYCLE].stopping:
+        raise _Stopping
     if sequence is not None:
         newer = app[CALL_ORDER].admit(pod_uid, sequence, time.monotonic())
         if newer is not None:
@@ -407,10 +460,73 @@ async def _apply(
         if not allowed:
             raise _FreezeLimited(retry_after)
     states.forget(pod_uid)  # until the call returns, the state is unknown
+    if action == "freeze":
+        app[HELD_FROZEN].freezing(pod_uid, who, containers)  # even a failed freeze may freeze
     done = await call(pod_uid, containers)
     if done:
         states.record(pod_uid, containers, action, done)
+        if action == "thaw":
+            app[HELD_FROZEN].thawed(pod_uid, containers)
     return done
+
+
+# How long the stop may spend thawing, in total: the DaemonSet's terminationGracePeriodSeconds
+# (config/400-daemon-containerd.yaml) covers it plus the drain of calls in flight.
+STOP_THAW_BUDGET = 5.0
+
+
+async def thaw_on_stop(app: web.Application, budget: float = STOP_THAW_BUDGET) -> dict[str, str]:
+    """Refuse freezes from now on, then thaw every pod this daemon holds frozen — through the
+    runtime and the pods' locks, as a proxy's thaw would — for at most ``budget`` seconds in
+    all. Logs each pod; returns pod UID -> outcome (``stop_thawed``, ``stop_thaw_not_found``,
+    ``stop_thaw_failed``, ``stop_thaw_timeout``)."""
+    app[LIFECYCLE].stopping = True
+    held = app[HELD_FROZEN].pods()
+    outcomes: dict[str, str] = {}
+
+    async def thaw(pod: Held) -> None:
+        who = {"pod_uid": pod.pod_uid, **pod.who}
+        started = time.perf_counter()
+        try:
+            for narrowing in pod.narrowings:
+                with contextlib.suppress(_Unchanged):  # already thawed, as this daemon set it
+                    await _carry_out(app, "thaw", pod.pod_uid, list(narrowing), dict(pod.who), None)
+        except ContainerNotFound as e:
+            outcomes[pod.pod_uid] = "stop_thaw_not_found"
+            log.info(
+                "stopping: pod held frozen is gone from this node",
+                extra={**who, "outcome": "stop_thaw_not_found", "error": str(e)},
+            )
+        except Exception as e:
+            outcomes[pod.pod_uid] = "stop_thaw_failed"
+            log.error(
+                "stopping: cannot thaw a pod this daemon froze; it stays frozen until a daemon "
+                "starts on this node again (it thaws what it finds paused in our pods)",
+                extra={**who, "outcome": "stop_thaw_failed", "error": f"{type(e).__name__}: {e}"},
+            )
+        else:
+            outcomes[pod.pod_uid] = "stop_thawed"
+            log.info(
+                "stopping: thawed a pod this daemon froze",
+                extra={**who, "outcome": "stop_thawed", "took_ms": _ms(started)},
+            )
+
+    log.info(
+        "stopping: freezes are refused; thawing the pods held frozen", extra={"pods": len(held)}
+    )
+    try:
+        async with asyncio.timeout(budget):
+            await asyncio.gather(*(thaw(pod) for pod in held))
+    except TimeoutError:
+        for pod in held:
+            if pod.pod_uid not in outcomes:
+                outcomes[pod.pod_uid] = "stop_thaw_timeout"
+                log.error(
+                    f"stopping: thawing took over {budget:g} s in all: this pod may stay frozen "
+                    "until a daemon starts on this node again",
+                    extra={"pod_uid": pod.pod_uid, **pod.who, "outcome": "stop_thaw_timeout"},
+                )
+    return outcomes
 
 
 def _who(identity: Identity) -> dict[str, Any]:
@@ -504,6 +620,8 @@ def make_app(
     app[_LIMITED_LOG] = _Throttled()
     app[_TARPIT] = _Tarpit(app[ADMISSION].settings.refusal_delay)
     app[CALL_ORDER] = CallOrder()
+    app[HELD_FROZEN] = HeldFrozen()
+    app[LIFECYCLE] = Lifecycle()
     app.router.add_post("/freeze", _freeze)
     app.router.add_post("/thaw", _thaw)
     app.router.add_post("/", _knative)

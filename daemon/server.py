@@ -230,6 +230,11 @@ def files_needed(limits: ServerLimits) -> int:
     return limits.max_connections + 256
 
 
+# After the listeners close, how long calls in flight may take to be answered (aiohttp's
+# default is 60 s: more than the DaemonSet's terminationGracePeriodSeconds).
+SHUTDOWN_TIMEOUT = 5.0
+
+
 async def serve(
     app: web.Application,
     hosts: Sequence[str | None],
@@ -237,8 +242,13 @@ async def serve(
     limits: ServerLimits,
     *,
     stop: asyncio.Event | None = None,
+    on_stop: Callable[[], Awaitable[object]] | None = None,
 ) -> None:
-    """Serve ``app`` on ``hosts``:``port`` until SIGTERM/SIGINT (or ``stop``), then clean up."""
+    """Serve ``app`` on ``hosts``:``port`` until SIGTERM/SIGINT (or ``stop``), then clean up.
+
+    ``on_stop`` runs after the signal while the daemon still listens (its thaw on the way out:
+    proxies' thaws are still answered meanwhile); then the listeners close and calls in flight
+    get ``SHUTDOWN_TIMEOUT`` seconds."""
     guard = ConnectionGuard(limits)
     app.middlewares.insert(0, guard.middleware())
     runner = web.AppRunner(
@@ -247,6 +257,7 @@ async def serve(
         access_log=None,
         keepalive_timeout=limits.idle_timeout,
         lingering_time=limits.body_timeout,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
     )
     await runner.setup()
     loop = asyncio.get_running_loop()
@@ -267,6 +278,8 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        if on_stop is not None:
+            await on_stop()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

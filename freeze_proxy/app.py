@@ -22,7 +22,7 @@ from freeze_proxy.addresses import bind_host, host_port, parse_listen
 from freeze_proxy.backlog import read_accept_queue, wake_at
 from freeze_proxy.daemon_client import DaemonError, FreezeClient, HttpDaemonClient, TokenFile
 from freeze_proxy.durations import parse_duration
-from freeze_proxy.gate import AppState, Decision, Gate, PauseOutcome
+from freeze_proxy.gate import AppState, Decision, Gate, PauseOutcome, ResumeOutcome
 from freeze_proxy.marker import FrozenMarker
 from freeze_proxy.relay import Admission, AlwaysAwake, Relay, Wakeup
 
@@ -69,8 +69,10 @@ class FreezeProxy:
         client: FreezeClient,
         resume_timeout: float,
         marker: FrozenMarker,
+        daemon_url: str = "the daemon",
     ) -> None:
         self.gate = gate
+        self._daemon_url = daemon_url
         self._marker = marker
         self.counters = Counters()
         self._client = client
@@ -221,15 +223,27 @@ class FreezeProxy:
         except DaemonError as exc:
             self.counters.resume_failures += 1
             if exc.unreachable:
+                # No daemon took a connection for the whole budget: none is left that could
+                # hold the app frozen (a stopping daemon thaws what it froze, a starting one
+                # what a dead one left paused). Forward, and pause again only once a daemon
+                # answers a pause (refused pauses leave the app awake, as on a node without one).
                 self.daemon = "unreachable"
-            self._apply(self.gate.resume_done(False, self._loop.time()))
+                self._marker.clear()
+                self._apply(self.gate.resume_done(ResumeOutcome.DAEMON_GONE, self._loop.time()))
+                log.warning(
+                    f"daemon unreachable at {self._daemon_url}: freeze-proxy was uninstalled "
+                    "from this node or its daemon is down; forwarding unfrozen",
+                    extra={"err": str(exc)},
+                )
+                return
+            self._apply(self.gate.resume_done(ResumeOutcome.NOT_RESUMED, self._loop.time()))
             log.error("resume failed; waiting requests get 503", extra={"err": str(exc)})
             return
         took_ms = _ms_since(started)
         self._reached()
         self._marker.clear()
         self.counters.resumes += 1
-        self._apply(self.gate.resume_done(True, self._loop.time()))  # release the requests...
+        self._apply(self.gate.resume_done(ResumeOutcome.RESUMED, self._loop.time()))  # release...
         log.info("app resumed", extra={"took_ms": took_ms})  # ...then take time to log it
 
     # -- life cycle -------------------------------------------------------------------------
@@ -392,7 +406,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
                 extra={"state_file": settings.state_file, "state_dir_usable": marker.usable},
             )
         gate = Gate(settings.grace, may_be_frozen=left_frozen)
-        admission = proxy = FreezeProxy(gate, client, settings.resume_timeout, marker)
+        admission = proxy = FreezeProxy(
+            gate, client, settings.resume_timeout, marker, daemon_url=settings.daemon_url
+        )
 
     relay = Relay(
         *upstream_address(settings.upstream), admission, wait_timeout=settings.resume_timeout + 5

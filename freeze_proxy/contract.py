@@ -4,11 +4,15 @@ freeze-daemon: the one place for it.
 Ports, paths, environment variable names, headers, flags and defaults the sides must agree on.
 The webhook builds the sidecar's container from these (webhook/mutation.py), the proxy takes its
 flag defaults from them (freeze_proxy/__main__.py, ``app.Settings``), the daemon reads the
-proxy's headers by these names (daemon/ordering.py). Stdlib only, no imports at all: the proxy
-image carries freeze_proxy and nothing else.
+proxy's headers by these names (daemon/ordering.py) and knows our pods by the sidecar's name.
+Stdlib only, no imports at all: the proxy image carries freeze_proxy and nothing else.
 """
 
 from __future__ import annotations
+
+# The sidecar's container name: the webhook injects it, the daemon never freezes it and, at its
+# start, thaws what a previous instance left paused in pods that carry it (and only those).
+SIDECAR_NAME = "freeze-proxy"
 
 # Listeners: queue-proxy's USER_PORT is pointed at PROXY_PORT; kubelet probes HEALTH_PATH on
 # HEALTH_PORT.

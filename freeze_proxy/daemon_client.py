@@ -60,7 +60,8 @@ class FreezeClient(Protocol):
         ...
 
     async def resume(self, budget: float) -> None:
-        """Resume, retrying with backoff for at most ``budget`` seconds; raise DaemonError."""
+        """Resume, retrying with backoff for at most ``budget`` seconds; raise DaemonError,
+        ``unreachable`` only when no attempt found a daemon."""
         ...
 
 
@@ -153,6 +154,7 @@ class HttpDaemonClient:
         deadline = time.monotonic() + budget
         delay = 0.01
         attempt = 0
+        never_reached = True  # no attempt found a daemon: the error says unreachable
         while True:
             attempt += 1
             remaining = deadline - time.monotonic()
@@ -162,16 +164,17 @@ class HttpDaemonClient:
                     log.info("resume succeeded after retries", extra={"attempts": attempt})
                 return
             except DaemonError as exc:
+                never_reached = never_reached and exc.unreachable
                 remaining = deadline - time.monotonic()
-                if remaining <= delay:
+                if remaining <= 0.01:  # the whole budget is spent (the last wait is cut short)
                     raise DaemonError(
                         f"resume failed after {attempt} attempts: {exc}",
                         sent=exc.sent,
                         status=exc.status,
-                        unreachable=exc.unreachable,
+                        unreachable=never_reached,
                     ) from exc
                 log.warning("resume failed, retrying", extra={"attempt": attempt, "err": str(exc)})
-                await asyncio.sleep(delay)
+                await asyncio.sleep(min(delay, remaining))
                 delay = min(delay * 2, 0.5)
 
     async def close(self) -> None:

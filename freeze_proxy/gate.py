@@ -5,7 +5,9 @@ the decisions it returns. Its invariants, proven by ``tests/test_gate.py`` over 
 
 * a request is forwarded only while the app is known to be awake: a resume has completed, or no
   call that may have frozen it has been made since (a pause that never reached the daemon, or
-  that it refused, leaves the app as it was);
+  that it refused, leaves the app as it was), or no daemon is left that could hold it frozen (a
+  resume that found none for its whole budget: a daemon thaws what it froze when it stops, and
+  thaws what a dead one left paused when it starts);
 * a failed pause is retried with backoff, and requests in between do not shorten it;
 * a pause starts only when nothing is in flight and the app has been idle for ``grace`` seconds;
 * one idle period costs at most one pause, and a request arriving during the grace costs nothing;
@@ -25,6 +27,17 @@ class PauseOutcome(enum.Enum):
     FROZEN = "frozen"  # the daemon answered: done
     NOT_FROZEN = "not_frozen"  # it never reached a daemon, or the daemon refused: nothing changed
     MAYBE_FROZEN = "maybe_frozen"  # sent but unanswered (a timeout): it may still be carried out
+
+
+class ResumeOutcome(enum.Enum):
+    """What a resume call (with its own retries) found."""
+
+    RESUMED = "resumed"  # the daemon answered: the app runs
+    NOT_RESUMED = "not_resumed"  # it reached a daemon and failed, or may not have: still frozen
+    # No daemon took a connection for the whole budget: freeze-proxy was uninstalled from the
+    # node or its daemon is down. A daemon that stops thaws what it froze and one that starts
+    # thaws what a dead one left paused, so no daemon means nothing frozen by us: awake.
+    DAEMON_GONE = "daemon_gone"
 
 
 class AppState(enum.Enum):
@@ -177,11 +190,12 @@ class Gate:
             return _RESUME
         return self._arm(self._retry_deadline())
 
-    def resume_done(self, ok: bool, now: float) -> Decision:
-        """The resume call returned (after its own retries). ``ok=False``: waiters get refused."""
+    def resume_done(self, outcome: ResumeOutcome, now: float) -> Decision:
+        """The resume call returned (after its own retries). NOT_RESUMED: waiters get refused;
+        RESUMED or DAEMON_GONE: they go ahead (see :class:`ResumeOutcome`)."""
         if self.state is not AppState.RESUMING:
             raise AssertionError(f"resume_done() in state {self.state}")
-        if not ok:
+        if outcome is ResumeOutcome.NOT_RESUMED:
             # Unknown, so assume the worst: the next arrival resumes again before forwarding.
             self.state = AppState.FROZEN
             return Decision(fail=True)

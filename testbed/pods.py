@@ -154,6 +154,15 @@ class Pod:
         """RUNNING, PAUSED, ... from the Tasks API (CRI says RUNNING even when paused)."""
         return await self.client.task_status(self.container_id(container_name))
 
+    async def pause(self, container_name: str) -> None:
+        """Pause one container through the Tasks API, as something other than our daemon
+        would (the pod's removal thaws it first)."""
+        await self.client.tasks.Pause(
+            tasks_pb2.PauseTaskRequest(container_id=self.container_id(container_name)),
+            metadata=self.client.metadata,
+            timeout=_CRI_TIMEOUT,
+        )
+
     async def add_container(self, spec: ContainerSpec) -> str:
         """Start one more container in this pod (e.g. after a runtime cached the pod)."""
         return await self.client.add_container(self, spec)
@@ -196,7 +205,7 @@ class PodClient:
         self.pods: list[Pod] = []
 
     @property
-    def _metadata(self) -> tuple[tuple[str, str]]:
+    def metadata(self) -> tuple[tuple[str, str]]:
         return (("containerd-namespace", self.namespace),)
 
     async def create_pod(
@@ -313,7 +322,7 @@ class PodClient:
     async def task_status(self, container_id: str) -> str:
         got = await self.tasks.Get(
             tasks_pb2.GetRequest(container_id=container_id),
-            metadata=self._metadata,
+            metadata=self.metadata,
             timeout=_CRI_TIMEOUT,
         )
         return str(tasks_pb2.Status.Name(got.process.status))
@@ -324,7 +333,7 @@ class PodClient:
             if await self.task_status(container_id) in ("PAUSED", "PAUSING"):
                 await self.tasks.Resume(
                     tasks_pb2.ResumeTaskRequest(container_id=container_id),
-                    metadata=self._metadata,
+                    metadata=self.metadata,
                     timeout=_CRI_TIMEOUT,
                 )
         except grpc.aio.AioRpcError as err:

@@ -98,6 +98,7 @@ class Stack:
         self.daemon_port = free_port()
         self.daemon_url = f"http://127.0.0.1:{self.daemon_port}"
         self.daemon_log = work / "daemon.log"
+        self.daemon_proc: subprocess.Popen[bytes] | None = None  # the current daemon process
 
     def daemon_args(self, *extra: str) -> list[str]:
         return [
@@ -109,6 +110,15 @@ class Stack:
             f"--issuer={tokens.DEFAULT_ISSUER}",
             *extra,
         ]
+
+    @contextlib.asynccontextmanager
+    async def daemon(self, *extra: str) -> AsyncIterator[subprocess.Popen[bytes]]:
+        """A freeze-daemon process on the stack's port, serving once this yields; SIGTERM at
+        exit unless a test stopped or killed it first (then a new one may be started)."""
+        async with program(self.daemon_args(*extra), self.daemon_log) as proc:
+            self.daemon_proc = proc
+            await wait_http(f"{self.daemon_url}/healthz")
+            yield proc
 
     def token_file(self, pod: Pod, lifetime: int = 3600) -> Path:
         """Write the pod's projected-token-shaped JWT (audience freeze) where a proxy reads it."""
@@ -186,8 +196,7 @@ async def stack(
     client = PodClient(containerd)
     try:
         st = Stack(containerd, client, work)
-        async with program(st.daemon_args(*daemon_args), st.daemon_log):
-            await wait_http(f"{st.daemon_url}/healthz")
+        async with st.daemon(*daemon_args):
             yield st
     finally:
         await client.close()

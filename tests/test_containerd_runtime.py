@@ -229,3 +229,22 @@ async def test_testbed_stop_leaves_nothing_behind(containerd: Containerd) -> Non
     # The session's containerd is unharmed.
     assert containerd.proc is not None and containerd.proc.poll() is None
     assert os.path.exists(containerd.socket)
+
+
+async def test_the_node_listing_shows_each_containers_pod_name_and_task_state(
+    make_pod: MakePod, runtime: ContainerdRuntime
+) -> None:
+    """What a starting daemon reads to find what a dead one left paused (daemon.lifecycle)."""
+    pod = await make_pod(queue_proxy=True)
+    await pod.pause("user-container")  # the pod's removal thaws it if the test fails
+    mine = {c.name: c for c in await runtime.list_containers() if c.pod_uid == pod.uid}
+    assert set(mine) == {"user-container", "queue-proxy"}
+    user = mine["user-container"]
+    assert (user.pod_name, user.namespace) == (pod.name, pod.namespace)
+    assert user.container_id == pod.container_id("user-container")
+    assert (user.status, mine["queue-proxy"].status) == ("PAUSED", "RUNNING")
+    await runtime.resume_container(user.container_id)
+    assert await pod.task_status("user-container") == "RUNNING"
+    await runtime.resume_container(user.container_id)  # running already: fine
+    with pytest.raises(ContainerNotFound):
+        await runtime.resume_container("0" * 64)

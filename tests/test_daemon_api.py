@@ -26,7 +26,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from daemon.api import make_app
 from daemon.auth import AuthUnavailable, JwtVerifier, KeyCache, KeyDocument, PodTokenAuthenticator
 from daemon.claims import Identity
-from daemon.runtimes import NEVER_FROZEN, ContainerNotFound, RuntimeFailure
+from daemon.runtimes import NEVER_FROZEN, ContainerNotFound, ListedContainer, RuntimeFailure
 from testbed.processes import free_port, wait_listening
 from testbed.tokens import DEFAULT_ISSUER, SigningKey, jwks, mint_token, new_rsa_key, write_jwks
 
@@ -96,6 +96,22 @@ class FakeRuntime:
 
     async def resume(self, pod_uid: str, containers: Sequence[str]) -> list[str]:
         return await self._set("resume", pod_uid, containers, "running")
+
+    async def list_containers(self) -> list[ListedContainer]:
+        return [
+            ListedContainer(uid, "pod", "ns", name, f"{uid}/{name}", state.upper())
+            for uid, pod in self.pods.items()
+            for name, state in pod.items()
+        ]
+
+    async def resume_container(self, container_id: str) -> None:
+        uid, _, name = container_id.partition("/")
+        self.calls.append(("resume_container", uid, [name]))
+        if self.fail is not None:
+            raise self.fail
+        if name not in self.pods.get(uid, {}):
+            raise ContainerNotFound(f"no task {container_id}")
+        self.pods[uid][name] = "running"
 
     async def close(self) -> None:
         self.closed = True

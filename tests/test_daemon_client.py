@@ -120,3 +120,39 @@ async def test_a_pooled_connection_closed_while_idle_then_refused_is_unreachable
         await client.pause()
     assert caught.value.unreachable and not caught.value.sent, caught.value
     await client.close()
+
+
+async def test_a_resume_refused_for_its_whole_budget_is_unreachable(tmp_path: Path) -> None:
+    """No daemon listens on the node (uninstalled, or down): every attempt is refused."""
+    client = await client_for(tmp_path, free_port())
+    started = time.monotonic()
+    with pytest.raises(DaemonError) as caught:
+        await client.resume(0.3)
+    assert time.monotonic() - started >= 0.25, "gave up before the budget"
+    assert caught.value.unreachable and not caught.value.sent, caught.value
+
+
+async def test_a_resume_that_reached_a_daemon_once_is_not_unreachable(tmp_path: Path) -> None:
+    """A daemon answered an attempt with an error, then went away: that daemon may hold the
+    app frozen, so the resume failed (503 to the waiters), not "no daemon"."""
+    heads: list[bytes] = []
+    answered = asyncio.Event()
+
+    async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 502 X\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+        answered.set()
+
+    async with daemon(once) as (server, port):
+        client = await client_for(tmp_path, port)
+        resume = asyncio.ensure_future(client.resume(0.5))
+        await asyncio.wait_for(answered.wait(), 2)
+        server.close()
+        await server.wait_closed()
+        with pytest.raises(DaemonError) as caught:
+            await resume
+    assert len(heads) >= 1
+    assert not caught.value.unreachable, caught.value
+    await client.close()

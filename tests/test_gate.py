@@ -8,9 +8,14 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from freeze_proxy.gate import AppState, Decision, Gate, PauseOutcome
+from freeze_proxy.gate import AppState, Decision, Gate, PauseOutcome, ResumeOutcome
 
 FROZEN, NOT_FROZEN, MAYBE = PauseOutcome.FROZEN, PauseOutcome.NOT_FROZEN, PauseOutcome.MAYBE_FROZEN
+RESUMED, NOT_RESUMED, GONE = (
+    ResumeOutcome.RESUMED,
+    ResumeOutcome.NOT_RESUMED,
+    ResumeOutcome.DAEMON_GONE,
+)
 
 # -- single steps ------------------------------------------------------------------------------
 
@@ -28,7 +33,7 @@ def test_grace_zero_pauses_at_start_and_after_last_response() -> None:
     assert gate.state is AppState.FROZEN
     assert gate.arrive(1.0) == Decision(resume=True)
     assert not gate.may_forward
-    assert gate.resume_done(True, 1.01) == Decision(release=True)
+    assert gate.resume_done(RESUMED, 1.01) == Decision(release=True)
     assert gate.may_forward
     assert gate.depart(2.0) == Decision(pause=True)
 
@@ -45,7 +50,7 @@ def test_no_pause_while_a_request_is_in_flight() -> None:
     gate = started(grace=0)
     gate.pause_done(FROZEN, 0.0)
     gate.arrive(1.0)
-    gate.resume_done(True, 1.0)
+    gate.resume_done(RESUMED, 1.0)
     gate.arrive(1.1)
     assert gate.depart(1.2) == Decision()  # one still streaming
     assert gate.depart(1.3) == Decision(pause=True)
@@ -79,7 +84,7 @@ def test_request_during_pause_waits_then_resumes() -> None:
     assert gate.arrive(0.001) == Decision()
     assert not gate.may_forward
     assert gate.pause_done(FROZEN, 0.01) == Decision(resume=True)
-    assert gate.resume_done(True, 0.02) == Decision(release=True)
+    assert gate.resume_done(RESUMED, 0.02) == Decision(release=True)
 
 
 def test_failed_pause_with_waiters_resumes_before_forwarding() -> None:
@@ -119,7 +124,7 @@ def test_a_pause_that_never_reached_the_daemon_leaves_the_app_awake() -> None:
     assert gate.timer(3.0) == Decision(pause=True)
     assert gate.pause_done(FROZEN, 3.0) == Decision()  # the daemon is back
     gate.arrive(4.0)
-    gate.resume_done(True, 4.0)
+    gate.resume_done(RESUMED, 4.0)
     assert gate.depart(4.1) == Decision(pause=True)  # success reset the backoff
 
 
@@ -151,10 +156,49 @@ def test_failed_resume_refuses_waiters_and_next_arrival_retries() -> None:
     gate = started(grace=0)
     gate.pause_done(FROZEN, 0.0)
     gate.arrive(1.0)
-    assert gate.resume_done(False, 6.0) == Decision(fail=True)
+    assert gate.resume_done(NOT_RESUMED, 6.0) == Decision(fail=True)
     assert gate.state is AppState.FROZEN
     assert gate.depart(6.0) == Decision()  # the refused request leaves; still frozen
     assert gate.arrive(7.0) == Decision(resume=True)
+
+
+def test_a_resume_that_finds_no_daemon_forwards_and_then_acts_as_on_a_node_without_one() -> None:
+    """Uninstalled (or the daemon is down) while the app was frozen: the daemon thawed it on
+    its way out, so the waiters go ahead; later pauses are refused and cost requests nothing."""
+    gate = Gate(grace=0, pause_retry=1.0)
+    gate.start(0.0)
+    gate.pause_done(FROZEN, 0.0)
+    assert gate.arrive(1.0) == Decision(resume=True)
+    assert gate.resume_done(GONE, 6.0) == Decision(release=True)
+    assert gate.state is AppState.AWAKE and gate.may_forward
+    assert gate.depart(6.1) == Decision(pause=True)  # a daemon may be back: try a pause
+    assert gate.pause_done(NOT_FROZEN, 6.1) == Decision(timer_at=7.1)  # none: backoff
+    assert gate.arrive(6.5) == Decision() and gate.may_forward  # no resume, no waiting
+    assert gate.depart(6.6) == Decision()
+    assert gate.timer(7.1) == Decision(pause=True)
+    assert gate.pause_done(FROZEN, 7.1) == Decision()  # a new daemon answers: frozen again
+    assert gate.arrive(8.0) == Decision(resume=True)
+    assert gate.resume_done(RESUMED, 8.01) == Decision(release=True)
+
+
+def test_a_resume_that_finds_no_daemon_with_no_waiter_left_is_idle_again() -> None:
+    gate = started(grace=0.5)
+    gate.timer(0.5)
+    gate.pause_done(FROZEN, 0.5)
+    gate.arrive(1.0)
+    gate.depart(1.5)  # gave up waiting
+    assert gate.resume_done(GONE, 6.0) == Decision(release=True, timer_at=6.5)
+    assert gate.state is AppState.AWAKE
+
+
+def test_shutdown_with_no_daemon_left_ends_awake() -> None:
+    gate = started(grace=0)
+    gate.pause_done(FROZEN, 0.0)
+    assert gate.stop() == Decision(resume=True)
+    assert gate.resume_done(GONE, 5.0) == Decision(release=True)
+    assert gate.state is AppState.AWAKE
+    gate.arrive(5.1)
+    assert gate.depart(5.2) == Decision()  # never paused again
 
 
 def test_waiters_gone_when_resume_completes_means_idle_again() -> None:
@@ -162,14 +206,14 @@ def test_waiters_gone_when_resume_completes_means_idle_again() -> None:
     gate.pause_done(FROZEN, 0.0)
     gate.arrive(1.0)
     gate.depart(1.5)  # client gave up while waiting
-    assert gate.resume_done(True, 2.0) == Decision(release=True, pause=True)
+    assert gate.resume_done(RESUMED, 2.0) == Decision(release=True, pause=True)
 
 
 def test_stop_resumes_a_frozen_app_and_never_pauses_again() -> None:
     gate = started(grace=0)
     gate.pause_done(FROZEN, 0.0)
     assert gate.stop() == Decision(resume=True)
-    assert gate.resume_done(True, 0.1) == Decision(release=True)
+    assert gate.resume_done(RESUMED, 0.1) == Decision(release=True)
     gate.arrive(0.2)
     assert gate.depart(0.3) == Decision()
 
@@ -287,12 +331,16 @@ class Sim:
                 self.backoff = self.gate.pause_retry
             self.apply(self.gate.pause_done(outcome, self.now))
 
-    def finish_resume(self, ok: bool) -> None:
+    def finish_resume(self, outcome: ResumeOutcome) -> None:
         if self.resume_pending:
             self.resume_pending = False
-            if ok:
+            if outcome is ResumeOutcome.RESUMED:
                 self.app_frozen = False
-            self.apply(self.gate.resume_done(ok, self.now))
+            elif outcome is ResumeOutcome.DAEMON_GONE:
+                # The world the proxy relies on: a daemon that went away thawed what it froze
+                # (its graceful stop), or the next one thawed it at its start.
+                self.app_frozen = False
+            self.apply(self.gate.resume_done(outcome, self.now))
 
 
 events = st.one_of(
@@ -300,7 +348,7 @@ events = st.one_of(
     st.tuples(st.just("depart"), st.booleans()),
     st.tuples(st.just("advance"), st.floats(min_value=0, max_value=2)),
     st.tuples(st.just("pause_done"), st.sampled_from(PauseOutcome) | st.just(FROZEN)),
-    st.tuples(st.just("resume_done"), st.booleans() | st.just(True)),
+    st.tuples(st.just("resume_done"), st.sampled_from(ResumeOutcome) | st.just(RESUMED)),
 )
 
 
@@ -339,12 +387,12 @@ def test_random_schedules_keep_every_promise(
         elif kind == "pause_done":
             sim.finish_pause(event[1])  # type: ignore[arg-type]
         elif kind == "resume_done":
-            sim.finish_resume(bool(event[1]))
+            sim.finish_resume(event[1])  # type: ignore[arg-type]
         assert sim.gate.in_flight == sim.waiting + sim.forwarded
     # Quiesce: finish every call successfully, let everyone leave, wait out the grace.
     for _ in range(4):
         sim.finish_pause(FROZEN)
-        sim.finish_resume(True)
+        sim.finish_resume(RESUMED)
         while sim.waiting or sim.forwarded:
             sim.depart(waiter=False) if sim.forwarded else sim.depart(waiter=True)
         sim.advance(grace + 61)
@@ -353,7 +401,7 @@ def test_random_schedules_keep_every_promise(
     assert sim.app_frozen and sim.gate.state is AppState.FROZEN
     # Shutdown thaws it and nothing pauses it again.
     sim.apply(sim.gate.stop())
-    sim.finish_resume(True)
+    sim.finish_resume(RESUMED)
     sim.arrive()
     sim.depart(waiter=False)
     sim.advance(grace + 61)
@@ -372,7 +420,7 @@ def test_an_app_left_frozen_by_a_crash_is_resumed_before_the_first_request() -> 
     gate = Gate(grace=0.5, may_be_frozen=True)
     assert not gate.may_forward
     assert gate.arrive(0.0) == Decision(resume=True)
-    assert gate.resume_done(True, 0.01) == Decision(release=True)
+    assert gate.resume_done(RESUMED, 0.01) == Decision(release=True)
 
 
 def test_an_app_left_frozen_and_idle_is_confirmed_frozen_after_the_grace() -> None:

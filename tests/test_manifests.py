@@ -415,6 +415,16 @@ def test_daemonset_is_node_critical() -> None:
     assert spec["priorityClassName"] == "system-node-critical"
 
 
+def test_daemonset_grace_covers_the_thaw_on_the_way_out() -> None:
+    """SIGTERM -> thaw what it froze -> calls in flight finish -> exit, before kubelet's
+    SIGKILL: a daemon killed first leaves its frozen apps frozen until another one starts."""
+    from daemon.api import STOP_THAW_BUDGET
+    from daemon.server import SHUTDOWN_TIMEOUT
+
+    spec = find("DaemonSet", "freeze-daemon-containerd")["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] > STOP_THAW_BUDGET + SHUTDOWN_TIMEOUT + 5
+
+
 def test_daemon_network_policy_admits_only_mutated_pods() -> None:
     from webhook.mutation import LABEL_ADDED
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from freeze_proxy.daemon_client import TokenFile
 from freeze_proxy.http1 import HOP_BY_HOP
@@ -124,6 +125,38 @@ async def test_failed_resume_answers_503_and_the_next_request_retries(tmp_path: 
     finally:
         await h.close()
     assert h.app.violations == []
+
+
+async def test_a_resume_that_finds_no_daemon_forwards_unfrozen_once_warned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """freeze-proxy uninstalled (the daemon's stop thawed the app) while the proxy believes the
+    app frozen: its resume is refused for the whole budget, so it forwards, and from then on
+    acts as on a node without a daemon: requests do not wait for, or call, a daemon."""
+    h = await start_harness(tmp_path, resume_timeout=0.3)
+    try:
+        await h.wait_for(lambda: h.daemon.frozen)
+        await h.runners.pop(0).cleanup()  # the daemon is gone...
+        h.daemon.frozen = False  # ...and thawed what it froze on its way out
+        thaws = h.daemon.count("thaw")
+        async with aiohttp.ClientSession() as s:
+            async with s.get(h.proxy_url + "/x") as r:
+                assert r.status == 200, await r.text()
+            async with s.get(h.health_url) as r:
+                health = await r.json()
+            assert health["state"] == "awake" and health["daemon"] == "unreachable", health
+            for i in range(3):
+                started = time.monotonic()
+                async with s.get(f"{h.proxy_url}/y{i}") as r:
+                    assert r.status == 200
+                assert time.monotonic() - started < 0.2, "a request waited for a resume"
+        assert h.daemon.count("thaw") == thaws
+    finally:
+        await h.close()
+    assert h.app.violations == []
+    warned = [r for r in caplog.records if "uninstalled from this node" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING", warned
+    assert "daemon unreachable at http://127.0.0.1:" in warned[0].getMessage()
 
 
 async def test_transient_resume_failure_is_retried_within_the_budget(tmp_path: Path) -> None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
+from freeze_proxy.contract import SIDECAR_NAME
+
 # Containers of a Knative pod that must never be frozen: freezing them would cut the pod off.
-NEVER_FROZEN = frozenset({"queue-proxy", "freeze-proxy"})
+NEVER_FROZEN = frozenset({"queue-proxy", SIDECAR_NAME})
 
 
 class RuntimeBackendError(Exception):
@@ -19,6 +22,18 @@ class ContainerNotFound(RuntimeBackendError):
 
 class RuntimeFailure(RuntimeBackendError):
     """The runtime refused or failed the call: answered 502 with this message."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListedContainer:
+    """One container of this node as the runtime lists it, with its task's state."""
+
+    pod_uid: str  # kubelet's label; empty for a container kubelet did not make
+    pod_name: str
+    namespace: str
+    name: str  # the container's name in its pod
+    container_id: str
+    status: str  # the Tasks API's: RUNNING, PAUSED, PAUSING, STOPPED, CREATED, UNKNOWN
 
 
 class Runtime(Protocol):
@@ -36,6 +51,14 @@ class Runtime(Protocol):
 
         Thawing a running container succeeds.
         """
+        ...
+
+    async def list_containers(self) -> list[ListedContainer]:
+        """Every container of this node (all pods), with its task's state."""
+        ...
+
+    async def resume_container(self, container_id: str) -> None:
+        """Thaw one container by id; thawing a running one succeeds."""
         ...
 
     async def close(self) -> None: ...

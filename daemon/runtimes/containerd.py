@@ -20,9 +20,11 @@ import grpc.aio
 
 from daemon._proto import cri_pb2, cri_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
-from . import NEVER_FROZEN, ContainerNotFound, RuntimeFailure
+from . import NEVER_FROZEN, ContainerNotFound, ListedContainer, RuntimeFailure
 
 POD_UID_LABEL = "io.kubernetes.pod.uid"
+POD_NAME_LABEL = "io.kubernetes.pod.name"
+POD_NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
 CONTAINER_NAME_LABEL = "io.kubernetes.container.name"
 DEFAULT_SOCKET = "/run/containerd/containerd.sock"
 DEFAULT_NAMESPACE = "k8s.io"  # where the CRI plugin keeps kubelet's containers
@@ -260,6 +262,44 @@ class ContainerdRuntime:
     async def resume(self, pod_uid: str, containers: Sequence[str]) -> list[str]:
         """Thaw the named containers (all but NEVER_FROZEN when empty); return their names."""
         return await self._apply("resume", pod_uid, containers, _ALREADY_RUNNING)
+
+    async def list_containers(self) -> list[ListedContainer]:
+        """Every CRI container of this node with its task's state: one CRI ``ListContainers``
+        and one Tasks ``List`` (a container without a task is listed as STOPPED)."""
+        cri, tasks = self._stubs()
+        try:
+            listed = await cri.ListContainers(
+                cri_pb2.ListContainersRequest(filter=cri_pb2.ContainerFilter()),
+                timeout=self.timeout,
+            )
+        except grpc.aio.AioRpcError as err:
+            raise _failure("CRI listing of the node's containers", err) from None
+        try:
+            got = await tasks.List(
+                tasks_pb2.ListTasksRequest(), metadata=self._metadata, timeout=self.timeout
+            )
+        except grpc.aio.AioRpcError as err:
+            raise _failure("listing of the node's tasks", err) from None
+        # containerd fills only ``id`` in a listing: a container's init process has its id.
+        status = {t.container_id or t.id: str(tasks_pb2.Status.Name(t.status)) for t in got.tasks}
+        return [
+            ListedContainer(
+                pod_uid=c.labels.get(POD_UID_LABEL, ""),
+                pod_name=c.labels.get(POD_NAME_LABEL, ""),
+                namespace=c.labels.get(POD_NAMESPACE_LABEL, ""),
+                name=c.labels.get(CONTAINER_NAME_LABEL) or c.metadata.name,
+                container_id=c.id,
+                status=status.get(c.id, "STOPPED"),
+            )
+            for c in listed.containers
+        ]
+
+    async def resume_container(self, container_id: str) -> None:
+        """Thaw one container by id (running already: fine; gone: ContainerNotFound)."""
+        try:
+            await self._task_call("resume", container_id[:12], container_id, _ALREADY_RUNNING)
+        except _Stale as stale:
+            raise ContainerNotFound(f"no task {container_id}: {stale.detail}") from None
 
     async def task_status(self, container_id: str) -> str:
         """The task's state per containerd: RUNNING, PAUSED, PAUSING, STOPPED, CREATED..."""
