@@ -11,6 +11,7 @@ The pod helpers read what a user would look at: pod status, ``kubectl logs``, th
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -46,8 +47,8 @@ def until(what: str, check: Callable[[], _T | None], timeout: float, every: floa
 
 
 def overlay(directory: Path, refs: Mapping[str, str], containerd_socket: Path) -> Path:
-    """A kustomization in ``directory`` over config/ (linked beside it: kustomize loads
-    resources relative to the kustomization)."""
+    """A kustomization in ``directory`` over config/ (named by a relative path: kustomize loads
+    resources relative to the kustomization, and refuses absolute ones)."""
     images = []
     for name in ("proxy", "daemon", "webhook"):
         repo, tag = refs[name].rsplit(":", 1)
@@ -61,19 +62,16 @@ def overlay(directory: Path, refs: Mapping[str, str], containerd_socket: Path) -
             "value": str(containerd_socket),
         }
     ]
+    directory.mkdir(parents=True, exist_ok=True)
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
-        "resources": ["config"],
+        "resources": [os.path.relpath(ROOT / "config", directory.resolve())],
         "images": images,
         "patches": [
             {"target": {"kind": "DaemonSet", "name": DAEMONSET}, "patch": json.dumps(patch)}
         ],
     }
-    directory.mkdir(parents=True, exist_ok=True)
-    link = directory / "config"
-    if not link.is_symlink():
-        link.symlink_to(ROOT / "config")
     (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     return directory
 

@@ -111,6 +111,60 @@ def test_2_knative_makes_the_revision_pod_and_our_webhook_mutates_it(
     assert install.is_ready(sleeptalker)
 
 
+def _warnings_of_webhook(cluster: Cluster) -> str:
+    return cluster.kubectl(
+        "logs", "-n", "knative-serving", "-l", "app=freezer-webhook", "--tail=-1", "--prefix"
+    ).stdout
+
+
+def test_2b_an_h2c_service_as_knative_makes_it_runs_unmutated_with_a_warning(
+    cluster: Cluster, installed: Path, built: Built
+) -> None:
+    """The pod shape Knative really produces for `ports: [{name: h2c}]` (not a fixture):
+    admitted unchanged (the proxy does not relay h2c yet), Ready, and the webhook says why."""
+    ksvc = install.service("grpc", built.refs["sleeptalker"], {})
+    ksvc["spec"]["template"]["spec"]["containers"][0]["ports"] = [
+        {"name": "h2c", "containerPort": 8080}
+    ]
+    pod = install.deploy(cluster, ksvc)
+    names = [c["name"] for c in pod["spec"]["containers"]]
+    assert contract.SIDECAR_NAME not in names, names
+    qp = next(c for c in pod["spec"]["containers"] if c["name"] == "queue-proxy")
+    assert {"name": "queue-port", "containerPort": 8013, "protocol": "TCP"} in qp["ports"]
+    assert install.is_ready(pod)
+    assert "h2c" in _warnings_of_webhook(cluster)
+    cluster.kubectl("delete", "ksvc", "grpc", "--wait=false")
+
+
+def test_2c_a_multi_container_service_freezes_its_serving_container(
+    cluster: Cluster, installed: Path, built: Built
+) -> None:
+    """Knative's multi-container shape (user-container-0 has the port): the webhook finds the
+    serving container through queue-proxy's USER_PORT, and that container is what freezes."""
+    ksvc = install.service("multi", built.refs["sleeptalker"], {})
+    serving = ksvc["spec"]["template"]["spec"]["containers"][0]
+    serving["ports"] = [{"containerPort": 8080}]
+    helper = {
+        "image": built.refs["sleeptalker"],
+        "env": [{"name": "PORT", "value": "8081"}, {"name": "TICK_INTERVAL", "value": "0.5"}],
+    }
+    ksvc["spec"]["template"]["spec"]["containers"].append(helper)
+    pod = install.deploy(cluster, ksvc)
+    names = [c["name"] for c in pod["spec"]["containers"]]
+    assert "user-container-0" in names and "user-container-1" in names, names
+    proxy = next(c for c in pod["spec"]["containers"] if c["name"] == contract.SIDECAR_NAME)
+    env = {e["name"]: e.get("value") for e in proxy["env"]}
+    assert env[contract.ENV_USER_CONTAINER] == "user-container-0"
+    until(
+        "the serving container frozen",
+        lambda: install.freezer_state(pod, "user-container-0") == "FROZEN",
+        30,
+    )
+    status, body = get(queue_proxy_url(pod))
+    assert status == 200 and body.endswith(b".. world.\n"), (status, body[-200:])
+    cluster.kubectl("delete", "ksvc", "multi", "--wait=false")
+
+
 def test_3_idle_app_is_frozen_and_a_request_through_queue_proxy_wakes_it(
     cluster: Cluster, sleeptalker: dict[str, Any]
 ) -> None:
