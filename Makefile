@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q -e ".[$(PIP_EXTRAS)]"
 	@touch $(STAMP)
 
-# The README's first command: the local demo on a real containerd. ARGS=--keep leaves it running.
+# The README's first command: the local demo on a real containerd. ARGS=--keep leaves it running;
+# ARGS=--cluster runs it on a real single-node Kubernetes with Knative Serving.
 demo: setup
+	@case " $(ARGS) " in *" --cluster "*) $(MAKE) --no-print-directory k8s-bins rootfs ;; esac
 	$(PYTHON) -m testbed.demo $(ARGS)
 
 # The README's test command (CI runs exactly this): lint, types, stubs, then every test.
@@ -45,8 +47,9 @@ check-protos:
 	    { echo "daemon/_proto/$$(basename "$$f") is stale: run 'make protos' and commit it"; exit 1; }; \
 	done; echo "protos: committed stubs match"
 
-# kube-apiserver, etcd, kubectl and Knative's queue-proxy, built from Go modules and cached
-# outside the repo (/var/cache/freeze-proxy), keyed by version: only a cold machine pays.
+# etcd, the Kubernetes binaries (a real node's too), CoreDNS and Knative Serving, built from Go
+# modules and cached outside the repo (/var/cache/freeze-proxy), keyed by version: only a cold
+# machine pays.
 k8s-bins:
 	scripts/build_k8s.sh
 

@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,7 @@ import yaml
 
 from . import coredns, gobins, hostside, knative
 from .apiserver import SERVICE_CLUSTER_IP_RANGE, ApiServer, KubectlError, die_with_parent_argv
-from .containerd import Containerd
+from .containerd import Containerd, shim_pids
 from .mounts import unmount_under
 from .oci import import_image
 from .processes import free_port
@@ -64,6 +65,8 @@ NODE_BINARIES: Final = (
     *(f"knative-{c}" for c in knative.KNATIVE_COMPONENTS),
 )
 _WORKDIR_PREFIX: Final = "freeze-cluster-"
+#: The host as found, kept while a cluster runs: a run that died is undone by the next one.
+HOST_SNAPSHOT: Final = Path("/run/freeze-cluster/host-snapshot.pickle")
 
 
 class ClusterError(RuntimeError):
@@ -240,9 +243,12 @@ class Cluster:
         if why:
             raise ClusterError(why)
         bins = gobins.binaries(*NODE_BINARIES)
+        self._recover()
         self.work = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX, dir=self._workdir_parent))
+        (self.work / "owner.pid").write_text(str(os.getpid()))
         try:
             self._host = hostside.HostSnapshot.capture(bridge=BRIDGE, cgroup_root=CGROUP_ROOT)
+            self._host.save(HOST_SNAPSHOT)
             hostside.create_bridge(BRIDGE, f"{NODE_IP}/24")
             hostside.make_cgroup_root(CGROUP_ROOT)
             self._step("control plane", lambda: self._start_control_plane(bins))
@@ -280,6 +286,7 @@ class Cluster:
         if self._host is not None:
             errors.extend(self._host.restore())
             self._host = None
+            HOST_SNAPSHOT.unlink(missing_ok=True)
         if self.work != Path() and self.work.exists():
             # The kubelet bind-mounts its root dir onto itself and mounts pods' volumes in it.
             unmount_under(self.work)
@@ -288,6 +295,28 @@ class Cluster:
                 errors.append(f"could not remove {self.work}")
         if errors:
             raise ClusterError("cluster cleanup incomplete: " + "; ".join(errors))
+
+    def _recover(self) -> None:
+        """Undo what a cluster whose test process was killed left: its shims and containers
+        (they outlive containerd), its mounts and work dir, and the host as it found it."""
+        parent = self._workdir_parent or Path(tempfile.gettempdir())
+        for old in parent.glob(_WORKDIR_PREFIX + "*"):
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int((old / "owner.pid").read_text()), 0)
+                continue  # its owner still runs
+            for pid in shim_pids(old / "containerd" / "containerd.sock"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            unmount_under(old)
+            shutil.rmtree(old, ignore_errors=True)
+            print(f"cluster: removed {old}, left by a run that died", file=self._say)
+        left = hostside.HostSnapshot.load(HOST_SNAPSHOT)
+        if left is not None:
+            errors = left.restore()
+            HOST_SNAPSHOT.unlink(missing_ok=True)
+            print(
+                f"cluster: restored the host as a run that died found it {errors}", file=self._say
+            )
 
     # ---- the parts ------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -661,6 +662,23 @@ class HostSnapshot:
             nfacct=list_nfacct(),
             paths=[PathState.capture(p) for p in paths],
         )
+
+    def save(self, path: Path) -> None:
+        """Keep the snapshot where a later run finds it if this one dies before ``restore()``
+        (a SIGKILLed test process: its node's processes die with it, the host changes stay)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps(self))
+        os.replace(tmp, path)
+
+    @staticmethod
+    def load(path: Path) -> HostSnapshot | None:
+        """The snapshot a run that died left at ``path``, if any."""
+        try:
+            snapshot = pickle.loads(path.read_bytes())
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
+            return None
+        return snapshot if isinstance(snapshot, HostSnapshot) else None
 
     def restore(self) -> list[str]:
         """Undo everything, each step whatever the others did; return every error. Order: the
