@@ -286,7 +286,7 @@ class Cluster:
         if self._host is not None:
             errors.extend(self._host.restore())
             self._host = None
-            HOST_SNAPSHOT.unlink(missing_ok=True)
+            _forget_snapshot()
         if self.work != Path() and self.work.exists():
             # The kubelet bind-mounts its root dir onto itself and mounts pods' volumes in it.
             unmount_under(self.work)
@@ -301,8 +301,12 @@ class Cluster:
         (they outlive containerd), its mounts and work dir, and the host as it found it."""
         parent = self._workdir_parent or Path(tempfile.gettempdir())
         for old in parent.glob(_WORKDIR_PREFIX + "*"):
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int((old / "owner.pid").read_text()), 0)
+            try:
+                owner = int((old / "owner.pid").read_text())
+            except (OSError, ValueError):
+                continue  # not a cluster's (or not yet): leave it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(owner, 0)
                 continue  # its owner still runs
             for pid in shim_pids(old / "containerd" / "containerd.sock"):
                 with contextlib.suppress(ProcessLookupError):
@@ -313,7 +317,7 @@ class Cluster:
         left = hostside.HostSnapshot.load(HOST_SNAPSHOT)
         if left is not None:
             errors = left.restore()
-            HOST_SNAPSHOT.unlink(missing_ok=True)
+            _forget_snapshot()
             print(
                 f"cluster: restored the host as a run that died found it {errors}", file=self._say
             )
@@ -549,6 +553,12 @@ class Cluster:
         if self.containerd is None:
             raise RuntimeError("the cluster is not started")
         return self.containerd
+
+
+def _forget_snapshot() -> None:
+    HOST_SNAPSHOT.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        HOST_SNAPSHOT.parent.rmdir()
 
 
 def _nft_ruleset() -> bytes:

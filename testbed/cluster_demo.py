@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shutil
 import signal
 import tempfile
 import time
@@ -72,8 +73,15 @@ async def _wait_frozen(pod: KubePod, timeout: float = 30) -> None:
 
 
 async def run(args: argparse.Namespace) -> Summary:
+    work = Path(tempfile.mkdtemp(prefix="freeze-demo-cluster-"))
+    try:
+        return await _run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def _run(args: argparse.Namespace, work: Path) -> Summary:
     summary = Summary(idle_seconds=args.idle)
-    work = Path(tempfile.mkdtemp(prefix="freeze-cluster-demo-"))
     done = _progress("building our four images with their Dockerfiles (private dockerd)")
     with Dockerd() as engine:
         built = images.build(engine, REGISTRY, TAG)
