@@ -8,8 +8,9 @@ user with a private registry or k3s would), Knative Services applied unchanged b
 and what the user would check: pods Ready and mutated, the app frozen when idle and answering
 when called, probes not restarting anything, scale to zero, deletion and uninstall.
 
-The checks are the issue's proofs 1-7, in order; later tests build on the install of earlier
-ones (module-scoped fixtures), and the uninstall is last.
+The checks are the issue's proofs 1-7, run in file order (proof 5 late, so that its wait for the
+token's rotation overlaps the others); later tests build on the install of earlier ones
+(module-scoped fixtures), and the uninstall is last.
 """
 
 from __future__ import annotations
@@ -196,12 +197,7 @@ def test_4_the_proxy_uses_the_kubelet_projected_token_and_the_daemon_reviews_it(
     cluster: Cluster, sleeptalker: dict[str, Any]
 ) -> None:
     pod = sleeptalker
-    token = cluster.kubectl(
-        "exec", "-n", "default", pod["metadata"]["name"], "-c", "freeze-proxy", "--",
-        "python3", "-c", f"print(open({contract.TOKEN_FILE!r}).read())",
-    ).stdout.strip()  # fmt: skip
-    payload = token.split(".")[1]
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims = _token_claims(cluster, pod)
     assert claims["aud"] == [contract.TOKEN_AUDIENCE]
     k8s = claims["kubernetes.io"]
     assert k8s["pod"]["uid"] == pod["metadata"]["uid"]
@@ -212,21 +208,6 @@ def test_4_the_proxy_uses_the_kubelet_projected_token_and_the_daemon_reviews_it(
         "logs", "-n", "knative-serving", "-l", "app=freeze-daemon-containerd", "--tail=-1"
     ).stdout
     assert pod["metadata"]["uid"] in logs, logs[-2000:]
-
-
-def test_5_kubelet_probes_keep_the_frozen_pod_ready_for_three_minutes(
-    cluster: Cluster, sleeptalker: dict[str, Any]
-) -> None:
-    pod = refresh(cluster, sleeptalker)
-    counts = restarts(pod)
-    until("the idle app frozen", lambda: frozen(pod), 30)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        now = refresh(cluster, pod)
-        assert install.is_ready(now), now["status"]
-        assert restarts(now) == counts, now["status"]["containerStatuses"]
-        time.sleep(10)
-    assert install.freezer_state(pod) == "FROZEN"
 
 
 def _gone_after_deletion(cluster: Cluster, pod: dict[str, Any], why: str, timeout: float) -> float:
@@ -276,6 +257,49 @@ def test_7a_deleting_a_frozen_service_removes_its_pods_within_the_grace(
     cluster.kubectl("delete", "ksvc", "doomed", "--wait=false")
     took = _gone_after_deletion(cluster, pod, "the pod to be deleted", 30)
     print(f"kubectl delete ksvc: the frozen pod was Terminating for {took:.1f} s")
+
+
+def _token_claims(cluster: Cluster, pod: dict[str, Any]) -> dict[str, Any]:
+    """The claims of the token file as the proxy's container sees it."""
+    token = cluster.kubectl(
+        "exec", "-n", "default", pod["metadata"]["name"], "-c", contract.SIDECAR_NAME, "--",
+        "python3", "-c", f"print(open({contract.TOKEN_FILE!r}).read())",
+    ).stdout.strip()  # fmt: skip
+    payload = token.split(".")[1]
+    claims: dict[str, Any] = json.loads(
+        base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    )
+    return claims
+
+
+def test_5_kubelet_probes_keep_the_frozen_pod_ready_and_the_rotated_token_still_wakes_it(
+    cluster: Cluster, sleeptalker: dict[str, Any]
+) -> None:
+    """Proof 5 (at least 3 minutes frozen: Ready, nothing restarted) and the rest of proof 4:
+    the kubelet rotates the token (at 80 % of its 600 s, on its next volume sync) and the
+    rotated one wakes the app. Placed late in the module so that the wait for the rotation
+    overlaps the earlier tests."""
+    pod = refresh(cluster, sleeptalker)
+    counts = restarts(pod)
+    first = _token_claims(cluster, pod)
+    until("the idle app frozen", lambda: frozen(pod), 30)
+    started = time.monotonic()
+    rotate_by = first["iat"] + 0.8 * (first["exp"] - first["iat"]) + 120  # + kubelet's sync
+    rotated: dict[str, Any] | None = None
+    while time.monotonic() - started < 180 or rotated is None:
+        assert time.time() < rotate_by, f"the kubelet did not rotate the token: {first}"
+        now = refresh(cluster, pod)
+        assert install.is_ready(now), now["status"]
+        assert restarts(now) == counts, now["status"]["containerStatuses"]
+        assert frozen(pod)
+        if rotated is None and (claims := _token_claims(cluster, pod))["iat"] != first["iat"]:
+            rotated = claims
+        time.sleep(10)
+    held = time.monotonic() - started
+    print(f"frozen and Ready for {held:.0f} s; the token rotated (iat {rotated['iat']})")
+    assert rotated["kubernetes.io"]["pod"]["uid"] == pod["metadata"]["uid"]
+    status, body = get(queue_proxy_url(pod))  # the resume authenticates with the new token
+    assert status == 200 and body.endswith(b".. world.\n"), (status, body[-200:])
 
 
 def test_7b_uninstall_while_frozen_leaves_nothing_frozen_and_the_app_answering(
