@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,13 +27,15 @@ from daemon._proto import tasks_pb2, tasks_pb2_grpc
 from daemon.auth import JwksFile, JwtVerifier, KeyCache, PodTokenAuthenticator
 from daemon.runtimes.containerd import ContainerdRuntime
 from testbed import tokens
-from testbed.containerd import missing_prerequisites
+from testbed.containerd import missing_prerequisites, shim_pids
 from testbed.pods import Pod
-from testbed.stack import Proxy, Stack, stack
+from testbed.processes import free_port
+from testbed.stack import Proxy, Stack, program, stack, wait_http
 
 BENCH = "wake"
 CONTAINER = "user-container"
 SETTLE = 0.02  # idle time before each timed container operation: no back-to-back effects
+CPU_CYCLES = 200  # pause+resume cycles per backend for the CPU rows
 NO_APISERVER = "skipped: no kube-apiserver built (make k8s-bins)"
 
 Samples = dict[str, list[float]]
@@ -172,6 +175,26 @@ class _Bed:
     token: str
     review: Callable[[], Awaitable[float]] | None
     base_pauses: int = 0
+    # The same wake through a second daemon (--runtime cgroup) and proxy, on a second pod (one
+    # backend per container: the two ways of freezing must never mix on one container).
+    cg_pod: Pod | None = None
+    cg_proxy: Proxy | None = None
+    cg_base_pauses: int = 0
+    cg_daemon: Any = None  # its Popen
+    cg_token: str = ""
+
+    async def cgroup_round(self, index: int, s: Samples) -> None:
+        """A request to the app frozen by the cgroup backend → first byte."""
+        assert self.cg_pod is not None and self.cg_proxy is not None
+        await self.cg_pod.wait_frozen(CONTAINER, poll=0.002)
+        await asyncio.sleep(SETTLE)
+        seen, ttfb, total = await _get(self.session, self.cg_proxy.url)
+        s["cg_wake_seen"].append(seen)
+        s["cg_wake_ttfb"].append(ttfb)
+        s["cg_wake_total"].append(total)
+        await _wait_proxy_frozen(
+            self.session, self.cg_proxy, pauses=self.cg_base_pauses + index + 1
+        )
 
     async def round(self, index: int, s: Samples) -> None:
         """One wake through the whole path, then each piece of it once, in the same state."""
@@ -279,14 +302,28 @@ async def _run(table: Table, rounds: int) -> None:
                     await bed.review()  # warm the client's connection
                 await pod.wait_frozen(CONTAINER, poll=0.002)
                 bed.base_pauses = int((await proxy.health())["pauses"])
-                for i in range(rounds):
-                    await bed.round(i, s)
+                async with _cgroup_side(st, bed, session) as cg_url:
+                    for i in range(rounds):
+                        await bed.round(i, s)
+                        await bed.cgroup_round(i, s)
+                    assert bed.cg_proxy is not None and bed.cg_pod is not None
+                    cg_resume = _proxy_resumes(bed.cg_proxy.log_file)[:rounds]
+                    cycles = 20 if rounds < 200 else CPU_CYCLES
+                    cpu = {
+                        "containerd": await _cpu_per_cycle(
+                            st, session, st.daemon_url, st.daemon_proc, token, cycles
+                        ),
+                        "cgroup": await _cpu_per_cycle(
+                            st, session, cg_url, bed.cg_daemon, bed.cg_token, cycles
+                        ),
+                    }
             # The proxy's resume calls, without the one it makes at exit.
             proxy_resume = _proxy_resumes(proxy.log_file)[:rounds]
         finally:
             await runtime.close()
             await channel.close(None)
     _report(table, s, proxy_resume, review if isinstance(review, str) else None)
+    _report_cgroup(table, s, cg_resume, cpu)
 
 
 def _report(table: Table, s: Samples, proxy_resume: list[float], review_skip: str | None) -> None:
@@ -352,3 +389,99 @@ def _report(table: Table, s: Samples, proxy_resume: list[float], review_skip: st
             over_ms=round(wake_p99 - resume_p99 - 1.0, 3),
             result="pass" if wake_p99 <= resume_p99 + 1.0 else "fail",
         )
+
+
+@contextlib.asynccontextmanager
+async def _cgroup_side(st: Stack, bed: _Bed, session: aiohttp.ClientSession) -> AsyncIterator[str]:
+    """A second daemon with ``--runtime cgroup`` on the same containerd (its CRI socket), a
+    second sleeptalker pod and a proxy in front of it calling that daemon; yields its URL."""
+    port = free_port()
+    args = [
+        *st.daemon_args("--freeze-rate=0"),
+        f"--listen=127.0.0.1:{port}",  # the last --listen wins
+        "--runtime=cgroup",
+        f"--cri-socket={st.containerd.socket}",
+    ]
+    url = f"http://127.0.0.1:{port}"
+    async with program(args, st.work / "daemon-cgroup.log") as proc:
+        await wait_http(f"{url}/healthz")
+        pod, app_port = await st.sleeptalker_pod(name="wake-cgroup")
+        bed.cg_pod, bed.cg_daemon = pod, proc
+        bed.cg_token = st.token_file(pod).read_text()
+        async with st.proxy(
+            pod, app_port, "--grace=0", python=proxy_python(), daemon_url=url
+        ) as proxy:
+            bed.cg_proxy = proxy
+            await pod.wait_frozen(CONTAINER, poll=0.002)
+            bed.cg_base_pauses = int((await proxy.health())["pauses"])
+            yield url
+
+
+def _cpu_seconds(pid: int, children: bool) -> float:
+    """utime + stime (+ reaped children's: runc runs as the shim's child) from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except FileNotFoundError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _node_cpu(st: Stack, daemon_pid: int) -> dict[str, float]:
+    assert st.containerd.proc is not None
+    return {
+        "containerd": _cpu_seconds(st.containerd.proc.pid, children=False),
+        "shims": sum(_cpu_seconds(p, children=True) for p in shim_pids(st.containerd.address)),
+        "daemon": _cpu_seconds(daemon_pid, children=False),
+    }
+
+
+async def _cpu_per_cycle(
+    st: Stack,
+    session: aiohttp.ClientSession,
+    daemon_url: str,
+    daemon: Any,
+    token: str,
+    cycles: int,
+) -> dict[str, float]:
+    """CPU ms per /thaw + /freeze cycle of one container, per process group (the app stays
+    frozen between cycles, as its proxy believes)."""
+    query = f"?container={CONTAINER}"
+    before = _node_cpu(st, daemon.pid)
+    for _ in range(cycles):
+        await _daemon_call(session, f"{daemon_url}/thaw{query}", token)
+        await _daemon_call(session, f"{daemon_url}/freeze{query}", token)
+    after = _node_cpu(st, daemon.pid)
+    return {k: (after[k] - before[k]) * 1000 / cycles for k in before}
+
+
+def _report_cgroup(
+    table: Table, s: Samples, cg_resume: list[float], cpu: dict[str, dict[str, float]]
+) -> None:
+    add = table.add
+    note = "--runtime cgroup: CRI lookup, then the container's freezer written directly"
+    add(BENCH, "cgroup: frozen app: request → app has it", **_p(s["cg_wake_seen"]), note=note)
+    add(BENCH, "cgroup: frozen app: request → first byte", **_p(s["cg_wake_ttfb"]))
+    add(BENCH, "cgroup: frozen app: request → full response", **_p(s["cg_wake_total"]))
+    add(BENCH, "cgroup: proxy's resume call (its log)", **_p(cg_resume))
+    for backend, parts in cpu.items():
+        add(
+            BENCH,
+            f"{backend}: node CPU per pause+resume",
+            **{f"{k}_ms": round(v, 3) for k, v in parts.items()},
+            total_ms=round(sum(parts.values()), 3),
+            note="containerd + shims (with runc, their children) + daemon, from /proc",
+        )
+    p50, p99 = percentile(s["cg_wake_ttfb"], 50), percentile(s["cg_wake_ttfb"], 99)
+    cd_p99 = percentile(s["wake_ttfb"], 99)
+    add(
+        BENCH,
+        "target: cgroup wake p50 <= 2 ms, p99 <= 5 ms, <= 0.3x containerd p99 (first byte)",
+        p50_ms=round(p50, 3),
+        p99_ms=round(p99, 3),
+        containerd_p99_ms=round(cd_p99, 3),
+        ratio=round(p99 / cd_p99, 3) if cd_p99 else float("nan"),
+        result="pass" if p50 <= 2.0 and p99 <= 5.0 and p99 <= 0.3 * cd_p99 else "fail",
+    )

@@ -42,7 +42,7 @@ from freeze_proxy.durations import format_duration, parse_duration
 
 log = logging.getLogger("daemon")
 
-RUNTIMES = ("containerd",)
+RUNTIMES = ("containerd", "cgroup")
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,8 @@ class Settings:
     outage_thaw_grace: float = 300.0
     limits: LimitSettings = field(default_factory=LimitSettings)
     server: ServerLimits = field(default_factory=ServerLimits)
+    cri_socket: str = "/run/containerd/containerd.sock"  # --runtime cgroup: any CRI runtime's
+    cgroup_root: str = "/sys/fs/cgroup"
 
 
 def _env_default(name: str, default: str) -> str:
@@ -159,6 +161,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         "--containerd-socket",
         default=os.environ.get("CONTAINERD_SOCKET", "/run/containerd/containerd.sock"),
         help="containerd gRPC socket [env CONTAINERD_SOCKET] (default %(default)s)",
+    )
+    parser.add_argument(
+        "--cri-socket",
+        default=os.environ.get("CRI_SOCKET", "/run/containerd/containerd.sock"),
+        help="--runtime cgroup: the CRI runtime's socket (CRI-O: /var/run/crio/crio.sock) "
+        "[env CRI_SOCKET] (default %(default)s)",
+    )
+    parser.add_argument(
+        "--cgroup-root",
+        default="/sys/fs/cgroup",
+        help="--runtime cgroup: where the host's cgroup hierarchy is mounted (default %(default)s)",
     )
     parser.add_argument(
         "--containerd-namespace", default="k8s.io", help="containerd namespace (default k8s.io)"
@@ -270,6 +283,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
             idle_timeout=args.idle_timeout,
             body_timeout=args.body_timeout,
         ),
+        cri_socket=args.cri_socket,
+        cgroup_root=args.cgroup_root,
     )
 
 
@@ -281,6 +296,10 @@ def make_runtime(settings: Settings) -> Runtime:
         return ContainerdRuntime(
             settings.containerd_socket, namespace=settings.containerd_namespace
         )
+    if settings.runtime == "cgroup":
+        from daemon.runtimes.cgroup import CgroupRuntime
+
+        return CgroupRuntime(settings.cri_socket, cgroup_root=settings.cgroup_root)
     raise ValueError(f"unknown runtime {settings.runtime!r}: supported: {', '.join(RUNTIMES)}")
 
 
@@ -340,7 +359,7 @@ async def build_app(settings: Settings) -> web.Application:
         )
         try:
             runtime = make_runtime(settings)
-        except ImportError as e:
+        except (ImportError, ValueError) as e:  # ValueError: e.g. no cgroup freezer found
             raise StartupError(f"the {settings.runtime} backend cannot be loaded: {e}") from e
     except BaseException:
         await close()
@@ -362,6 +381,11 @@ async def build_app(settings: Settings) -> web.Application:
             "listen": f"{settings.host}:{settings.port}",
             "runtime": settings.runtime,
             "containerd_socket": settings.containerd_socket,
+            **(
+                {"cri_socket": settings.cri_socket, "cgroup_root": settings.cgroup_root}
+                if settings.runtime == "cgroup"
+                else {}
+            ),
             "audience": settings.audience,
             "keys": settings.jwks_file or "api-server",
             "issuer": settings.issuer or "discovered",

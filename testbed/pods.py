@@ -56,6 +56,9 @@ class ContainerSpec:
     cpu_quota: int = 0
     cpu_period: int = 0
     cpu_shares: int = 0
+    # kubelet's default (shareProcessNamespace false): the container's own PID namespace.
+    # Off, it joins the sandbox's, where a stop kills every process of the container.
+    own_pid_namespace: bool = False
 
     def validate(self) -> None:
         """containerd accepts some nonsense (an empty image): reject it before it gets there."""
@@ -286,7 +289,13 @@ class PodClient:
                     cpu_quota=spec.cpu_quota,
                     cpu_period=spec.cpu_period,
                     cpu_shares=spec.cpu_shares,
-                )
+                ),
+                security_context=cri_pb2.LinuxContainerSecurityContext(
+                    namespace_options=cri_pb2.NamespaceOption(
+                        network=cri_pb2.NODE,
+                        pid=cri_pb2.CONTAINER if spec.own_pid_namespace else cri_pb2.POD,
+                    )
+                ),
             ),
         )
         created = await self.cri.CreateContainer(

@@ -164,9 +164,15 @@ class Stack:
 
     @contextlib.asynccontextmanager
     async def proxy(
-        self, pod: Pod, app_port: int, *extra: str, python: str = sys.executable
+        self,
+        pod: Pod,
+        app_port: int,
+        *extra: str,
+        python: str = sys.executable,
+        daemon_url: str | None = None,
     ) -> AsyncIterator[Proxy]:
-        """A freeze-proxy process in front of ``app_port`` for ``pod``; stopped with SIGTERM."""
+        """A freeze-proxy process in front of ``app_port`` for ``pod`` (calling the stack's
+        daemon unless ``daemon_url`` names another); stopped with SIGTERM."""
         port, health = free_port(), free_port()
         log_file = self.work / f"proxy-{port}.log"
         args = [
@@ -174,7 +180,7 @@ class Stack:
             f"--listen=127.0.0.1:{port}",
             f"--health-listen=127.0.0.1:{health}",
             f"--upstream=http://127.0.0.1:{app_port}",
-            f"--daemon-url={self.daemon_url}",
+            f"--daemon-url={daemon_url or self.daemon_url}",
             f"--token-file={self.token_file(pod)}",
             "--container=user-container",
             *extra,

@@ -305,6 +305,47 @@ def test_daemonset_matches_proxy_and_daemon_defaults() -> None:
     assert {"requests", "limits"} <= container["resources"].keys()
 
 
+def test_crio_daemonset_runs_the_cgroup_backend_with_least_privilege() -> None:
+    from daemon.__main__ import parse_args as daemon_args
+
+    ds = find("DaemonSet", "freeze-daemon-crio")
+    spec = ds["spec"]["template"]["spec"]
+    assert spec["nodeSelector"]["knative.dev/container-runtime"] == "crio"
+    assert spec["serviceAccountName"] == "freeze-tokenreview" and spec["tolerations"]
+    (container,) = spec["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env == {"RUNTIME_TYPE": "cgroup", "CRI_SOCKET": "/var/run/crio/crio.sock"}
+    os_env = {"RUNTIME_TYPE": env["RUNTIME_TYPE"], "CRI_SOCKET": env["CRI_SOCKET"]}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in os_env.items():
+            mp.setenv(k, v)
+        daemon = daemon_args(container["args"])
+    assert (daemon.runtime, daemon.cri_socket) == ("cgroup", "/var/run/crio/crio.sock")
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    sock = mounts[daemon.cri_socket]
+    assert volumes[sock["name"]]["hostPath"] == {"path": daemon.cri_socket, "type": "Socket"}
+    cgroup = mounts[daemon.cgroup_root]
+    assert not cgroup.get("readOnly"), "writing freezer files needs a read-write mount"
+    assert volumes[cgroup["name"]]["hostPath"] == {"path": "/sys/fs/cgroup", "type": "Directory"}
+    assert daemon.cgroup_root != "/sys/fs/cgroup", "not over the container's own cgroupfs"
+    sc = container["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert not sc.get("privileged") and sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True and sc["runAsUser"] == 0
+    (port,) = container["ports"]
+    assert port["hostPort"] == 9696 and port["containerPort"] == daemon.port
+
+
+def test_daemonsets_serve_disjoint_nodes() -> None:
+    selectors = [
+        o["spec"]["template"]["spec"]["nodeSelector"]["knative.dev/container-runtime"]
+        for o in install_objects()
+        if o["kind"] == "DaemonSet"
+    ]
+    assert sorted(selectors) == sorted(set(selectors)) and len(selectors) >= 2
+
+
 def test_kustomization_lists_every_install_file() -> None:
     assert (
         not (CONFIG / "kustomization.yaml").exists() and not (CONFIG / "kustomization.yml").exists()
@@ -409,26 +450,32 @@ def test_kubectl_apply_f_reads_only_the_manifests(tmp_path: Path) -> None:
     assert read == {f"config/{p.name}" for p in install_files()}
 
 
-def test_daemonset_is_node_critical() -> None:
+DAEMONSETS = ("freeze-daemon-containerd", "freeze-daemon-crio")
+
+
+@pytest.mark.parametrize("name", DAEMONSETS)
+def test_daemonset_is_node_critical(name: str) -> None:
     """A node agent whose absence leaves frozen pods frozen is evicted last (issue #11, 13)."""
-    spec = find("DaemonSet", "freeze-daemon-containerd")["spec"]["template"]["spec"]
+    spec = find("DaemonSet", name)["spec"]["template"]["spec"]
     assert spec["priorityClassName"] == "system-node-critical"
 
 
-def test_daemonset_grace_covers_the_thaw_on_the_way_out() -> None:
+@pytest.mark.parametrize("name", DAEMONSETS)
+def test_daemonset_grace_covers_the_thaw_on_the_way_out(name: str) -> None:
     """SIGTERM -> thaw what it froze -> calls in flight finish -> exit, before kubelet's
     SIGKILL: a daemon killed first leaves its frozen apps frozen until another one starts."""
     from daemon.api import STOP_THAW_BUDGET
     from daemon.server import SHUTDOWN_TIMEOUT
 
-    spec = find("DaemonSet", "freeze-daemon-containerd")["spec"]["template"]["spec"]
+    spec = find("DaemonSet", name)["spec"]["template"]["spec"]
     assert spec["terminationGracePeriodSeconds"] > STOP_THAW_BUDGET + SHUTDOWN_TIMEOUT + 5
 
 
-def test_daemon_network_policy_admits_only_mutated_pods() -> None:
+@pytest.mark.parametrize("name", DAEMONSETS)
+def test_daemon_network_policy_admits_only_mutated_pods(name: str) -> None:
     from webhook.mutation import LABEL_ADDED
 
-    ds = find("DaemonSet", "freeze-daemon-containerd")
+    ds = find("DaemonSet", name)
     spec = ds["spec"]["template"]["spec"]
     assert not spec.get("hostNetwork"), "a NetworkPolicy does not apply to hostNetwork pods"
     (port,) = spec["containers"][0]["ports"]

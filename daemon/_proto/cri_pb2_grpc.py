@@ -84,6 +84,11 @@ class RuntimeServiceStub:
                 request_serializer=daemon_dot___proto_dot_cri__pb2.ListContainersRequest.SerializeToString,
                 response_deserializer=daemon_dot___proto_dot_cri__pb2.ListContainersResponse.FromString,
                 _registered_method=True)
+        self.ContainerStatus = channel.unary_unary(
+                '/runtime.v1.RuntimeService/ContainerStatus',
+                request_serializer=daemon_dot___proto_dot_cri__pb2.ContainerStatusRequest.SerializeToString,
+                response_deserializer=daemon_dot___proto_dot_cri__pb2.ContainerStatusResponse.FromString,
+                _registered_method=True)
         self.UpdateContainerResources = channel.unary_unary(
                 '/runtime.v1.RuntimeService/UpdateContainerResources',
                 request_serializer=daemon_dot___proto_dot_cri__pb2.UpdateContainerResourcesRequest.SerializeToString,
@@ -159,6 +164,12 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ContainerStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UpdateContainerResources(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -223,6 +234,11 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.ListContainers,
                     request_deserializer=daemon_dot___proto_dot_cri__pb2.ListContainersRequest.FromString,
                     response_serializer=daemon_dot___proto_dot_cri__pb2.ListContainersResponse.SerializeToString,
+            ),
+            'ContainerStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ContainerStatus,
+                    request_deserializer=daemon_dot___proto_dot_cri__pb2.ContainerStatusRequest.FromString,
+                    response_serializer=daemon_dot___proto_dot_cri__pb2.ContainerStatusResponse.SerializeToString,
             ),
             'UpdateContainerResources': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateContainerResources,
@@ -505,6 +521,33 @@ class RuntimeService:
             '/runtime.v1.RuntimeService/ListContainers',
             daemon_dot___proto_dot_cri__pb2.ListContainersRequest.SerializeToString,
             daemon_dot___proto_dot_cri__pb2.ListContainersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ContainerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/ContainerStatus',
+            daemon_dot___proto_dot_cri__pb2.ContainerStatusRequest.SerializeToString,
+            daemon_dot___proto_dot_cri__pb2.ContainerStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2,30 +2,34 @@
 
 CRI is how kubelet names things (pod UID and container name labels), the Tasks API is the only
 containerd API that pauses (CRI has no pause call). Both are served on containerd's one socket;
-one grpc.aio channel is used for the whole process. Container ids are cached per pod UID, since
-the lookup costs two CRI calls and ids only change when a container restarts, which shows up as
-NOT_FOUND on the next Tasks call (and triggers one refresh).
+one grpc.aio channel is used for the whole process. Container ids are cached per pod UID
+(daemon.runtimes.cri); a replaced container shows up as NOT_FOUND on the next Tasks call (and
+triggers one refresh).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from daemon._proto import cri_pb2, cri_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from daemon._proto import tasks_pb2, tasks_pb2_grpc
 
-from . import NEVER_FROZEN, ContainerNotFound, ListedContainer, RuntimeFailure
+from . import ContainerNotFound, ListedContainer, RuntimeFailure
+from .cri import (
+    CONTAINER_NAME_LABEL,
+    POD_NAME_LABEL,
+    POD_NAMESPACE_LABEL,
+    POD_UID_LABEL,
+    CriLookup,
+    cri_hints,
+    rpc_failure,
+)
 
-POD_UID_LABEL = "io.kubernetes.pod.uid"
-POD_NAME_LABEL = "io.kubernetes.pod.name"
-POD_NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
-CONTAINER_NAME_LABEL = "io.kubernetes.container.name"
 DEFAULT_SOCKET = "/run/containerd/containerd.sock"
 DEFAULT_NAMESPACE = "k8s.io"  # where the CRI plugin keeps kubelet's containers
 
@@ -34,22 +38,12 @@ _ALREADY_PAUSED = ("cannot pause a paused container", "already paused")
 _ALREADY_RUNNING = ("cannot resume a running process", "not paused")
 
 _HINTS: Mapping[grpc.StatusCode, str] = {
-    grpc.StatusCode.UNAVAILABLE: "is containerd running and is --containerd-socket right?",
-    grpc.StatusCode.PERMISSION_DENIED: "the daemon needs root (or write access to the socket)",
-    grpc.StatusCode.DEADLINE_EXCEEDED: "containerd did not answer in time: overloaded or hung?",
+    **cri_hints("containerd", "--containerd-socket"),
     grpc.StatusCode.UNIMPLEMENTED: (
         "does this containerd serve CRI v1 and the Tasks API (containerd >= 1.6, cri plugin on)?"
     ),
     grpc.StatusCode.FAILED_PRECONDITION: "is the containerd namespace right (k8s.io for CRI)?",
 }
-
-# Quick reconnects: when containerd restarts, calls should work again within a second,
-# not after gRPC's default backoff of up to two minutes.
-_CHANNEL_OPTIONS = (
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-)
 
 
 class _Stale(Exception):
@@ -63,10 +57,7 @@ class _Stale(Exception):
 
 def _failure(what: str, err: grpc.aio.AioRpcError) -> RuntimeFailure:
     """A RuntimeFailure that says what failed, containerd's code and message, and a hint."""
-    code = err.code()
-    msg = f"containerd {what}: {code.name}: {err.details()}"
-    hint = _HINTS.get(code)
-    return RuntimeFailure(f"{msg} ({hint})" if hint else msg)
+    return rpc_failure("containerd", what, err, _HINTS)
 
 
 class ContainerdRuntime:
@@ -81,122 +72,46 @@ class ContainerdRuntime:
         cache_size: int = 4096,
         cache_ttl: float = 60.0,
     ) -> None:
-        self.socket = os.path.abspath(os.fspath(socket))
+        self._cri_lookup = CriLookup(
+            socket,
+            runtime="containerd",
+            socket_flag="--containerd-socket",
+            timeout=timeout,
+            cache_size=cache_size,
+            cache_ttl=cache_ttl,
+        )
+        self._cri_lookup.hints = dict(_HINTS)
+        self.socket = self._cri_lookup.socket
         self.namespace = namespace
         self.timeout = timeout
         self._metadata = (("containerd-namespace", namespace),)
-        # pod UID -> (when looked up, container name -> id); LRU-bounded. The TTL bounds how long
-        # a default set can miss a container started after the lookup (a cold lookup is ~1 ms).
-        self._cache: OrderedDict[str, tuple[float, dict[str, str]]] = OrderedDict()
-        self._cache_size = cache_size
-        self._cache_ttl = cache_ttl
-        self._channel: grpc.aio.Channel | None = None
-        self._cri: Any = None
         self._tasks: Any = None
+        self._tasks_channel: grpc.aio.Channel | None = None
 
     # -- plumbing ----------------------------------------------------------------------------
 
     def _stubs(self) -> tuple[Any, Any]:
-        """Create the channel on first use, inside the event loop that will use it."""
-        if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(
-                f"unix://{self.socket}", options=_CHANNEL_OPTIONS
-            )
-            self._cri = cri_pb2_grpc.RuntimeServiceStub(self._channel)
-            self._tasks = tasks_pb2_grpc.TasksStub(self._channel)
-        return self._cri, self._tasks
+        """CRI and Tasks stubs on the one channel, created on first use inside the event loop."""
+        channel = self._cri_lookup.channel()
+        if self._tasks is None or self._tasks_channel is not channel:
+            self._tasks = tasks_pb2_grpc.TasksStub(channel)
+            self._tasks_channel = channel
+        return self._cri_lookup.stub(), self._tasks
 
     async def close(self) -> None:
         """Close the channel; a later call opens a new one."""
-        if self._channel is not None:
-            channel, self._channel = self._channel, None
-            await channel.close(None)
+        await self._cri_lookup.close()
 
     def forget(self, pod_uid: str) -> None:
         """Drop a pod's cached container ids (e.g. when the pod is deleted)."""
-        self._cache.pop(pod_uid, None)
-
-    # -- CRI lookup --------------------------------------------------------------------------
-
-    async def _list_running(self, pod_uid: str) -> dict[str, str]:
-        """Container name -> id of the running containers of the pod's ready sandbox(es)."""
-        cri, _ = self._stubs()
-        try:
-            sandboxes = await cri.ListPodSandbox(
-                cri_pb2.ListPodSandboxRequest(
-                    filter=cri_pb2.PodSandboxFilter(
-                        state=cri_pb2.PodSandboxStateValue(state=cri_pb2.SANDBOX_READY),
-                        label_selector={POD_UID_LABEL: pod_uid},
-                    )
-                ),
-                timeout=self.timeout,
-            )
-            found: dict[str, tuple[int, str]] = {}
-            for sandbox in sandboxes.items:
-                listed = await cri.ListContainers(
-                    cri_pb2.ListContainersRequest(
-                        filter=cri_pb2.ContainerFilter(
-                            pod_sandbox_id=sandbox.id,
-                            state=cri_pb2.ContainerStateValue(state=cri_pb2.CONTAINER_RUNNING),
-                        )
-                    ),
-                    timeout=self.timeout,
-                )
-                for c in listed.containers:
-                    name = c.labels.get(CONTAINER_NAME_LABEL) or c.metadata.name
-                    # Two running containers of one name (a restart in flight): newest wins.
-                    if name not in found or c.created_at > found[name][0]:
-                        found[name] = (c.created_at, c.id)
-        except grpc.aio.AioRpcError as err:
-            raise _failure(f"CRI lookup of pod {pod_uid}", err) from None
-        return {name: cid for name, (_, cid) in found.items()}
+        self._cri_lookup.forget(pod_uid)
 
     async def lookup(
         self, pod_uid: str, containers: Sequence[str] = (), refresh: bool = False
     ) -> dict[str, str]:
-        """Container name -> id for the named containers (all but NEVER_FROZEN when empty).
-
-        Served from the cache unless ``refresh``, the entry is older than ``cache_ttl`` or a
-        requested name is missing from it.
-        Raises ContainerNotFound when the pod or a named container is not running here.
-        """
-        if not pod_uid:
-            raise ContainerNotFound("empty pod UID")
-        now = asyncio.get_running_loop().time()
-        entry = None if refresh else self._cache.get(pod_uid)
-        if (
-            entry is not None
-            and now - entry[0] < self._cache_ttl
-            and all(n in entry[1] for n in containers)
-        ):
-            self._cache.move_to_end(pod_uid)
-            running = entry[1]
-        else:
-            running = await self._list_running(pod_uid)
-            if not running:
-                self.forget(pod_uid)
-                raise ContainerNotFound(f"no running pod with UID {pod_uid} on this node")
-            self._cache[pod_uid] = (now, running)
-            self._cache.move_to_end(pod_uid)
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        if containers:
-            missing = [n for n in dict.fromkeys(containers) if n not in running]
-            if missing:
-                raise ContainerNotFound(
-                    f"pod {pod_uid} has no running container named "
-                    f"{', '.join(repr(n) for n in missing)} "
-                    f"(running: {', '.join(sorted(running)) or 'none'})"
-                )
-            return {n: running[n] for n in dict.fromkeys(containers)}
-        chosen = {n: cid for n, cid in sorted(running.items()) if n not in NEVER_FROZEN}
-        if not chosen:
-            raise ContainerNotFound(
-                f"pod {pod_uid} has no container to freeze "
-                f"(running: {', '.join(sorted(running))}; never frozen: "
-                f"{', '.join(sorted(NEVER_FROZEN))})"
-            )
-        return chosen
+        """Container name -> id for the named containers (all but NEVER_FROZEN when empty);
+        see CriLookup.lookup."""
+        return await self._cri_lookup.lookup(pod_uid, containers, refresh)
 
     # -- Tasks -------------------------------------------------------------------------------
 
@@ -266,14 +181,8 @@ class ContainerdRuntime:
     async def list_containers(self) -> list[ListedContainer]:
         """Every CRI container of this node with its task's state: one CRI ``ListContainers``
         and one Tasks ``List`` (a container without a task is listed as STOPPED)."""
-        cri, tasks = self._stubs()
-        try:
-            listed = await cri.ListContainers(
-                cri_pb2.ListContainersRequest(filter=cri_pb2.ContainerFilter()),
-                timeout=self.timeout,
-            )
-        except grpc.aio.AioRpcError as err:
-            raise _failure("CRI listing of the node's containers", err) from None
+        _, tasks = self._stubs()
+        listed = await self._cri_lookup.list_all()
         try:
             got = await tasks.List(
                 tasks_pb2.ListTasksRequest(), metadata=self._metadata, timeout=self.timeout
@@ -291,7 +200,7 @@ class ContainerdRuntime:
                 container_id=c.id,
                 status=status.get(c.id, "STOPPED"),
             )
-            for c in listed.containers
+            for c in listed
         ]
 
     async def resume_container(self, container_id: str) -> None:
