@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     p.add_argument(
         contract.FLAG_HEALTH_LISTEN,
         default=f"0.0.0.0:{contract.HEALTH_PORT}",
-        help=f"address serving GET {contract.HEALTH_PATH}",
+        help=f"address serving GET {contract.HEALTH_PATH} and {contract.READY_PATH}",
     )
     p.add_argument(contract.FLAG_UPSTREAM, default=contract.DEFAULT_UPSTREAM, help="the app's URL")
     p.add_argument(

@@ -24,6 +24,7 @@ from freeze_proxy.daemon_client import DaemonError, FreezeClient, HttpDaemonClie
 from freeze_proxy.durations import parse_duration
 from freeze_proxy.gate import AppState, Decision, Gate, PauseOutcome, ResumeOutcome
 from freeze_proxy.marker import FrozenMarker
+from freeze_proxy.readiness import AppProbe, Readiness
 from freeze_proxy.relay import Admission, AlwaysAwake, Relay, Wakeup
 
 log = logging.getLogger("freeze_proxy")
@@ -339,9 +340,11 @@ HEALTH_TIMEOUT = 2.0
 
 
 def health_handler(
-    proxy: FreezeProxy | None, stopping: asyncio.Event
+    proxy: FreezeProxy | None, stopping: asyncio.Event, ready: Readiness
 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
-    """``GET /healthz`` on its own port, so it never shadows a path of the app."""
+    """``GET /healthz`` (the proxy itself: kubelet) and ``GET /ready`` (the whole path to the
+    app: queue-proxy's readiness probe, see readiness.py) on their own port, so they never
+    shadow a path of the app."""
 
     def body() -> dict[str, object]:
         out: dict[str, object] = {"status": "stopping" if stopping.is_set() else "ok"}
@@ -368,11 +371,19 @@ def health_handler(
         try:
             head = await reader.readuntil(http1.END_OF_HEAD)
             request = http1.parse_request(head[: -len(http1.END_OF_HEAD)])
-            if request.target.partition(b"?")[0] == contract.HEALTH_PATH.encode():
+            path = request.target.partition(b"?")[0]
+            if path == contract.HEALTH_PATH.encode():
                 status = 503 if stopping.is_set() else 200
                 writer.write(http1.json_response(status, json.dumps(body()).encode()))
+            elif path == contract.READY_PATH.encode():
+                verdict = await ready.verdict()
+                out: dict[str, object] = {"ready": verdict.ready, "cause": verdict.cause}
+                if proxy is not None:
+                    out["state"] = proxy.gate.state.value
+                writer.write(http1.json_response(verdict.status, json.dumps(out).encode()))
             else:
-                only = json.dumps({"error": f"only {contract.HEALTH_PATH} is served"})
+                served = f"{contract.HEALTH_PATH} and {contract.READY_PATH}"
+                only = json.dumps({"error": f"only {served} are served"})
                 writer.write(http1.json_response(404, only.encode()))
             await writer.drain()
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -422,9 +433,16 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     server = await loop.create_server(
         relay.protocol, bind_host(host), port, reuse_address=True, backlog=1024
     )
+    app_probe = AppProbe(*upstream_address(settings.upstream))
+    ready = Readiness(
+        app_probe,
+        stopping.is_set,
+        server.is_serving,
+        lambda: proxy.gate.state if proxy is not None else None,
+    )
     host, port = parse_listen(settings.health_listen, "--health-listen")
     health = await asyncio.start_server(
-        health_handler(proxy, stopping), bind_host(host), port, reuse_address=True
+        health_handler(proxy, stopping, ready), bind_host(host), port, reuse_address=True
     )
     log.info(
         "listening",
@@ -440,6 +458,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
     async def arm() -> None:
         await wait_for_app(settings.upstream)
+        app_probe.saw_accept()
         log.info("the app accepts connections", extra={"upstream": settings.upstream})
         await token.wait_ready()
         assert proxy is not None

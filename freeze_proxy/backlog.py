@@ -1,9 +1,10 @@
 """How many connections wait in the accept queue of the app's listening socket.
 
 A frozen app cannot ``accept()``, yet the kernel still completes TCP handshakes for it and queues
-them. Every ``tcpSocket`` probe of the app leaves one connection there — queue-proxy's readiness
-check of the user container (Knative's default probe), kubelet's liveness/readiness probes of the
-user container — closed by the prober but still queued. Once the queue holds the app's listen
+them. Every ``tcpSocket`` probe of the app leaves one connection there — kubelet's
+liveness/readiness probes of the user container, queue-proxy's readiness check in a pod the
+webhook did not rewrite (Knative's default probe; it rewrites it to freeze-proxy's ``/ready``,
+see readiness.py) — closed by the prober but still queued. Once the queue holds the app's listen
 backlog (128 for aiohttp, 5 for Python's ``http.server``) the kernel drops new SYNs: every TCP
 probe times out, queue-proxy reports the pod not ready, and a pod that is not ready gets no
 request that would wake it. So while the app is frozen the proxy watches this number and resumes

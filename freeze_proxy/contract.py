@@ -15,10 +15,12 @@ from __future__ import annotations
 SIDECAR_NAME = "freeze-proxy"
 
 # Listeners: queue-proxy's USER_PORT is pointed at PROXY_PORT; kubelet probes HEALTH_PATH on
-# HEALTH_PORT.
+# HEALTH_PORT (the proxy itself), queue-proxy's SERVING_READINESS_PROBE READY_PATH there (the
+# proxy serves and the app accepts connections: freeze_proxy/readiness.py).
 PROXY_PORT = 9999
 HEALTH_PORT = 9998
 HEALTH_PATH = "/healthz"
+READY_PATH = "/ready"
 # The node's freeze-daemon, at the node's IP (env HOST_IP) on its hostPort.
 DAEMON_PORT = 9696
 DEFAULT_UPSTREAM = "http://127.0.0.1:8080"

@@ -756,13 +756,21 @@ def test_knative_pod_is_mutated_exactly_as_intended(webhook: Webhook, ns: str) -
         "path": "token",
     }
 
-    # queue-proxy now sends to freeze-proxy; nothing else of it changed.
+    # queue-proxy now sends to freeze-proxy, and asks freeze-proxy's /ready whether the path
+    # to the app works (instead of a TCP connect to the app); nothing else of it changed.
     queue, original_queue = container(created, "queue-proxy"), container(pod, "queue-proxy")
     assert env(queue)["USER_PORT"] == str(SETTINGS.proxy_port) == "9999"
+    ready = {"path": "/ready", "port": 9998, "host": "127.0.0.1", "scheme": "HTTP"}
+    assert json.loads(env(queue)["SERVING_READINESS_PROBE"]) == {
+        "httpGet": ready,
+        "successThreshold": 1,
+    }
     expected_env = copy.deepcopy(original_queue["env"])
     for entry in expected_env:
         if entry["name"] == "USER_PORT":
             entry["value"] = "9999"
+        if entry["name"] == "SERVING_READINESS_PROBE":
+            entry["value"] = env(queue)["SERVING_READINESS_PROBE"]
         if entry.get("value") == "":
             del entry["value"]  # the API server stores an empty value as none
     contains(queue["env"], expected_env)

@@ -108,7 +108,7 @@ def test_default_knative_pod_is_fully_mutated() -> None:
     validate(out)
     labels = out["metadata"]["labels"]
     assert labels["freeze-pod-added"] == "true"
-    assert labels["freeze-pod-version"] == "4"
+    assert labels["freeze-pod-version"] == "5"
     assert labels["serving.knative.dev/revision"] == "hello-00001"  # untouched
     volume, state = out["spec"]["volumes"]
     assert state == {
@@ -267,7 +267,7 @@ def test_missing_labels_map_is_created() -> None:
     pod = knative_pod()
     del pod["metadata"]["labels"]
     out = mutated(pod)
-    assert out["metadata"]["labels"] == {"freeze-pod-added": "true", "freeze-pod-version": "4"}
+    assert out["metadata"]["labels"] == {"freeze-pod-added": "true", "freeze-pod-version": "5"}
 
 
 def test_readiness_probe_http_is_reaimed_at_the_proxy() -> None:
@@ -290,20 +290,62 @@ def test_readiness_probe_http_is_reaimed_at_the_proxy() -> None:
     assert new["httpGet"]["path"] == "/ready"
 
 
-def test_readiness_probe_tcp_is_kept() -> None:
+READY = {"path": "/ready", "port": 9998, "host": "127.0.0.1", "scheme": "HTTP"}
+
+
+def test_readiness_probe_tcp_becomes_freeze_proxys_ready_check() -> None:
+    """Knative's default probe (a TCP connect to the app) would say ready before freeze-proxy
+    listens: queue-proxy then dials a closed 9999 and answers 502 (a cold start on a real
+    node). freeze-proxy's /ready checks both."""
+    assert json.loads(TCP_PROBE) == {
+        "tcpSocket": {"port": 8080, "host": "127.0.0.1"},
+        "successThreshold": 1,
+    }
     out = mutated(knative_pod())
-    assert env(container(out, "queue-proxy"))["SERVING_READINESS_PROBE"] == TCP_PROBE
+    new = json.loads(env(container(out, "queue-proxy"))["SERVING_READINESS_PROBE"])
+    assert new == {"httpGet": READY, "successThreshold": 1}
+
+
+def test_readiness_probe_tcp_keeps_its_timing() -> None:
+    timing = {
+        "initialDelaySeconds": 2,
+        "timeoutSeconds": 3,
+        "periodSeconds": 5,
+        "successThreshold": 2,
+        "failureThreshold": 4,
+    }
+    probe = json.dumps({"tcpSocket": {"port": "8080", "host": "127.0.0.1"}, **timing})
+    new, grpc = rewrite_readiness_env(probe, 8080, 9999, 9998)
+    assert new is not None and not grpc
+    assert json.loads(new) == {"httpGet": READY, **timing}
+    # The health port is the one the sidecar serves /ready on.
+    custom = MutationSettings(proxy_image="img", proxy_port=7999, health_port=7998)
+    out = apply_patch(knative_pod(), mutate(knative_pod(), custom).patch)
+    new = json.loads(env(container(out, "queue-proxy"))["SERVING_READINESS_PROBE"])
+    assert new["httpGet"] == {**READY, "port": 7998}
+    assert "--health-listen" in container(out, "freeze-proxy")["args"]
+    assert "0.0.0.0:7998" in container(out, "freeze-proxy")["args"]
 
 
 def test_readiness_probe_list_form_only_user_port_rewritten() -> None:
+    """Multi-container probing: each container's probe; only the app's port is ours."""
     probes = [
         {"httpGet": {"path": "/", "port": 8080}},
         {"httpGet": {"path": "/", "port": 9000}},
+        {"tcpSocket": {"port": 8080, "host": "127.0.0.1"}, "periodSeconds": 1},
+        {"tcpSocket": {"port": 9001, "host": "127.0.0.1"}},
     ]
-    new, grpc = rewrite_readiness_env(json.dumps(probes), 8080, 9999)
+    new, grpc = rewrite_readiness_env(json.dumps(probes), 8080, 9999, 9998)
     assert new is not None and not grpc
-    assert [p["httpGet"]["port"] for p in json.loads(new)] == [9999, 9000]
-    assert rewrite_readiness_env("not json", 8080, 9999) == (None, False)
+    assert json.loads(new) == [
+        {"httpGet": {"path": "/", "port": 9999}},
+        {"httpGet": {"path": "/", "port": 9000}},
+        {"httpGet": READY, "periodSeconds": 1},
+        {"tcpSocket": {"port": 9001, "host": "127.0.0.1"}},
+    ]
+    assert rewrite_readiness_env("not json", 8080, 9999, 9998) == (None, False)
+    other = json.dumps([{"tcpSocket": {"port": 9001}}])
+    assert rewrite_readiness_env(other, 8080, 9999, 9998) == (None, False)
 
 
 def test_grpc_probe_warns() -> None:

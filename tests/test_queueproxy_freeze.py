@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from testbed.pods import Pod
 from testbed.queueproxy import QueueProxy, http_probe, tcp_probe
 from testbed.stack import Proxy, Stack, stack
 from tests.pod_checks import eventually
+from webhook.mutation import rewrite_readiness_env
 
 # One stack (containerd, daemon, app pod, freeze-proxy) for the module, one event loop for it;
 # each test starts its own queue-proxy (it binds fixed ports, so one at a time).
@@ -56,6 +58,12 @@ class Chain:
     @property
     def proxy_port(self) -> int:
         port = urlsplit(self.proxy.url).port
+        assert port is not None
+        return port
+
+    @property
+    def health_port(self) -> int:
+        port = urlsplit(self.proxy.health_url).port
         assert port is not None
         return port
 
@@ -148,7 +156,7 @@ async def test_requests_flow_through_both_proxies_and_wake_the_frozen_app(chain:
     [
         "httpGet re-aimed at freeze-proxy (aggressive, Knative's default period 0)",
         "httpGet re-aimed at freeze-proxy (periodSeconds 1, timeoutSeconds 1)",
-        "tcpSocket at the app's port (Knative's default probe, left alone)",
+        "tcpSocket at the app's port (Knative's default probe, not rewritten)",
     ],
 )
 async def test_readiness_probe_answers_while_the_app_is_frozen(chain: Chain, kind: str) -> None:
@@ -184,18 +192,52 @@ async def test_readiness_probe_answers_while_the_app_is_frozen(chain: Chain, kin
         assert await chain.frozen_and_quiet()
 
 
+async def test_ready_check_of_a_frozen_app_neither_wakes_it_nor_queues_a_connection(
+    chain: Chain,
+) -> None:
+    """Knative's default probe as the webhook rewrites it (freeze-proxy's /ready): answered
+    from the app's last result while it is frozen — no resume, and no connection left in the
+    frozen app's accept queue (a TCP probe of the app leaves one per probe)."""
+    raw = json.dumps(tcp_probe(chain.app_port))
+    rewritten, _ = rewrite_readiness_env(raw, chain.app_port, chain.proxy_port, chain.health_port)
+    assert rewritten is not None
+    probe = json.loads(rewritten)
+    assert probe["httpGet"]["port"] == chain.health_port
+    with chain.queue_proxy(probe) as qp:
+        for _ in range(3):
+            assert await chain.frozen_and_quiet(quiet=0.5)
+            before = await chain.health()
+            seen = len(chain.requests_seen())
+            # (Earlier tests' TCP probes may have left a few, below the wake threshold.)
+            queued = _queued(chain.app_port)
+
+            # kubelet's probe of queue-proxy, which asks freeze-proxy's /ready.
+            assert qp.probe(timeout=15) == (200, "queue"), qp.output()[-2000:]
+
+            after = await chain.health()
+            assert after["resumes"] == before["resumes"], after
+            assert after["state"] == "frozen" and chain.pod.freezer_state(USER) == "FROZEN"
+            assert _queued(chain.app_port) == queued
+            assert len(chain.requests_seen()) == seen
+        # A request still wakes it, and it is frozen again after.
+        status, body, _ = await get(qp.url + "/after-probes?sleep=0")
+        assert (status, body) == (200, FIRST_LINE + LAST_LINE)
+        assert await chain.frozen_and_quiet()
+
+
 def _queued(port: int) -> int:
     found = read_accept_queue(port)
     return 0 if found is None else found.queued
 
 
 async def test_tcp_probes_of_a_frozen_app_never_fill_its_accept_queue(chain: Chain) -> None:
-    """Knative's default readiness probe (tcpSocket at the app's port, which the webhook leaves
-    alone) completes a handshake with a frozen app, and the connection stays in the app's
-    accept queue. sleeptalker's backlog is aiohttp's 128: before freeze-proxy watched that
-    queue, probe 130 of a frozen app and every one after it answered 503 (each after 10 s of
-    queue-proxy's retries) — in a cluster, ~22 min of kubelet probes every 10 s, and then a
-    NotReady pod that no request would ever wake."""
+    """A tcpSocket probe of the app's port (Knative's default readiness probe before the webhook
+    rewrites it; kubelet's tcpSocket probes of the user container still are) completes a
+    handshake with a frozen app, and the connection stays in the app's accept queue.
+    sleeptalker's backlog is aiohttp's 128: before freeze-proxy watched that queue, probe 130
+    of a frozen app and every one after it answered 503 (each after 10 s of queue-proxy's
+    retries) — in a cluster, ~22 min of kubelet probes every 10 s, and then a NotReady pod
+    that no request would ever wake."""
     probes = 160
     with chain.queue_proxy(tcp_probe(chain.app_port)) as qp:
         assert await chain.frozen_and_quiet(quiet=0.3)

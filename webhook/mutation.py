@@ -16,18 +16,27 @@ Resources, grace and timeouts of the sidecar: ``webhook/sidecar.py`` (cluster de
 ConfigMap, per-pod annotations, Guaranteed QoS kept). Ports, paths, env names and flags the proxy
 reads: ``freeze_proxy/contract.py``.
 
-Probes: queue-proxy checks the app's readiness itself, from ``SERVING_READINESS_PROBE``; an
-``httpGet`` probe aimed at the app's port is re-aimed at freeze-proxy so a frozen app is woken for
-the probe instead of timing out. The same is done for ``httpGet`` liveness/readiness/startup probes
-kubelet sends straight to the user container (a frozen app would otherwise be restarted).
-``tcpSocket`` probes are left alone on purpose: freeze-proxy always accepts, so re-aiming them would
-report "ready" before the app listens. Aimed at a frozen app, the kernel still completes their
-handshakes but queues the connections; freeze-proxy drains that accept queue by waking the app
-briefly (``--wake-backlog``, freeze_proxy/backlog.py) before it fills. ``grpc`` probes cannot be
-relayed by an HTTP/1 proxy: they are left alone with a warning. ``exec`` probes (Knative leaves
-them on the user container) run inside the frozen container and would fail: readiness would turn
-the pod NotReady with nothing left to wake it, liveness/startup would restart a healthy app. Until
-probes are answered while frozen, such a pod is not mutated, with a warning naming the probe.
+Probes: queue-proxy checks the app's readiness itself, from ``SERVING_READINESS_PROBE``, and
+turns Ready on it — the activator then forwards a cold start's first request. An ``httpGet``
+probe aimed at the app's port is re-aimed at freeze-proxy so a frozen app is woken for the probe
+instead of timing out (and it passes only through a listening freeze-proxy). A ``tcpSocket``
+probe at the app's port (Knative's default) becomes an ``httpGet`` of freeze-proxy's
+``READY_PATH`` on its health port, timing fields kept: left on the app's port it said ready as
+soon as the app listened, while freeze-proxy (starting in parallel) did not yet, and queue-proxy
+answered the first request ``502 dial tcp 127.0.0.1:9999: connect: connection refused`` (seen
+on a real node). Re-aiming it at 9999 would be no better: freeze-proxy accepts before the app
+listens. ``/ready`` checks both: the proxy serves and the app accepts TCP connections, and
+while the app is frozen it answers from the app's last result without connecting
+(freeze_proxy/readiness.py). The same re-aiming is done for ``httpGet``
+liveness/readiness/startup probes kubelet sends straight to the user container (a frozen app
+would otherwise be restarted); its ``tcpSocket`` ones stay: the kernel completes their
+handshakes for a frozen app but queues the connections, and freeze-proxy drains that accept
+queue by waking the app briefly (``--wake-backlog``, freeze_proxy/backlog.py) before it fills.
+``grpc`` probes cannot be relayed by an HTTP/1 proxy: they are left alone with a warning.
+``exec`` probes (Knative leaves them on the user container) run inside the frozen container and
+would fail: readiness would turn the pod NotReady with nothing left to wake it, liveness/startup
+would restart a healthy app. Until probes are answered while frozen, such a pod is not mutated,
+with a warning naming the probe.
 """
 
 from __future__ import annotations
@@ -51,7 +60,9 @@ from webhook.sidecar import DEFAULTS as DEFAULT_SIDECAR
 
 LABEL_ADDED = "freeze-pod-added"
 LABEL_VERSION = "freeze-pod-version"
-MUTATION_VERSION = "4"  # the sidecar spec changed: CPU limit, QoS-matched resources (issue #11)
+# 5: queue-proxy's tcpSocket readiness probe of the app becomes an httpGet of freeze-proxy's
+# /ready (4: the sidecar's CPU limit, QoS-matched resources, issue #11).
+MUTATION_VERSION = "5"
 ANNOTATION_ENABLED = ANNOTATION_PREFIX + "enabled"
 ANNOTATION_GRACE = ANNOTATION_PREFIX + "grace"
 ANNOTATION_CONTAINER = ANNOTATION_PREFIX + "container"
@@ -183,8 +194,25 @@ def _port_matches(value: Any, port: int) -> bool:
     return isinstance(value, str) and value.isdigit() and int(value) == port
 
 
-def rewrite_readiness_env(raw: str, user_port: int, proxy_port: int) -> tuple[str | None, bool]:
-    """Return (new JSON or None when unchanged, grpc_seen) for SERVING_READINESS_PROBE."""
+def _ready_probe(probe: JsonObj, health_port: int) -> JsonObj:
+    """A tcpSocket probe as an httpGet of freeze-proxy's READY_PATH, its timing kept.
+
+    queue-proxy decodes SERVING_READINESS_PROBE as a corev1.Probe and GETs
+    ``scheme://host:port/path`` (knative.dev/serving pkg/queue/health/probe.go), 200-399 being
+    ready; the revision reconciler sets host 127.0.0.1 and scheme HTTP on the httpGet probes it
+    writes, so this one is written the same way.
+    """
+    rest = {key: copy.deepcopy(value) for key, value in probe.items() if key != "tcpSocket"}
+    http = {"path": contract.READY_PATH, "port": health_port, "host": "127.0.0.1", "scheme": "HTTP"}
+    return {"httpGet": http, **rest}
+
+
+def rewrite_readiness_env(
+    raw: str, user_port: int, proxy_port: int, health_port: int
+) -> tuple[str | None, bool]:
+    """Return (new JSON or None when unchanged, grpc_seen) for SERVING_READINESS_PROBE: an
+    httpGet at the app's port re-aimed at the proxy, a tcpSocket at it turned into freeze-proxy's
+    ready check (see the module doc)."""
     try:
         parsed = json.loads(raw)
     except ValueError:
@@ -194,6 +222,11 @@ def rewrite_readiness_env(raw: str, user_port: int, proxy_port: int) -> tuple[st
     grpc_seen = False
     rewritten = []
     for probe in probes:
+        tcp = probe.get("tcpSocket") if isinstance(probe, dict) else None
+        if isinstance(tcp, dict) and _port_matches(tcp.get("port"), user_port):
+            rewritten.append(_ready_probe(probe, health_port))
+            changed = True
+            continue
         new, did, grpc = _rewrite_probe(probe, user_port, proxy_port)
         changed = changed or did
         grpc_seen = grpc_seen or grpc
@@ -464,7 +497,9 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
     probe_raw = _env_value(queue, READINESS_PROBE_ENV)
     grpc_seen = False
     if probe_index is not None and probe_raw is not None:
-        new_probe, grpc_seen = rewrite_readiness_env(probe_raw, user_port, settings.proxy_port)
+        new_probe, grpc_seen = rewrite_readiness_env(
+            probe_raw, user_port, settings.proxy_port, settings.health_port
+        )
         if new_probe is not None:
             probe_path = f"{queue_path}/env/{probe_index}/value"
             patch.append({"op": "replace", "path": probe_path, "value": new_probe})
