@@ -64,10 +64,13 @@ def _member(tar: tarfile.TarFile, name: str) -> bytes:
 
 @dataclass(frozen=True)
 class DockerContainer:
-    """One container of a test pod: its name in the pod and its command."""
+    """One container of a test pod: its name in the pod, its command, and what else it needs."""
 
     name: str
     command: Sequence[str] = SLEEPER_COMMAND
+    image: str | None = None  # the pods' image when None
+    env: Mapping[str, str] = field(default_factory=dict)
+    mounts: Mapping[str, str] = field(default_factory=dict)  # host path -> path inside (read-only)
 
 
 def ticker(name: str = "user-container") -> DockerContainer:
@@ -141,13 +144,16 @@ class DockerPods:
         name: str | None = None,
         namespace: str = "default",
         attempt: int = 0,
+        network: str = "none",
     ) -> DockerPod:
+        """The sandbox (``--network none``, or ``host`` for an app reached from the host) and
+        the containers in its network namespace, started in order."""
         uid = str(uuid.uuid4())
         name = name or f"pod-{uid[:8]}"
         pod = DockerPod(self.engine, uid, name, namespace, sandbox_id="")
         self.pods.append(pod)
         pod.sandbox_id = self.engine.run(
-            "run", "-d", "--network", "none",
+            "run", "-d", "--network", network,
             "--name", f"k8s_{SANDBOX}_{name}_{namespace}_{uid}_{attempt}",
             *self._labels(pod, {DOCKER_TYPE_LABEL: "podsandbox"}),
             self.image,
@@ -166,7 +172,9 @@ class DockerPods:
             "run", "-d", "--network", f"container:{pod.sandbox_id}", "--log-driver", "json-file",
             "--name", f"k8s_{c.name}_{pod.name}_{pod.namespace}_{pod.uid}_{attempt}",
             *self._labels(pod, labels),
-            self.image, *c.command,
+            *(arg for k, v in c.env.items() for arg in ("--env", f"{k}={v}")),
+            *(arg for src, dst in c.mounts.items() for arg in ("--volume", f"{src}:{dst}:ro")),
+            c.image or self.image, *c.command,
         ).stdout.strip()  # fmt: skip
         pod.containers[c.name] = cid
         return cid
