@@ -14,6 +14,7 @@ ROWS = {
     "footprint": "bench.footprint",
     "churn": "bench.churn",
     "wake": "bench.wake",
+    "wake_docker": "bench.wake_docker",
     "capacity": "bench.capacity",
     "idle_cpu": "bench.idle_cpu",
     "daemon_flood": "bench.daemon_flood",

@@ -42,7 +42,8 @@ from freeze_proxy.durations import format_duration, parse_duration
 
 log = logging.getLogger("daemon")
 
-RUNTIMES = ("containerd", "cgroup")
+RUNTIMES = ("containerd", "docker", "cgroup")
+DEFAULT_DOCKER_SOCKET = "/var/run/docker.sock"
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Settings:
     log_level: str
     review_refusal_ttl: float = 2.0
     outage_thaw_grace: float = 300.0
+    docker_socket: str = DEFAULT_DOCKER_SOCKET
     limits: LimitSettings = field(default_factory=LimitSettings)
     server: ServerLimits = field(default_factory=ServerLimits)
     cri_socket: str = "/run/containerd/containerd.sock"  # --runtime cgroup: any CRI runtime's
@@ -177,6 +179,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         "--containerd-namespace", default="k8s.io", help="containerd namespace (default k8s.io)"
     )
     parser.add_argument(
+        "--docker-socket",
+        default=os.environ.get("DOCKER_SOCKET", DEFAULT_DOCKER_SOCKET),
+        help="Docker Engine API socket, for --runtime docker [env DOCKER_SOCKET] "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
         "--audience", default="freeze", help="token audience to accept (default %(default)s)"
     )
     parser.add_argument(
@@ -269,6 +277,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         log_level=args.log_level,
         review_refusal_ttl=args.review_refusal_ttl,
         outage_thaw_grace=args.outage_thaw_grace,
+        docker_socket=args.docker_socket,
         limits=LimitSettings(
             refusal_rate=args.refusal_rate,
             refusal_burst=args.refusal_burst,
@@ -300,6 +309,10 @@ def make_runtime(settings: Settings) -> Runtime:
         from daemon.runtimes.cgroup import CgroupRuntime
 
         return CgroupRuntime(settings.cri_socket, cgroup_root=settings.cgroup_root)
+    if settings.runtime == "docker":
+        from daemon.runtimes.docker import DockerRuntime
+
+        return DockerRuntime(settings.docker_socket)
     raise ValueError(f"unknown runtime {settings.runtime!r}: supported: {', '.join(RUNTIMES)}")
 
 
@@ -386,6 +399,7 @@ async def build_app(settings: Settings) -> web.Application:
                 if settings.runtime == "cgroup"
                 else {}
             ),
+            "docker_socket": settings.docker_socket if settings.runtime == "docker" else None,
             "audience": settings.audience,
             "keys": settings.jwks_file or "api-server",
             "issuer": settings.issuer or "discovered",

@@ -121,16 +121,35 @@ def _wait_gone(pids: list[int], timeout: float) -> list[int]:
     return alive
 
 
+def default_data_root(dockerd: str | None = None) -> Path:
+    """Where a private dockerd keeps its images unless told otherwise (keyed by its version)."""
+    version = _dockerd_version(dockerd or _binary("dockerd") or "dockerd")
+    return (rootfs.cache_root() / "docker" / f"v{DOCKER_CACHE_VERSION}-{version}").resolve()
+
+
+def data_root_busy(data_root: Path | None = None) -> bool:
+    """Whether a private dockerd runs on that data root now (a second one would wait for it)."""
+    root = data_root or default_data_root()
+    lock_path = root.parent / f"{root.name}.lock"
+    if not lock_path.exists():
+        return False
+    fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the lock if it was taken
+    return False
+
+
 class Dockerd:
     """A private dockerd child process; use as a context manager or call start()/stop()."""
 
     def __init__(self, base_dir: Path | None = None, *, data_root: Path | None = None) -> None:
         self.base = Path(base_dir or tempfile.mkdtemp(prefix="freeze-docker-")).resolve()
         self.dockerd = _binary("dockerd") or "dockerd"
-        version = _dockerd_version(self.dockerd)
-        self.data_root = (
-            data_root or rootfs.cache_root() / "docker" / f"v{DOCKER_CACHE_VERSION}-{version}"
-        ).resolve()
+        self.data_root = (data_root or default_data_root(self.dockerd)).resolve()
         self.exec_root = self.base / "exec"
         self.socket = self.base / "docker.sock"
         self.log_file = self.base / "dockerd.log"

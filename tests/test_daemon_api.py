@@ -593,7 +593,7 @@ async def test_real_daemon_process(daemon_process: str, key: SigningKey) -> None
     [
         (["--no-token-review"], "--no-token-review needs --jwks-file and --issuer"),
         (["--no-token-review", "--jwks-file", "/x"], "--jwks-file needs --issuer"),
-        (["--runtime", "docker"], "supported runtimes are containerd"),
+        (["--runtime", "crio"], "supported runtimes are containerd, docker"),
         (["--listen", "8080"], "expected HOST:PORT"),
     ],
 )

@@ -274,17 +274,38 @@ def test_rbac_is_least_privilege_and_wired() -> None:
     assert find("Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "freezer-webhook"
 
 
-def test_daemonset_matches_proxy_and_daemon_defaults() -> None:
+# Each runtime's DaemonSet: (runtime, socket env, socket path, the daemon's Settings field).
+DAEMONSETS = {
+    "freeze-daemon-containerd": (
+        "containerd", "CONTAINERD_SOCKET", "/run/containerd/containerd.sock", "containerd_socket"
+    ),
+    "freeze-daemon-docker": ("docker", "DOCKER_SOCKET", "/var/run/docker.sock", "docker_socket"),
+}  # fmt: skip
+# The CRI-O DaemonSet runs the cgroup backend on its own socket: its own test below.
+ALL_DAEMONSETS = (*DAEMONSETS, "freeze-daemon-crio")
+
+
+def test_every_daemonset_is_one_of_a_known_runtime() -> None:
+    from daemon.__main__ import RUNTIMES
+
+    names = {o["metadata"]["name"] for o in install_objects() if o["kind"] == "DaemonSet"}
+    assert names == set(ALL_DAEMONSETS)
+    assert {runtime for runtime, *_ in DAEMONSETS.values()} <= set(RUNTIMES)
+
+
+@pytest.mark.parametrize("name", DAEMONSETS)
+def test_daemonset_matches_proxy_and_daemon_defaults(name: str) -> None:
     from daemon.__main__ import parse_args as daemon_args
 
-    ds = find("DaemonSet", "freeze-daemon-containerd")
+    runtime, socket_env, socket_path, setting = DAEMONSETS[name]
+    ds = find("DaemonSet", name)
     spec = ds["spec"]["template"]["spec"]
     assert (
         ds["spec"]["selector"]["matchLabels"].items()
         <= ds["spec"]["template"]["metadata"]["labels"].items()
     )
     assert spec["serviceAccountName"] == "freeze-tokenreview"
-    assert spec["nodeSelector"]["knative.dev/container-runtime"] == "containerd"
+    assert spec["nodeSelector"]["knative.dev/container-runtime"] == runtime
     assert spec["tolerations"], "a node agent tolerates the nodes' taints"
     (container,) = spec["containers"]
     (port,) = container["ports"]
@@ -293,9 +314,8 @@ def test_daemonset_matches_proxy_and_daemon_defaults() -> None:
     daemon = daemon_args([])
     assert port["containerPort"] == daemon.port == 8080
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["RUNTIME_TYPE"] == "containerd"
-    socket_path = "/run/containerd/containerd.sock"
-    assert env.get("CONTAINERD_SOCKET", socket_path) == daemon.containerd_socket == socket_path
+    assert env["RUNTIME_TYPE"] == runtime
+    assert env.get(socket_env, socket_path) == getattr(daemon, setting) == socket_path
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     (sock,) = [n for n, p in mounts.items() if p == socket_path]
@@ -450,17 +470,14 @@ def test_kubectl_apply_f_reads_only_the_manifests(tmp_path: Path) -> None:
     assert read == {f"config/{p.name}" for p in install_files()}
 
 
-DAEMONSETS = ("freeze-daemon-containerd", "freeze-daemon-crio")
-
-
-@pytest.mark.parametrize("name", DAEMONSETS)
+@pytest.mark.parametrize("name", ALL_DAEMONSETS)
 def test_daemonset_is_node_critical(name: str) -> None:
     """A node agent whose absence leaves frozen pods frozen is evicted last (issue #11, 13)."""
     spec = find("DaemonSet", name)["spec"]["template"]["spec"]
     assert spec["priorityClassName"] == "system-node-critical"
 
 
-@pytest.mark.parametrize("name", DAEMONSETS)
+@pytest.mark.parametrize("name", ALL_DAEMONSETS)
 def test_daemonset_grace_covers_the_thaw_on_the_way_out(name: str) -> None:
     """SIGTERM -> thaw what it froze -> calls in flight finish -> exit, before kubelet's
     SIGKILL: a daemon killed first leaves its frozen apps frozen until another one starts."""
@@ -471,7 +488,7 @@ def test_daemonset_grace_covers_the_thaw_on_the_way_out(name: str) -> None:
     assert spec["terminationGracePeriodSeconds"] > STOP_THAW_BUDGET + SHUTDOWN_TIMEOUT + 5
 
 
-@pytest.mark.parametrize("name", DAEMONSETS)
+@pytest.mark.parametrize("name", ALL_DAEMONSETS)
 def test_daemon_network_policy_admits_only_mutated_pods(name: str) -> None:
     from webhook.mutation import LABEL_ADDED
 
