@@ -22,6 +22,7 @@ them, so a cluster can run beside the containerd and dockerd test beds.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -67,6 +68,8 @@ NODE_BINARIES: Final = (
 _WORKDIR_PREFIX: Final = "freeze-cluster-"
 #: The host as found, kept while a cluster runs: a run that died is undone by the next one.
 HOST_SNAPSHOT: Final = Path("/run/freeze-cluster/host-snapshot.pickle")
+#: Held while a cluster runs: its bridge, cgroup root and node name are fixed, so one at a time.
+LOCK_FILE: Final = Path("/run/freeze-cluster.lock")
 
 
 class ClusterError(RuntimeError):
@@ -176,6 +179,8 @@ class Cluster:
         log: IO[str] | None = None,
     ) -> None:
         self._skip_registries = list(skip_tag_resolution)
+        self._lock_timeout = 600.0
+        self._lock_fd: int | None = None
         self._extra_images = list(images)
         self._workdir_parent = workdir_parent
         self._knative = knative_serving
@@ -243,6 +248,7 @@ class Cluster:
         if why:
             raise ClusterError(why)
         bins = gobins.binaries(*NODE_BINARIES)
+        self._lock(timeout=self._lock_timeout)
         self._recover()
         self.work = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX, dir=self._workdir_parent))
         (self.work / "owner.pid").write_text(str(os.getpid()))
@@ -293,8 +299,34 @@ class Cluster:
             shutil.rmtree(self.work, ignore_errors=True)
             if self.work.exists():
                 errors.append(f"could not remove {self.work}")
+        if self._lock_fd is not None:
+            LOCK_FILE.unlink(missing_ok=True)
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
         if errors:
             raise ClusterError("cluster cleanup incomplete: " + "; ".join(errors))
+
+    def _lock(self, timeout: float) -> None:
+        """Wait (bounded) for another cluster on this machine to stop."""
+        deadline = time.monotonic() + timeout
+        while True:
+            fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"another test cluster runs on this machine (it holds {LOCK_FILE}) for "
+                        f"over {timeout:g} s; stop it first"
+                    ) from None
+                time.sleep(1)
+                continue
+            if os.fstat(fd).st_ino != _inode(LOCK_FILE):  # unlinked by its stopping owner
+                os.close(fd)
+                continue
+            self._lock_fd = fd
+            return
 
     def _recover(self) -> None:
         """Undo what a cluster whose test process was killed left: its shims and containers
@@ -553,6 +585,13 @@ class Cluster:
         if self.containerd is None:
             raise RuntimeError("the cluster is not started")
         return self.containerd
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
 
 
 def _forget_snapshot() -> None:
