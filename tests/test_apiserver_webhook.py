@@ -112,7 +112,10 @@ CONFIG_MAP: str = shipped("ConfigMap")["metadata"]["name"]
 WEBHOOK_SA: str = shipped("Deployment", "freezer-webhook")["spec"]["template"]["spec"][
     "serviceAccountName"
 ]
-DAEMON_SA: str = shipped("DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"]
+# Every runtime's DaemonSet runs as the same ServiceAccount (tests/test_manifests.py checks it).
+DAEMON_SA: str = shipped("DaemonSet", "freeze-daemon-containerd")["spec"]["template"]["spec"][
+    "serviceAccountName"
+]
 SERVICE_NAME: str = HOOK["clientConfig"]["service"]["name"]
 EXPECTED_OBJECTS = {f"{o['kind'].lower()}/{o['metadata']['name']}" for o in shipped_objects()}
 
