@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 
 from daemon.leftovers import to_thaw
-from daemon.runtimes import NEVER_FROZEN, ContainerNotFound
+from daemon.runtimes import NEVER_FROZEN, ContainerNotFound, choose
 from daemon.runtimes.docker import (
-    choose,
     docker_status,
     listed,
     pod_filter,

@@ -28,7 +28,7 @@ from typing import Literal
 
 from daemon._proto import cri_pb2
 
-from . import ContainerNotFound, ListedContainer, RuntimeFailure
+from . import ContainerNotFound, ListedContainer, RuntimeFailure, Stale, apply_to_pod
 from .cri import (
     CONTAINER_NAME_LABEL,
     POD_NAME_LABEL,
@@ -149,15 +149,6 @@ def freezer_status(version: Version, cgroup: Path) -> str:
     return "PAUSED" if frozen else "PAUSING" if wanted else "RUNNING"
 
 
-class _Stale(Exception):
-    """The container's cgroup (or the container) is gone: it was replaced or removed."""
-
-    def __init__(self, name: str, detail: str) -> None:
-        super().__init__(name, detail)
-        self.name = name
-        self.detail = detail
-
-
 class CgroupRuntime:
     """The Runtime protocol: CRI v1 to find containers, their cgroup freezer to pause them."""
 
@@ -218,7 +209,7 @@ class CgroupRuntime:
             _write(path, on if frozen else off)
         except FileNotFoundError:
             self._paths.pop(container_id, None)
-            raise _Stale(name, f"its cgroup {cgroup} is gone") from None
+            raise Stale(name, f"its cgroup {cgroup} is gone") from None
         except OSError as e:
             raise RuntimeFailure(
                 f"cannot write {path} for container {name} ({container_id[:12]}): {e} (the "
@@ -230,7 +221,7 @@ class CgroupRuntime:
             return freezer_status(self.version, cgroup)
         except FileNotFoundError:
             self._paths.pop(container_id, None)
-            raise _Stale(name, f"its cgroup {cgroup} is gone") from None
+            raise Stale(name, f"its cgroup {cgroup} is gone") from None
         except OSError as e:
             raise RuntimeFailure(f"cannot read the freezer of {name} in {cgroup}: {e}") from None
 
@@ -261,35 +252,14 @@ class CgroupRuntime:
             if frozen and self.version == 1:
                 self._set(name, container_id, cgroup, True)
 
-    async def _each(self, pod_uid: str, targets: dict[str, str], frozen: bool) -> None:
-        results = await asyncio.gather(
-            *(self._change(n, cid, frozen) for n, cid in targets.items()),
-            return_exceptions=True,
-        )
-        errors = [r for r in results if isinstance(r, BaseException)]
-        for e in errors:
-            if not isinstance(e, Exception):
-                raise e
-        others = [e for e in errors if not isinstance(e, _Stale | ContainerNotFound)]
-        if others:
-            raise others[0]
-        for e in errors:  # the container is gone (removed, or replaced by a new id)
-            raise _Stale(getattr(e, "name", "?"), getattr(e, "detail", str(e)))
-
     async def _apply(self, pod_uid: str, containers: Sequence[str], frozen: bool) -> list[str]:
-        targets = await self.cri.lookup(pod_uid, containers)
-        try:
-            await self._each(pod_uid, targets, frozen)
-        except _Stale:
-            targets = await self.cri.lookup(pod_uid, containers, refresh=True)
+        async def call(name: str, container_id: str) -> None:
             try:
-                await self._each(pod_uid, targets, frozen)
-            except _Stale as stale:
-                self.cri.forget(pod_uid)
-                raise ContainerNotFound(
-                    f"container {stale.name} of pod {pod_uid} is gone: {stale.detail}"
-                ) from None
-        return list(targets)
+                await self._change(name, container_id, frozen)
+            except ContainerNotFound as gone:  # CRI no longer knows it: removed or replaced
+                raise Stale(name, str(gone)) from None
+
+        return await apply_to_pod(pod_uid, containers, self.cri.lookup, self.cri.forget, call)
 
     async def pause(self, pod_uid: str, containers: Sequence[str]) -> list[str]:
         """Freeze the named containers (all but NEVER_FROZEN when empty); return their names."""
@@ -304,7 +274,7 @@ class CgroupRuntime:
         cgroup = await self.cgroup_of(container_id)
         try:
             return self._status(container_id[:12], container_id, cgroup)
-        except _Stale as stale:
+        except Stale as stale:
             raise ContainerNotFound(f"container {container_id}: {stale.detail}") from None
 
     async def list_containers(self) -> list[ListedContainer]:
@@ -337,5 +307,5 @@ class CgroupRuntime:
         """Thaw one container by id (running already: fine; gone: ContainerNotFound)."""
         try:
             await self._change(container_id[:12], container_id, False)
-        except _Stale as stale:
+        except Stale as stale:
             raise ContainerNotFound(f"container {container_id}: {stale.detail}") from None

@@ -9,7 +9,6 @@ triggers one refresh).
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -19,7 +18,7 @@ import grpc.aio
 
 from daemon._proto import tasks_pb2, tasks_pb2_grpc
 
-from . import ContainerNotFound, ListedContainer, RuntimeFailure
+from . import ContainerNotFound, ListedContainer, RuntimeFailure, Stale, apply_to_pod
 from .cri import (
     CONTAINER_NAME_LABEL,
     POD_NAME_LABEL,
@@ -44,15 +43,6 @@ _HINTS: Mapping[grpc.StatusCode, str] = {
     ),
     grpc.StatusCode.FAILED_PRECONDITION: "is the containerd namespace right (k8s.io for CRI)?",
 }
-
-
-class _Stale(Exception):
-    """A cached container id is gone (NOT_FOUND from Tasks): the container was replaced."""
-
-    def __init__(self, name: str, detail: str) -> None:
-        super().__init__(name, detail)
-        self.name = name
-        self.detail = detail
 
 
 def _failure(what: str, err: grpc.aio.AioRpcError) -> RuntimeFailure:
@@ -132,43 +122,16 @@ class ContainerdRuntime:
             if any(s in details for s in ok_when):
                 return  # already in the wanted state
             if err.code() == grpc.StatusCode.NOT_FOUND:
-                raise _Stale(name, details) from None
+                raise Stale(name, details) from None
             raise _failure(f"{verb} of container {name} ({container_id[:12]})", err) from None
-
-    async def _each(self, verb: str, targets: Mapping[str, str], ok_when: Sequence[str]) -> None:
-        """Run the call on every container at once; let all finish before raising."""
-        results = await asyncio.gather(
-            *(self._task_call(verb, n, cid, ok_when) for n, cid in targets.items()),
-            return_exceptions=True,
-        )
-        errors = [r for r in results if isinstance(r, BaseException)]
-        for e in errors:
-            if not isinstance(e, Exception):
-                raise e  # cancellation and the like
-        stale = [e for e in errors if isinstance(e, _Stale)]
-        others = [e for e in errors if not isinstance(e, _Stale)]
-        if others:
-            raise others[0]
-        if stale:
-            raise stale[0]
 
     async def _apply(
         self, verb: str, pod_uid: str, containers: Sequence[str], ok_when: Sequence[str]
     ) -> list[str]:
-        targets = await self.lookup(pod_uid, containers)
-        try:
-            await self._each(verb, targets, ok_when)
-        except _Stale:
-            # A container was replaced since the lookup: look again once, then give up.
-            targets = await self.lookup(pod_uid, containers, refresh=True)
-            try:
-                await self._each(verb, targets, ok_when)
-            except _Stale as stale:
-                self.forget(pod_uid)
-                raise ContainerNotFound(
-                    f"container {stale.name} of pod {pod_uid} is gone: {stale.detail}"
-                ) from None
-        return list(targets)
+        async def call(name: str, container_id: str) -> None:
+            await self._task_call(verb, name, container_id, ok_when)
+
+        return await apply_to_pod(pod_uid, containers, self.lookup, self.forget, call)
 
     async def pause(self, pod_uid: str, containers: Sequence[str]) -> list[str]:
         """Freeze the named containers (all but NEVER_FROZEN when empty); return their names."""
@@ -207,7 +170,7 @@ class ContainerdRuntime:
         """Thaw one container by id (running already: fine; gone: ContainerNotFound)."""
         try:
             await self._task_call("resume", container_id[:12], container_id, _ALREADY_RUNNING)
-        except _Stale as stale:
+        except Stale as stale:
             raise ContainerNotFound(f"no task {container_id}: {stale.detail}") from None
 
     async def task_status(self, container_id: str) -> str:

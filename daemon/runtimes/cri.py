@@ -8,10 +8,8 @@ cgroup) and answers with one ``refresh``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,7 +18,7 @@ import grpc.aio
 
 from daemon._proto import cri_pb2, cri_pb2_grpc
 
-from . import NEVER_FROZEN, ContainerNotFound, RuntimeFailure
+from . import ContainerNotFound, PodCache, RuntimeFailure
 
 POD_UID_LABEL = "io.kubernetes.pod.uid"
 POD_NAME_LABEL = "io.kubernetes.pod.name"
@@ -91,11 +89,7 @@ class CriLookup:
         self.runtime = runtime
         self.timeout = timeout
         self.hints = cri_hints(runtime, socket_flag)
-        # pod UID -> (when looked up, container name -> id); LRU-bounded. The TTL bounds how long
-        # a default set can miss a container started after the lookup (a cold lookup is ~1 ms).
-        self._cache: OrderedDict[str, tuple[float, dict[str, str]]] = OrderedDict()
-        self._cache_size = cache_size
-        self._cache_ttl = cache_ttl
+        self._cache = PodCache(cache_size, cache_ttl)
         self._channel: grpc.aio.Channel | None = None
         self._cri: Any = None
 
@@ -120,7 +114,7 @@ class CriLookup:
 
     def forget(self, pod_uid: str) -> None:
         """Drop a pod's cached container ids (e.g. when the pod is deleted)."""
-        self._cache.pop(pod_uid, None)
+        self._cache.forget(pod_uid)
 
     def failure(self, what: str, err: grpc.aio.AioRpcError) -> RuntimeFailure:
         return rpc_failure(self.runtime, what, err, self.hints)
@@ -167,43 +161,7 @@ class CriLookup:
         requested name is missing from it.
         Raises ContainerNotFound when the pod or a named container is not running here.
         """
-        if not pod_uid:
-            raise ContainerNotFound("empty pod UID")
-        now = asyncio.get_running_loop().time()
-        entry = None if refresh else self._cache.get(pod_uid)
-        if (
-            entry is not None
-            and now - entry[0] < self._cache_ttl
-            and all(n in entry[1] for n in containers)
-        ):
-            self._cache.move_to_end(pod_uid)
-            running = entry[1]
-        else:
-            running = await self._list_running(pod_uid)
-            if not running:
-                self.forget(pod_uid)
-                raise ContainerNotFound(f"no running pod with UID {pod_uid} on this node")
-            self._cache[pod_uid] = (now, running)
-            self._cache.move_to_end(pod_uid)
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        if containers:
-            missing = [n for n in dict.fromkeys(containers) if n not in running]
-            if missing:
-                raise ContainerNotFound(
-                    f"pod {pod_uid} has no running container named "
-                    f"{', '.join(repr(n) for n in missing)} "
-                    f"(running: {', '.join(sorted(running)) or 'none'})"
-                )
-            return {n: running[n] for n in dict.fromkeys(containers)}
-        chosen = {n: cid for n, cid in sorted(running.items()) if n not in NEVER_FROZEN}
-        if not chosen:
-            raise ContainerNotFound(
-                f"pod {pod_uid} has no container to freeze "
-                f"(running: {', '.join(sorted(running))}; never frozen: "
-                f"{', '.join(sorted(NEVER_FROZEN))})"
-            )
-        return chosen
+        return await self._cache.lookup(pod_uid, containers, refresh, self._list_running)
 
     async def list_all(self) -> list[Any]:
         """Every CRI container of this node (any state): one ``ListContainers``."""

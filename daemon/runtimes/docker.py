@@ -12,16 +12,21 @@ running") on the next call and triggers one refresh.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
 
-from . import NEVER_FROZEN, ContainerNotFound, ListedContainer, RuntimeFailure
+from . import (
+    ContainerNotFound,
+    ListedContainer,
+    PodCache,
+    RuntimeFailure,
+    Stale,
+    apply_to_pod,
+)
 
 POD_UID_LABEL = "io.kubernetes.pod.uid"
 POD_NAME_LABEL = "io.kubernetes.pod.name"
@@ -90,30 +95,6 @@ def running_by_name(listing: Iterable[Mapping[str, Any]], pod_uid: str) -> dict[
     return {name: cid for name, (_, cid) in found.items()}
 
 
-def choose(pod_uid: str, running: Mapping[str, str], containers: Sequence[str]) -> dict[str, str]:
-    """Name -> id of the named containers (all but NEVER_FROZEN when none are named).
-
-    Raises ContainerNotFound naming what is missing and what runs.
-    """
-    if containers:
-        missing = [n for n in dict.fromkeys(containers) if n not in running]
-        if missing:
-            raise ContainerNotFound(
-                f"pod {pod_uid} has no running container named "
-                f"{', '.join(repr(n) for n in missing)} "
-                f"(running: {', '.join(sorted(running)) or 'none'})"
-            )
-        return {n: running[n] for n in dict.fromkeys(containers)}
-    chosen = {n: cid for n, cid in sorted(running.items()) if n not in NEVER_FROZEN}
-    if not chosen:
-        raise ContainerNotFound(
-            f"pod {pod_uid} has no container to freeze "
-            f"(running: {', '.join(sorted(running))}; never frozen: "
-            f"{', '.join(sorted(NEVER_FROZEN))})"
-        )
-    return chosen
-
-
 def listed(c: Mapping[str, Any]) -> ListedContainer | None:
     """One entry of GET /containers/json?all=1 as a ListedContainer; None for a sandbox (CRI
     lists sandboxes apart from containers, and the daemon never pauses one)."""
@@ -128,15 +109,6 @@ def listed(c: Mapping[str, Any]) -> ListedContainer | None:
         container_id=str(c.get("Id", "")),
         status=docker_status(str(c.get("State", ""))),
     )
-
-
-class _Stale(Exception):
-    """A cached container id is gone (404, or no longer running): the container was replaced."""
-
-    def __init__(self, name: str, detail: str) -> None:
-        super().__init__(name, detail)
-        self.name = name
-        self.detail = detail
 
 
 class _Answer(Exception):
@@ -171,10 +143,7 @@ class DockerRuntime:
     ) -> None:
         self.socket = os.path.abspath(os.fspath(socket))
         self.timeout = timeout
-        # pod UID -> (when looked up, container name -> id); LRU-bounded, as in containerd.py.
-        self._cache: OrderedDict[str, tuple[float, dict[str, str]]] = OrderedDict()
-        self._cache_size = cache_size
-        self._cache_ttl = cache_ttl
+        self._cache = PodCache(cache_size, cache_ttl)
         self._session: aiohttp.ClientSession | None = None
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -196,7 +165,7 @@ class DockerRuntime:
 
     def forget(self, pod_uid: str) -> None:
         """Drop a pod's cached container ids (e.g. when the pod is deleted)."""
-        self._cache.pop(pod_uid, None)
+        self._cache.forget(pod_uid)
 
     async def _call(
         self, what: str, method: str, path: str, params: Mapping[str, str] | None = None
@@ -252,27 +221,7 @@ class DockerRuntime:
         requested name is missing from it.
         Raises ContainerNotFound when the pod or a named container is not running here.
         """
-        if not pod_uid:
-            raise ContainerNotFound("empty pod UID")
-        now = asyncio.get_running_loop().time()
-        entry = None if refresh else self._cache.get(pod_uid)
-        if (
-            entry is not None
-            and now - entry[0] < self._cache_ttl
-            and all(n in entry[1] for n in containers)
-        ):
-            self._cache.move_to_end(pod_uid)
-            running = entry[1]
-        else:
-            running = await self._list_running(pod_uid)
-            if not running:
-                self.forget(pod_uid)
-                raise ContainerNotFound(f"no running pod with UID {pod_uid} on this node")
-            self._cache[pod_uid] = (now, running)
-            self._cache.move_to_end(pod_uid)
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return choose(pod_uid, running, containers)
+        return await self._cache.lookup(pod_uid, containers, refresh, self._list_running)
 
     # -- pause / unpause ---------------------------------------------------------------------
 
@@ -291,46 +240,19 @@ class DockerRuntime:
             if any(s in err.message for s in ok_when):
                 return  # already in the wanted state
             if err.status == 404 or any(s in err.message for s in _GONE):
-                raise _Stale(name, err.message) from None
+                raise Stale(name, err.message) from None
             raise RuntimeFailure(
                 f"docker {verb} of container {name} ({container_id[:12]}): "
                 f"HTTP {err.status}: {err.message}"
             ) from None
 
-    async def _each(self, verb: str, targets: Mapping[str, str], ok_when: Sequence[str]) -> None:
-        """Run the call on every container at once; let all finish before raising."""
-        results = await asyncio.gather(
-            *(self._container_call(verb, n, cid, ok_when) for n, cid in targets.items()),
-            return_exceptions=True,
-        )
-        errors = [r for r in results if isinstance(r, BaseException)]
-        for e in errors:
-            if not isinstance(e, Exception):
-                raise e  # cancellation and the like
-        stale = [e for e in errors if isinstance(e, _Stale)]
-        others = [e for e in errors if not isinstance(e, _Stale)]
-        if others:
-            raise others[0]
-        if stale:
-            raise stale[0]
-
     async def _apply(
         self, verb: str, pod_uid: str, containers: Sequence[str], ok_when: Sequence[str]
     ) -> list[str]:
-        targets = await self.lookup(pod_uid, containers)
-        try:
-            await self._each(verb, targets, ok_when)
-        except _Stale:
-            # A container was replaced since the lookup: look again once, then give up.
-            targets = await self.lookup(pod_uid, containers, refresh=True)
-            try:
-                await self._each(verb, targets, ok_when)
-            except _Stale as stale:
-                self.forget(pod_uid)
-                raise ContainerNotFound(
-                    f"container {stale.name} of pod {pod_uid} is gone: {stale.detail}"
-                ) from None
-        return list(targets)
+        async def call(name: str, container_id: str) -> None:
+            await self._container_call(verb, name, container_id, ok_when)
+
+        return await apply_to_pod(pod_uid, containers, self.lookup, self.forget, call)
 
     async def pause(self, pod_uid: str, containers: Sequence[str]) -> list[str]:
         """Freeze the named containers (all but NEVER_FROZEN when empty); return their names."""
@@ -357,7 +279,7 @@ class DockerRuntime:
         """Thaw one container by id (running already: fine; gone: ContainerNotFound)."""
         try:
             await self._container_call("resume", container_id[:12], container_id, _ALREADY_RUNNING)
-        except _Stale as stale:
+        except Stale as stale:
             raise ContainerNotFound(f"no container {container_id}: {stale.detail}") from None
 
     async def status(self, container_id: str) -> str:
