@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import shutil
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +22,16 @@ from typing import Any
 
 from . import images, install
 from .cluster import Cluster
-from .demo import CONTAINER, Summary, Timeline, _progress, _request, _watch
+from .demo import (
+    CONTAINER,
+    Summary,
+    Timeline,
+    _idle,
+    _progress,
+    _requests,
+    _resume_times,
+    until_signalled,
+)
 from .docker import Dockerd
 
 REGISTRY = "freeze-demo.local"
@@ -52,16 +59,6 @@ class KubePod:
     @property
     def ip(self) -> str:
         return str(self.pod["status"]["podIP"])
-
-
-def _resume_times(pod: KubePod) -> list[float]:
-    out = []
-    for line in pod.log_lines("freeze-proxy"):
-        with contextlib.suppress(ValueError, KeyError):
-            entry = json.loads(line)
-            if entry.get("msg") == "app resumed":
-                out.append(float(entry["took_ms"]))
-    return out
 
 
 async def _wait_frozen(pod: KubePod, timeout: float = 30) -> None:
@@ -115,10 +112,7 @@ async def _run(args: argparse.Namespace, work: Path) -> Summary:
         started = time.monotonic()
         print(f"\n• the app idle WITHOUT freeze-proxy for {args.idle:.0f} s", flush=True)
         timeline = Timeline(plain, None, started)
-        cpu0, ticks0 = plain.cpu_usage_seconds(CONTAINER), _ticks(plain)
-        await _watch(timeline, "idle", args.idle)
-        summary.baseline_cpu_s = plain.cpu_usage_seconds(CONTAINER) - cpu0
-        summary.baseline_ticks = _ticks(plain) - ticks0
+        summary.baseline_cpu_s, summary.baseline_ticks = await _idle(timeline, "idle", args.idle)
         cluster.kubectl("delete", "ksvc", "sleeptalker-plain", "--wait=false")
 
         done = _progress(
@@ -131,35 +125,18 @@ async def _run(args: argparse.Namespace, work: Path) -> Summary:
         url = f"http://{pod.ip}:8012"
         timeline = Timeline(pod, health, started)
         print(f"\n• the app idle WITH freeze-proxy for {args.idle:.0f} s", flush=True)
-        cpu0, ticks0 = pod.cpu_usage_seconds(CONTAINER), _ticks(pod)
-        await _watch(timeline, "frozen", args.idle)
-        summary.frozen_cpu_s = pod.cpu_usage_seconds(CONTAINER) - cpu0
-        summary.frozen_ticks = _ticks(pod) - ticks0
+        summary.frozen_cpu_s, summary.frozen_ticks = await _idle(timeline, "frozen", args.idle)
 
         print(f"\n• {args.requests} requests through queue-proxy, each taking 1 s", flush=True)
-        for _ in range(args.requests):
-            await _wait_frozen(pod)
-            ticks0 = _ticks(pod)
-            request = asyncio.ensure_future(_request(url, 1.0))
-            await _watch(timeline, "request", 1.0, every=0.25)
-            wake_ms, body = await request
-            summary.busy_ticks += _ticks(pod) - ticks0
-            summary.wake_ms.append(wake_ms)
-            if "world" not in body:
-                summary.failures.append(f"a request got an incomplete answer: {body!r}")
-            await _watch(timeline, "idle", 1.0)
-        summary.resume_ms = _resume_times(pod)
-        summary.resumes = len(summary.resume_ms)
-        summary.pauses = sum(1 for line in pod.log_lines("freeze-proxy") if '"app paused"' in line)
+        await _requests(summary, timeline, url, args.requests, lambda: _wait_frozen(pod))
+        counters = json.loads(install.get(health)[1])
+        summary.pauses, summary.resumes = counters["pauses"], counters["resumes"]
+        summary.resume_ms = _resume_times(pod.log_lines("freeze-proxy"))
         if args.keep:
             await _keep(cluster, pod)
         done = _progress("tearing down (cluster, pods, iptables, cgroups, bridge, sysctls)")
     done("nothing left behind")
     return summary
-
-
-def _ticks(pod: KubePod) -> int:
-    return sum(1 for line in pod.log_lines(CONTAINER) if line.startswith("tick"))
 
 
 async def _keep(cluster: Cluster, pod: KubePod) -> None:
@@ -173,8 +150,4 @@ async def _keep(cluster: Cluster, pod: KubePod) -> None:
         f"  cat {install.freezer_dir(pod.pod)}/freezer.state",
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
+    await until_signalled()

@@ -19,7 +19,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -98,10 +98,11 @@ def _ticks(pod: WatchedPod) -> int:
     return sum(1 for line in pod.log_lines(CONTAINER) if line.startswith("tick"))
 
 
-def _resume_times(log_file: Path) -> list[float]:
+def _resume_times(lines: Iterable[str]) -> list[float]:
+    """The proxy's "app resumed" timings, from its JSON log lines."""
     out = []
-    for line in log_file.read_text(errors="replace").splitlines():
-        with contextlib.suppress(ValueError):
+    for line in lines:
+        with contextlib.suppress(ValueError, KeyError):
             entry = json.loads(line)
             if entry.get("msg") == "app resumed":
                 out.append(float(entry["took_ms"]))
@@ -187,10 +188,7 @@ async def _run(args: argparse.Namespace, work: Path) -> Summary:
         started = time.monotonic()
         print(f"\n• the app idle WITHOUT freeze-proxy for {args.idle:.0f} s", flush=True)
         timeline = Timeline(pod, None, started)
-        cpu0, ticks0 = pod.cpu_usage_seconds(CONTAINER), _ticks(pod)
-        await _watch(timeline, "idle", args.idle)
-        summary.baseline_cpu_s = pod.cpu_usage_seconds(CONTAINER) - cpu0
-        summary.baseline_ticks = _ticks(pod) - ticks0
+        summary.baseline_cpu_s, summary.baseline_ticks = await _idle(timeline, "idle", args.idle)
 
         grace = [f"--grace={args.grace}"] if args.grace is not None else []
         done = _progress("starting freeze-proxy in front of the app, with the pod's token")
@@ -199,28 +197,22 @@ async def _run(args: argparse.Namespace, work: Path) -> Summary:
             done(f"{proxy.url}: the app is frozen")
             timeline = Timeline(pod, proxy.health_url, started)
             print(f"\n• the app idle WITH freeze-proxy for {args.idle:.0f} s", flush=True)
-            cpu0, ticks0 = pod.cpu_usage_seconds(CONTAINER), _ticks(pod)
-            await _watch(timeline, "frozen", args.idle)
-            summary.frozen_cpu_s = pod.cpu_usage_seconds(CONTAINER) - cpu0
-            summary.frozen_ticks = _ticks(pod) - ticks0
+            summary.frozen_cpu_s, summary.frozen_ticks = await _idle(timeline, "frozen", args.idle)
 
             print(f"\n• {args.requests} requests, each asking the app to take 1 s", flush=True)
-            for _ in range(args.requests):
-                await pod.wait_frozen(CONTAINER, hint=f"; see {proxy.health_url} and the logs")
-                ticks0 = _ticks(pod)
-                request = asyncio.ensure_future(_request(proxy.url, 1.0))
-                await _watch(timeline, "request", 1.0, every=0.25)
-                wake_ms, body = await request
-                summary.busy_ticks += _ticks(pod) - ticks0
-                summary.wake_ms.append(wake_ms)
-                if "world" not in body:
-                    summary.failures.append(f"a request got an incomplete answer: {body!r}")
-                await _watch(timeline, "idle", 1.0)
+            hint = f"; see {proxy.health_url} and the logs"
+            await _requests(
+                summary,
+                timeline,
+                proxy.url,
+                args.requests,
+                lambda: pod.wait_frozen(CONTAINER, hint=hint),
+            )
             health = await proxy.health()
             summary.pauses, summary.resumes = health["pauses"], health["resumes"]
             if args.keep:
                 await _keep(proxy.url, pod, work)
-        summary.resume_ms = _resume_times(proxy.log_file)
+        summary.resume_ms = _resume_times(proxy.log_file.read_text(errors="replace").splitlines())
         done = _progress("tearing down (pods, shims, cgroups, mounts)")
     done("nothing left behind")
     return summary
@@ -235,11 +227,46 @@ async def _keep(url: str, pod: Pod, work: Path) -> None:
         f"  logs: {work}/proxy.log {work}/daemon.log",
         flush=True,
     )
+    await until_signalled()
+
+
+async def until_signalled() -> None:
+    """Return on Ctrl-C or SIGTERM (--keep: the caller then tears everything down)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
+
+
+async def _idle(timeline: Timeline, label: str, seconds: float) -> tuple[float, int]:
+    """Watch the idle app for ``seconds``: (its CPU seconds, its ticks) meanwhile."""
+    pod = timeline.pod
+    cpu0, ticks0 = pod.cpu_usage_seconds(CONTAINER), _ticks(pod)
+    await _watch(timeline, label, seconds)
+    return pod.cpu_usage_seconds(CONTAINER) - cpu0, _ticks(pod) - ticks0
+
+
+async def _requests(
+    summary: Summary,
+    timeline: Timeline,
+    url: str,
+    count: int,
+    wait_frozen: Callable[[], Awaitable[object]],
+) -> None:
+    """``count`` requests of 1 s each, every one sent to a frozen app; into ``summary``."""
+    pod = timeline.pod
+    for _ in range(count):
+        await wait_frozen()
+        ticks0 = _ticks(pod)
+        request = asyncio.ensure_future(_request(url, 1.0))
+        await _watch(timeline, "request", 1.0, every=0.25)
+        wake_ms, body = await request
+        summary.busy_ticks += _ticks(pod) - ticks0
+        summary.wake_ms.append(wake_ms)
+        if "world" not in body:
+            summary.failures.append(f"a request got an incomplete answer: {body!r}")
+        await _watch(timeline, "idle", 1.0)
 
 
 def verdict(s: Summary) -> list[str]:
