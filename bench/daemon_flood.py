@@ -39,8 +39,7 @@ from bench.common import Table, percentile
 from testbed import tokens
 from testbed.containerd import missing_prerequisites
 from testbed.pods import Pod, ticker
-from testbed.processes import free_port
-from testbed.stack import Stack, program, stack, wait_http
+from testbed.stack import program, stack
 
 BENCH = "daemon_flood"
 MAX_CONNECTIONS = 256  # the daemons' --max-connections here (default 1024): a quicker fill
@@ -59,7 +58,7 @@ async def _run(table: Table, rounds: int) -> None:
     async with stack(daemon_args=DAEMON_ARGS) as st:
         pod = await st.client.create_pod([ticker()], name="woken", namespace="bench")
         token = Path(st.token_file(pod)).read_text()
-        async with _daemon(st, *DAEMON_ARGS, "--refusal-rate=0") as unlimited_url:
+        async with st.extra_daemon(*DAEMON_ARGS, "--refusal-rate=0") as (unlimited_url, _):
             scenarios: list[tuple[str, str, list[str]]] = [
                 ("quiet", st.daemon_url, []),
                 ("bad-token flood", st.daemon_url, ["tokens", st.daemon_url]),
@@ -89,17 +88,6 @@ async def _run(table: Table, rounds: int) -> None:
                         values["flood_per_s"] = round(total / seconds)
                     note = "flood answers: " + ", ".join(f"{k}: {v}" for k, v in counts.items())
                 table.add(BENCH, name, note=note, **values)
-
-
-@contextlib.asynccontextmanager
-async def _daemon(st: Stack, *extra: str) -> AsyncIterator[str]:
-    """A second daemon on the same containerd, with other flags (the last --listen wins)."""
-    port = free_port()
-    args = [*st.daemon_args(*extra), f"--listen=127.0.0.1:{port}"]
-    async with program(args, st.work / f"daemon-{port}.log"):
-        url = f"http://127.0.0.1:{port}"
-        await wait_http(f"{url}/healthz")
-        yield url
 
 
 async def _wakes(url: str, token: str, pod: Pod, rounds: int, retries: list[int]) -> list[float]:

@@ -22,15 +22,14 @@ from typing import Any
 import aiohttp
 import grpc.aio
 
-from bench.common import Table, percentile, proxy_python
+from bench.common import Table, before_tree, percentile, proxy_python
 from daemon._proto import tasks_pb2, tasks_pb2_grpc
 from daemon.auth import JwksFile, JwtVerifier, KeyCache, PodTokenAuthenticator
 from daemon.runtimes.containerd import ContainerdRuntime
 from testbed import tokens
 from testbed.containerd import missing_prerequisites, shim_pids
 from testbed.pods import Pod
-from testbed.processes import free_port
-from testbed.stack import Proxy, Stack, program, stack, wait_http
+from testbed.stack import Proxy, Stack, stack
 
 BENCH = "wake"
 CONTAINER = "user-container"
@@ -161,6 +160,47 @@ async def _token_review() -> AsyncIterator[Callable[[], Awaitable[float]] | str]
 
 
 @dataclass
+class _CgroupSide:
+    """The same wake through a daemon with ``--runtime cgroup`` and its own proxy, on its own
+    pod (one backend per container: the two ways of freezing must never mix on one container);
+    ``key`` prefixes its samples ("cg", or "cg_before" for the code of ``--before``)."""
+
+    key: str
+    label: str
+    pod: Pod
+    app_port: int
+    proxy: Proxy
+    daemon_url: str
+    daemon: Any  # its Popen
+    token: str
+    base_pauses: int
+
+    async def round(self, session: aiohttp.ClientSession, index: int, s: Samples) -> None:
+        """A request to the frozen app → first byte; then, as in row 2, the daemon's thaw on
+        its own and the just-thawed app without any proxy (the app ends frozen again)."""
+        k = self.key
+        await self.pod.wait_frozen(CONTAINER, poll=0.002)
+        await asyncio.sleep(SETTLE)
+        seen, ttfb, total = await _get(session, self.proxy.url)
+        s[f"{k}_wake_seen"].append(seen)
+        s[f"{k}_wake_ttfb"].append(ttfb)
+        s[f"{k}_wake_total"].append(total)
+        await _wait_proxy_frozen(session, self.proxy, pauses=self.base_pauses + index + 1)
+        query = f"?container={CONTAINER}"
+        await asyncio.sleep(SETTLE)
+        thaw_total, thaw_took = await _daemon_call(
+            session, f"{self.daemon_url}/thaw{query}", self.token
+        )
+        s[f"{k}_thaw_total"].append(thaw_total)
+        s[f"{k}_thaw_took"].append(thaw_took)
+        seen, ttfb, _ = await _get(session, f"http://127.0.0.1:{self.app_port}")
+        s[f"{k}_direct_seen"].append(seen)
+        s[f"{k}_direct_ttfb"].append(ttfb)
+        await asyncio.sleep(SETTLE)
+        await _daemon_call(session, f"{self.daemon_url}/freeze{query}", self.token)
+
+
+@dataclass
 class _Bed:
     """Everything one round touches: the stack, the pod, its proxy and the in-process clients."""
 
@@ -175,26 +215,6 @@ class _Bed:
     token: str
     review: Callable[[], Awaitable[float]] | None
     base_pauses: int = 0
-    # The same wake through a second daemon (--runtime cgroup) and proxy, on a second pod (one
-    # backend per container: the two ways of freezing must never mix on one container).
-    cg_pod: Pod | None = None
-    cg_proxy: Proxy | None = None
-    cg_base_pauses: int = 0
-    cg_daemon: Any = None  # its Popen
-    cg_token: str = ""
-
-    async def cgroup_round(self, index: int, s: Samples) -> None:
-        """A request to the app frozen by the cgroup backend → first byte."""
-        assert self.cg_pod is not None and self.cg_proxy is not None
-        await self.cg_pod.wait_frozen(CONTAINER, poll=0.002)
-        await asyncio.sleep(SETTLE)
-        seen, ttfb, total = await _get(self.session, self.cg_proxy.url)
-        s["cg_wake_seen"].append(seen)
-        s["cg_wake_ttfb"].append(ttfb)
-        s["cg_wake_total"].append(total)
-        await _wait_proxy_frozen(
-            self.session, self.cg_proxy, pauses=self.cg_base_pauses + index + 1
-        )
 
     async def round(self, index: int, s: Samples) -> None:
         """One wake through the whole path, then each piece of it once, in the same state."""
@@ -302,19 +322,26 @@ async def _run(table: Table, rounds: int) -> None:
                     await bed.review()  # warm the client's connection
                 await pod.wait_frozen(CONTAINER, poll=0.002)
                 bed.base_pauses = int((await proxy.health())["pauses"])
-                async with _cgroup_side(st, bed, session) as cg_url:
+                async with _cgroup_sides(st, session) as sides:
                     for i in range(rounds):
                         await bed.round(i, s)
-                        await bed.cgroup_round(i, s)
-                    assert bed.cg_proxy is not None and bed.cg_pod is not None
-                    cg_resume = _proxy_resumes(bed.cg_proxy.log_file)[:rounds]
+                        for side in sides:
+                            await side.round(session, i, s)
+                    resumes = {
+                        side.key: _proxy_resumes(side.proxy.log_file)[:rounds] for side in sides
+                    }
                     cycles = 20 if rounds < 200 else CPU_CYCLES
                     cpu = {
                         "containerd": await _cpu_per_cycle(
                             st, session, st.daemon_url, st.daemon_proc, token, cycles
                         ),
                         "cgroup": await _cpu_per_cycle(
-                            st, session, cg_url, bed.cg_daemon, bed.cg_token, cycles
+                            st,
+                            session,
+                            sides[0].daemon_url,
+                            sides[0].daemon,
+                            sides[0].token,
+                            cycles,
                         ),
                     }
             # The proxy's resume calls, without the one it makes at exit.
@@ -323,7 +350,7 @@ async def _run(table: Table, rounds: int) -> None:
             await runtime.close()
             await channel.close(None)
     _report(table, s, proxy_resume, review if isinstance(review, str) else None)
-    _report_cgroup(table, s, cg_resume, cpu)
+    _report_cgroup(table, s, sides, resumes, cpu)
 
 
 def _report(table: Table, s: Samples, proxy_resume: list[float], review_skip: str | None) -> None:
@@ -392,29 +419,50 @@ def _report(table: Table, s: Samples, proxy_resume: list[float], review_skip: st
 
 
 @contextlib.asynccontextmanager
-async def _cgroup_side(st: Stack, bed: _Bed, session: aiohttp.ClientSession) -> AsyncIterator[str]:
-    """A second daemon with ``--runtime cgroup`` on the same containerd (its CRI socket), a
-    second sleeptalker pod and a proxy in front of it calling that daemon; yields its URL."""
-    port = free_port()
-    args = [
-        *st.daemon_args("--freeze-rate=0"),
-        f"--listen=127.0.0.1:{port}",  # the last --listen wins
-        "--runtime=cgroup",
-        f"--cri-socket={st.containerd.socket}",
-    ]
-    url = f"http://127.0.0.1:{port}"
-    async with program(args, st.work / "daemon-cgroup.log") as proc:
-        await wait_http(f"{url}/healthz")
-        pod, app_port = await st.sleeptalker_pod(name="wake-cgroup")
-        bed.cg_pod, bed.cg_daemon = pod, proc
-        bed.cg_token = st.token_file(pod).read_text()
+async def _cgroup_sides(
+    st: Stack, session: aiohttp.ClientSession
+) -> AsyncIterator[list[_CgroupSide]]:
+    """The cgroup backend's side, and with ``BENCH_BEFORE_REF`` (``--before REF``) a second one
+    running that ref's daemon and proxy: before/after in the same rounds."""
+    async with contextlib.AsyncExitStack() as stack_:
+        sides = [await stack_.enter_async_context(_cgroup_side(st, session, "cg", "cgroup"))]
+        before_ref = os.environ.get("BENCH_BEFORE_REF")
+        if before_ref:
+            tree = stack_.enter_context(before_tree(before_ref))
+            label = f"cgroup @{before_ref}"
+            sides.append(
+                await stack_.enter_async_context(
+                    _cgroup_side(st, session, "cg_before", label, tree)
+                )
+            )
+        yield sides
+
+
+@contextlib.asynccontextmanager
+async def _cgroup_side(
+    st: Stack, session: aiohttp.ClientSession, key: str, label: str, tree: Path | None = None
+) -> AsyncIterator[_CgroupSide]:
+    """A daemon with ``--runtime cgroup`` on the same containerd (its CRI socket), a
+    sleeptalker pod and a proxy in front of it calling that daemon (the code in ``tree``)."""
+    daemon_args = ("--freeze-rate=0", "--runtime=cgroup", f"--cri-socket={st.containerd.socket}")
+    python = proxy_python() if tree is None else proxy_python(root=tree)
+    async with st.extra_daemon(*daemon_args, cwd=tree) as (url, proc):
+        pod, app_port = await st.sleeptalker_pod(name=f"wake-{key}".replace("_", "-"))
         async with st.proxy(
-            pod, app_port, "--grace=0", python=proxy_python(), daemon_url=url
+            pod, app_port, "--grace=0", python=python, daemon_url=url, cwd=tree
         ) as proxy:
-            bed.cg_proxy = proxy
             await pod.wait_frozen(CONTAINER, poll=0.002)
-            bed.cg_base_pauses = int((await proxy.health())["pauses"])
-            yield url
+            yield _CgroupSide(
+                key,
+                label,
+                pod,
+                app_port,
+                proxy,
+                url,
+                proc,
+                st.token_file(pod).read_text(),
+                int((await proxy.health())["pauses"]),
+            )
 
 
 def _cpu_seconds(pid: int, children: bool) -> float:
@@ -433,7 +481,7 @@ def _node_cpu(st: Stack, daemon_pid: int) -> dict[str, float]:
     assert st.containerd.proc is not None
     return {
         "containerd": _cpu_seconds(st.containerd.proc.pid, children=False),
-        "shims": sum(_cpu_seconds(p, children=True) for p in shim_pids(st.containerd.address)),
+        "shims": sum(_cpu_seconds(p, children=True) for p in shim_pids(st.containerd.socket)),
         "daemon": _cpu_seconds(daemon_pid, children=False),
     }
 
@@ -458,14 +506,34 @@ async def _cpu_per_cycle(
 
 
 def _report_cgroup(
-    table: Table, s: Samples, cg_resume: list[float], cpu: dict[str, dict[str, float]]
+    table: Table,
+    s: Samples,
+    sides: list[_CgroupSide],
+    resumes: dict[str, list[float]],
+    cpu: dict[str, dict[str, float]],
 ) -> None:
     add = table.add
     note = "--runtime cgroup: CRI lookup, then the container's freezer written directly"
-    add(BENCH, "cgroup: frozen app: request → app has it", **_p(s["cg_wake_seen"]), note=note)
-    add(BENCH, "cgroup: frozen app: request → first byte", **_p(s["cg_wake_ttfb"]))
-    add(BENCH, "cgroup: frozen app: request → full response", **_p(s["cg_wake_total"]))
-    add(BENCH, "cgroup: proxy's resume call (its log)", **_p(cg_resume))
+    # Side by side: each step of the current code, then of --before's, in adjacent rows.
+    steps = (
+        ("wake_seen", "frozen app: request → app has it"),
+        ("wake_ttfb", "frozen app: request → first byte"),
+        ("wake_total", "frozen app: request → full response"),
+        ("resume", "proxy's resume call (its log)"),
+        ("thaw_total", "daemon POST /thaw round trip"),
+        ("thaw_took", "daemon /thaw took_ms (its own time)"),
+        ("direct_seen", "just-thawed app direct: → app has it"),
+        ("direct_ttfb", "just-thawed app direct: → 1st byte"),
+    )
+    for step, what in steps:
+        for side in sides:
+            values = resumes[side.key] if step == "resume" else s[f"{side.key}_{step}"]
+            add(
+                BENCH,
+                f"{side.label}: {what}",
+                **_p(values),
+                note=note if step == "wake_seen" else "",
+            )
     for backend, parts in cpu.items():
         add(
             BENCH,
@@ -474,6 +542,17 @@ def _report_cgroup(
             total_ms=round(sum(parts.values()), 3),
             note="containerd + shims (with runc, their children) + daemon, from /proc",
         )
+    totals = {b: sum(parts.values()) for b, parts in cpu.items()}
+    add(
+        BENCH,
+        "target: node CPU per cycle, cgroup <= 0.2x containerd",
+        cgroup_ms=round(totals["cgroup"], 3),
+        containerd_ms=round(totals["containerd"], 3),
+        ratio=round(totals["cgroup"] / totals["containerd"], 3)
+        if totals["containerd"]
+        else float("nan"),
+        result="pass" if totals["cgroup"] <= 0.2 * totals["containerd"] else "fail",
+    )
     p50, p99 = percentile(s["cg_wake_ttfb"], 50), percentile(s["cg_wake_ttfb"], 99)
     cd_p99 = percentile(s["wake_ttfb"], 99)
     add(

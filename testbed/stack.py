@@ -50,12 +50,15 @@ async def wait_http(url: str, limit: float = 60.0) -> None:
 
 @contextlib.asynccontextmanager
 async def program(
-    args: Sequence[str], log_file: Path, python: str = sys.executable
+    args: Sequence[str], log_file: Path, python: str = sys.executable, cwd: Path | None = None
 ) -> AsyncIterator[subprocess.Popen[bytes]]:
-    """``python -m <args>`` as a child, logging to ``log_file``; SIGTERM (then KILL) at exit."""
+    """``python -m <args>`` as a child, logging to ``log_file``; SIGTERM (then KILL) at exit.
+
+    ``cwd``: run the code of another checkout (``python -m`` imports from the working directory
+    first), e.g. a benchmark's ``--before`` tree."""
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(
-            [python, "-m", *args], stderr=log, stdout=log, start_new_session=True
+            [python, "-m", *args], stderr=log, stdout=log, start_new_session=True, cwd=cwd
         )
     try:
         yield proc
@@ -120,6 +123,19 @@ class Stack:
             await wait_http(f"{self.daemon_url}/healthz")
             yield proc
 
+    @contextlib.asynccontextmanager
+    async def extra_daemon(
+        self, *extra: str, cwd: Path | None = None
+    ) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
+        """Another freeze-daemon on the same containerd and keys, with other flags (e.g.
+        ``--runtime=cgroup``) or other code (``cwd``), on a free port; yields (URL, process)."""
+        port = free_port()
+        args = [*self.daemon_args(*extra), f"--listen=127.0.0.1:{port}"]  # the last one wins
+        async with program(args, self.work / f"daemon-{port}.log", cwd=cwd) as proc:
+            url = f"http://127.0.0.1:{port}"
+            await wait_http(f"{url}/healthz")
+            yield url, proc
+
     def token_file(self, pod: Pod, lifetime: int = 3600) -> Path:
         """Write the pod's projected-token-shaped JWT (audience freeze) where a proxy reads it."""
         path = self.work / f"token-{pod.uid}"
@@ -170,9 +186,11 @@ class Stack:
         *extra: str,
         python: str = sys.executable,
         daemon_url: str | None = None,
+        cwd: Path | None = None,
     ) -> AsyncIterator[Proxy]:
         """A freeze-proxy process in front of ``app_port`` for ``pod`` (calling the stack's
-        daemon unless ``daemon_url`` names another); stopped with SIGTERM."""
+        daemon unless ``daemon_url`` names another; the code in ``cwd`` if given); stopped
+        with SIGTERM."""
         port, health = free_port(), free_port()
         log_file = self.work / f"proxy-{port}.log"
         args = [
@@ -185,7 +203,7 @@ class Stack:
             "--container=user-container",
             *extra,
         ]
-        async with program(args, log_file, python) as proc:
+        async with program(args, log_file, python, cwd) as proc:
             health_url = f"http://127.0.0.1:{health}/healthz"
             await wait_http(health_url)
             yield Proxy(f"http://127.0.0.1:{port}", health_url, log_file, proc)
