@@ -31,6 +31,9 @@ REPLAY_LIMIT = 65536
 MAX_POOLED = 256  # idle keep-alive connections kept to the app
 BUFFER_LIMIT = 262144  # bytes read ahead from a client before we stop reading it
 PARKED_READ_AHEAD = 65536  # the same while its request waits to be forwarded (a resume)
+# How long a request, once the app is resumed, waits for the connection opened during the resume
+# (a handshake in the pod's loopback takes microseconds; a dropped SYN is retried after 1 s).
+EARLY_CONNECT_WAIT = 0.02
 
 
 class Wakeup:
@@ -289,15 +292,27 @@ class Downstream(asyncio.Protocol):
             self.hold(_HOLD_BUFFER)
 
     async def _forward_after(self, wakeup: Wakeup) -> None:
+        # The connection to the app is opened while it is being resumed: the handshake is the
+        # kernel's (the connection waits in the app's accept queue), so the frozen app is not
+        # touched and not a byte is sent before the resume has succeeded; the app finds the
+        # connection the moment it thaws, and the request follows at once.
+        early = asyncio.ensure_future(self.relay.connect())
+        up: Upstream | None = None
         try:
             async with asyncio.timeout(self.relay.wait_timeout):
                 await wakeup.event.wait()
+            if wakeup.ok and self.transport is not None:
+                await asyncio.wait((early,), timeout=EARLY_CONNECT_WAIT)
+            up = _connected(early)
         except TimeoutError:
             if self.transport is not None:
                 self.relay.admission.refused()
                 message = WAIT_TIMED_OUT.format(format_duration(self.relay.wait_timeout))
                 self._refuse(503, message, "wait-timeout")
             return
+        finally:
+            if up is None or self.transport is None or not wakeup.ok:
+                _discard(early)
         if self.transport is None:
             return  # the client left while the app was being resumed
         if not wakeup.ok:
@@ -307,6 +322,11 @@ class Downstream(asyncio.Protocol):
         # The app was (maybe) frozen: connections pooled before are not trusted after, as
         # its keep-alive timers ran out meanwhile and fire now, just as we would send on them.
         self.relay.drop_idle()
+        if up is not None:
+            self._send(up, None)
+            return
+        # Still not connected: its SYN was dropped (the frozen app's accept queue was full)
+        # and would be sent again only after a second; connect afresh to the awake app.
         self._forward()
 
     def _forward(self) -> None:
@@ -572,6 +592,27 @@ class Downstream(asyncio.Protocol):
         self._closing = True
         if self.idle or self._tunnel:
             self._close()
+
+
+def _connected(connecting: asyncio.Future[Upstream]) -> Upstream | None:
+    """The connection ``connecting`` made, if it is made and still open."""
+    if not connecting.done() or connecting.cancelled() or connecting.exception() is not None:
+        return None
+    up = connecting.result()
+    return None if up.closed else up
+
+
+def _discard(connecting: asyncio.Future[Upstream]) -> None:
+    """Give up an early connection: cancelled, or closed once made (a connect that finishes as
+    it is cancelled still returns its connection). The app then accepts a connection that
+    closes at once, with nothing sent on it."""
+    connecting.cancel()
+    connecting.add_done_callback(_close_if_made)
+
+
+def _close_if_made(connecting: asyncio.Future[Upstream]) -> None:
+    if not connecting.cancelled() and connecting.exception() is None:
+        connecting.result().close()
 
 
 class Relay:
