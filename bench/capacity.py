@@ -2,8 +2,9 @@
 
 One daemon serves every pod of a node; with many scale-to-zero apps, wakes and freezes of
 different pods overlap. This measures how many pause/resume calls per second the daemon (and
-the one containerd behind it) completes, and what each call costs, at several concurrencies.
-The concurrency levels take turns round by round, so they share the machine's noise.
+the one containerd behind it) completes, and what each call costs, at several concurrencies,
+with the containerd backend (Tasks API) and the cgroup backend (the freezer written directly).
+The concurrency levels and the backends take turns round by round, so they share the noise.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ async def _pass(
 
 async def _run(table: Table, pods: int, rounds: int) -> None:
     levels = sorted({min(c, pods) for c in LEVELS})
-    results: dict[int, Level] = defaultdict(Level)
+    results: dict[tuple[str, int], Level] = defaultdict(Level)
     async with stack(daemon_args=["--freeze-rate=0"]) as st:  # cycles faster than a pod would
         started = time.perf_counter()
         created = await _create_pods(st, pods)
@@ -110,13 +111,26 @@ async def _run(table: Table, pods: int, rounds: int) -> None:
         try:
             targets = [(p, st.token_file(p).read_text()) for p in created]
             connector = aiohttp.TCPConnector(limit=0)
-            async with aiohttp.ClientSession(connector=connector) as session:
-                # One untimed pass: the daemon's key and container-id caches are warm, as they
-                # are on a node that has been up for a while.
-                await _pass(session, st.daemon_url, targets, max(levels), Level())
+            cgroup_args = (
+                "--freeze-rate=0",
+                "--runtime=cgroup",
+                f"--cri-socket={st.containerd.socket}",
+            )
+            async with (
+                aiohttp.ClientSession(connector=connector) as session,
+                st.extra_daemon(*cgroup_args) as (cgroup_url, _),
+            ):
+                # Both backends on the same pods, taking turns: every pass ends with every pod
+                # thawed by the backend that froze it, so the two never mix on one container.
+                daemons = {"containerd": st.daemon_url, "cgroup": cgroup_url}
+                # One untimed pass each: the daemons' key and container-id caches are warm, as
+                # they are on a node that has been up for a while.
+                for url in daemons.values():
+                    await _pass(session, url, targets, max(levels), Level())
                 for _ in range(rounds):
                     for c in levels:
-                        await _pass(session, st.daemon_url, targets, c, results[c])
+                        for backend, url in daemons.items():
+                            await _pass(session, url, targets, c, results[backend, c])
             thawed = sum(p.freezer_state(CONTAINER) == "THAWED" for p in created)
         finally:
             await _remove_pods(created)
@@ -128,16 +142,17 @@ async def _run(table: Table, pods: int, rounds: int) -> None:
         thawed_at_end=f"{thawed}/{pods}",
     )
     for c in levels:
-        r = results[c]
-        ops = len(r.latencies_ms)
-        table.add(
-            BENCH,
-            f"{pods} pods, concurrency {c}",
-            ops_per_s=round(ops / r.wall_s, 1) if r.wall_s else 0.0,
-            p50_ms=round(percentile(r.latencies_ms, 50), 2),
-            p99_ms=round(percentile(r.latencies_ms, 99), 2),
-            took_p50_ms=round(percentile(r.took_ms, 50), 2),
-            ops=ops,
-            errors=r.errors,
-            note="" if c > 1 else "one call at a time: the per-call cost without contention",
-        )
+        for backend in ("containerd", "cgroup"):
+            r = results[backend, c]
+            ops = len(r.latencies_ms)
+            table.add(
+                BENCH,
+                f"{backend}: {pods} pods, concurrency {c}",
+                ops_per_s=round(ops / r.wall_s, 1) if r.wall_s else 0.0,
+                p50_ms=round(percentile(r.latencies_ms, 50), 2),
+                p99_ms=round(percentile(r.latencies_ms, 99), 2),
+                took_p50_ms=round(percentile(r.took_ms, 50), 2),
+                ops=ops,
+                errors=r.errors,
+                note="" if c > 1 else "one call at a time: the per-call cost without contention",
+            )
