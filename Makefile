@@ -2,7 +2,7 @@
 # everything they need themselves (apt packages, the Python package, Go-built test binaries).
 PYTHON ?= python3
 APT_PACKAGES := containerd runc busybox-static wrk containernetworking-plugins debootstrap \
-	apache2-utils curl docker.io nftables iproute2
+	apache2-utils curl docker.io nftables iproute2 prometheus
 PIP_EXTRAS := fast,daemon,webhook,test
 STAMP := .setup.stamp
 

@@ -13,12 +13,14 @@ from typing import Any
 
 from freeze_proxy.extras import require_extra
 
-require_extra("freeze-daemon", "daemon", ("grpc", "google.protobuf", "jwt", "kubernetes"))
+require_extra(
+    "freeze-daemon", "daemon", ("grpc", "google.protobuf", "jwt", "kubernetes", "prometheus_client")
+)
 
 import aiohttp
 from aiohttp import web
 
-from daemon.api import RUNTIME, make_app, thaw_on_stop
+from daemon.api import METRICS, RUNTIME, make_app, thaw_on_stop
 from daemon.auth import (
     ApiServerJwks,
     AuthUnavailable,
@@ -379,6 +381,9 @@ async def build_app(settings: Settings) -> web.Application:
         raise
 
     app = make_app(authenticator, runtime, settings.limits)
+    if reviewer is not None:
+        made = reviewer
+        app[METRICS].count_reviews(lambda: (made.answered_calls, made.failed_calls))
 
     async def warm_keys(_: web.Application) -> None:
         try:

@@ -3,7 +3,7 @@
 - ``POST /freeze`` and ``POST /thaw`` with header ``Token`` (the original freeze-proxy protocol);
 - ``POST /`` with ``{"action": "pause" | "resume"}`` and header ``Token`` (Knative's
   container-freezer protocol, called by queue-proxy);
-- ``GET /healthz``.
+- ``GET /healthz``; ``GET /metrics`` (Prometheus, no token: see daemon.metrics).
 
 On its way out (:func:`thaw_on_stop`) the daemon refuses new freezes and thaws every pod it
 holds frozen: a frozen app whose daemon is gone could never be woken.
@@ -31,6 +31,7 @@ from daemon.auth import Authenticator, AuthUnavailable
 from daemon.claims import Identity, TokenRefused, unverified_claims
 from daemon.leftovers import Held, HeldFrozen
 from daemon.limits import Action, Admission, LimitSettings, PodStates
+from daemon.metrics import CONTENT_TYPE, DaemonMetrics, backend_name
 from daemon.ordering import CallOrder, parse_sequence
 from daemon.runtimes import (
     NEVER_FROZEN,
@@ -148,6 +149,8 @@ _LIMITED_LOG = web.AppKey("limited_log", _Throttled)
 _TARPIT = web.AppKey("tarpit", _Tarpit)
 CALL_ORDER = web.AppKey("call_order", CallOrder)
 HELD_FROZEN = web.AppKey("held_frozen", HeldFrozen)
+METRICS = web.AppKey("metrics", DaemonMetrics)
+_ACTION = "freeze.action"  # the request's action once known (for the calls counter)
 
 
 class Lifecycle:
@@ -228,10 +231,17 @@ async def _act(request: web.Request, action: Action | None) -> web.Response:
 
     ``action`` None means the Knative protocol: it is in the JSON body.
     """
+    response = await _answer(request, action)
+    request.app[METRICS].call(request.get(_ACTION), response.status)
+    return response
+
+
+async def _answer(request: web.Request, action: Action | None) -> web.Response:
     started = time.perf_counter()
+    request[_ACTION] = action
     try:
         if action is None:
-            action = await _knative_action(request)
+            action = request[_ACTION] = await _knative_action(request)
         token = _token(request)
         containers = _containers(request)
         try:
@@ -239,6 +249,8 @@ async def _act(request: web.Request, action: Action | None) -> web.Response:
         except ValueError as e:
             raise _BadRequest(str(e)) from e
     except _BadRequest as e:
+        if not request.headers.get("Token", "").strip():
+            request.app[METRICS].refused("missing_token")
         log.warning(
             "bad request", extra={"path": request.path, "error": str(e), "outcome": "bad_request"}
         )
@@ -371,6 +383,7 @@ async def _authenticate(
         hashlib.sha256(token.encode()).digest(), source, claimed_pod, time.time()
     )
     if not ticket.allowed:
+        request.app[METRICS].refused("rate_limited")
         request.app[_LIMITED_LOG].log(
             log, logging.WARNING, "refused tokens rate-limited", remote=source, outcome="limited"
         )
@@ -384,12 +397,14 @@ async def _authenticate(
     try:
         identity = await request.app[AUTHENTICATOR].authenticate(token, thaw=action == "thaw")
     except TokenRefused as e:
+        request.app[METRICS].refused("refused")
         log.warning(
             "token refused",
             extra={"action": action, "reason": e.reason, "remote": source, "outcome": "refused"},
         )
         return _error(403, f"token refused: {e.reason}")
     except AuthUnavailable as e:
+        request.app[METRICS].refused("unavailable")
         admission.unavailable(ticket, time.time())
         log.error(
             "cannot check token",
@@ -462,7 +477,11 @@ async def _apply(
     states.forget(pod_uid)  # until the call returns, the state is unknown
     if action == "freeze":
         app[HELD_FROZEN].freezing(pod_uid, who, containers)  # even a failed freeze may freeze
-    done = await call(pod_uid, containers)
+    started = time.perf_counter()
+    try:
+        done = await call(pod_uid, containers)
+    finally:
+        app[METRICS].runtime_call(action, time.perf_counter() - started)
     if done:
         states.record(pod_uid, containers, action, done)
         if action == "thaw":
@@ -581,8 +600,12 @@ async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
+
+
 _HTTP_ERRORS = {
-    404: "no such endpoint: use POST /freeze, POST /thaw, POST / or GET /healthz",
+    404: "no such endpoint: use POST /freeze, POST /thaw, POST /, GET /healthz or GET /metrics",
     413: f"request body too large (max {MAX_BODY} bytes)",
 }
 
@@ -622,8 +645,10 @@ def make_app(
     app[CALL_ORDER] = CallOrder()
     app[HELD_FROZEN] = HeldFrozen()
     app[LIFECYCLE] = Lifecycle()
+    app[METRICS] = DaemonMetrics(backend_name(runtime))
     app.router.add_post("/freeze", _freeze)
     app.router.add_post("/thaw", _thaw)
     app.router.add_post("/", _knative)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", _metrics)
     return app

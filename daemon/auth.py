@@ -472,6 +472,8 @@ class TokenReviewer:
         self._cache: dict[bytes, tuple[float, _Outcome]] = {}
         self._inflight: dict[bytes, asyncio.Task[_Outcome]] = {}
         self.calls = 0
+        self.answered_calls = 0  # of ``calls``: the API server said yes or no
+        self.failed_calls = 0  # of ``calls``: no answer (an outage)
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -509,6 +511,7 @@ class TokenReviewer:
         try:
             status = await self._call(token, [self.audience])
         except Exception as e:
+            self.failed_calls += 1
             if self._failing_since is None:
                 self._failing_since = self._clock()
             if isinstance(e, AuthUnavailable):
@@ -519,6 +522,7 @@ class TokenReviewer:
                 f"TokenReview failed: {e or type(e).__name__}", cause=_REVIEW_CAUSE
             ) from e
         self._failing_since = None
+        self.answered_calls += 1
         outcome: _Outcome
         try:
             outcome = identity_from_review(status, audience=self.audience)

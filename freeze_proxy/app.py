@@ -24,6 +24,7 @@ from freeze_proxy.daemon_client import DaemonError, FreezeClient, HttpDaemonClie
 from freeze_proxy.durations import parse_duration
 from freeze_proxy.gate import AppState, Decision, Gate, PauseOutcome, ResumeOutcome
 from freeze_proxy.marker import FrozenMarker
+from freeze_proxy.metrics import CONTENT_TYPE, ProxyMetrics
 from freeze_proxy.readiness import AppProbe, Readiness
 from freeze_proxy.relay import Admission, AlwaysAwake, Relay, Wakeup
 
@@ -58,6 +59,8 @@ class Counters:
     resume_failures: int = 0
     refused: int = 0
     backlog_wakes: int = 0
+    # /ready (or any probe) answered without reaching the app because it was not awake.
+    probes_answered_frozen: int = 0
 
 
 class FreezeProxy:
@@ -87,6 +90,13 @@ class FreezeProxy:
         # Called as a pause starts: the relay drops its pooled app connections, which the
         # frozen app's keep-alive timers would close just as we sent on them after a resume.
         self.on_pause: Callable[[], None] = lambda: None
+        self.metrics = ProxyMetrics(
+            now=self._loop.time,
+            in_flight=lambda: self.gate.in_flight,
+            state=lambda: self.gate.state.value,
+            states=[s.value for s in AppState],
+            counters=lambda: vars(self.counters),
+        )
 
     def arrive(self) -> Wakeup | None:
         """Count one more piece of work in flight; pair it with exactly one ``depart()``.
@@ -98,6 +108,7 @@ class FreezeProxy:
         wakeup = None
         if not self.gate.may_forward:
             wakeup = self._wakeup = self._wakeup or Wakeup()
+            self.metrics.wakes.waiting(self._loop.time())
         self._apply(decision)
         return wakeup
 
@@ -131,9 +142,11 @@ class FreezeProxy:
     # -- carrying out decisions -------------------------------------------------------------
 
     def _apply(self, d: Decision) -> None:
+        self.metrics.frozen_clock.saw(self.gate.state is AppState.FROZEN, self._loop.time())
         if d.release or d.fail:
             wakeup, self._wakeup = self._wakeup, None
             if wakeup is not None:
+                self.metrics.wakes.released(d.release, self._loop.time())
                 wakeup.ok = d.release
                 wakeup.event.set()
         if d.timer_at is not None:
@@ -161,6 +174,7 @@ class FreezeProxy:
             self._marker.set()
         except OSError as exc:
             self.counters.pause_failures += 1
+            self.metrics.pauses.inc(result="state_file_error")
             log.error(
                 "cannot write the frozen marker, so the app is not paused (a crash would leave "
                 "it frozen unknown to us); check the freeze-proxy-state volume",
@@ -173,10 +187,12 @@ class FreezeProxy:
             outcome = PauseOutcome.FROZEN
             self._reached()
             self.counters.pauses += 1
+            self.metrics.pauses.inc(result="ok")
             log.info("app paused", extra={"took_ms": _ms_since(started)})
         except DaemonError as exc:
             self.counters.pause_failures += 1
             if exc.sent:
+                self.metrics.pauses.inc(result="unknown")
                 outcome = PauseOutcome.MAYBE_FROZEN
                 self._reached()
                 log.warning(
@@ -186,6 +202,7 @@ class FreezeProxy:
                 )
             else:
                 outcome = PauseOutcome.NOT_FROZEN
+                self.metrics.pauses.inc(result="unreachable" if exc.unreachable else "refused")
                 if exc.unreachable:
                     self._unreachable(exc)
                 else:
@@ -223,6 +240,7 @@ class FreezeProxy:
             await self._client.resume(self._resume_timeout)
         except DaemonError as exc:
             self.counters.resume_failures += 1
+            self.metrics.resumes.inc(result="unreachable" if exc.unreachable else "failed")
             if exc.unreachable:
                 # No daemon took a connection for the whole budget: none is left that could
                 # hold the app frozen (a stopping daemon thaws what it froze, a starting one
@@ -244,6 +262,7 @@ class FreezeProxy:
         self._reached()
         self._marker.clear()
         self.counters.resumes += 1
+        self.metrics.resumes.inc(result="ok")
         self._apply(self.gate.resume_done(ResumeOutcome.RESUMED, self._loop.time()))  # release...
         log.info("app resumed", extra={"took_ms": took_ms})  # ...then take time to log it
 
@@ -380,9 +399,15 @@ def health_handler(
                 out: dict[str, object] = {"ready": verdict.ready, "cause": verdict.cause}
                 if proxy is not None:
                     out["state"] = proxy.gate.state.value
+                    if proxy.gate.state is not AppState.AWAKE:
+                        proxy.counters.probes_answered_frozen += 1
                 writer.write(http1.json_response(verdict.status, json.dumps(out).encode()))
+            elif path == contract.METRICS_PATH.encode():
+                text = proxy.metrics.render() if proxy is not None else ""
+                writer.write(http1.own_response(200, text.encode(), CONTENT_TYPE.encode()))
             else:
-                served = f"{contract.HEALTH_PATH} and {contract.READY_PATH}"
+                paths = (contract.HEALTH_PATH, contract.READY_PATH, contract.METRICS_PATH)
+                served = ", ".join(paths)
                 only = json.dumps({"error": f"only {served} are served"})
                 writer.write(http1.json_response(404, only.encode()))
             await writer.drain()

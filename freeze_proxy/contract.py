@@ -21,6 +21,8 @@ PROXY_PORT = 9999
 HEALTH_PORT = 9998
 HEALTH_PATH = "/healthz"
 READY_PATH = "/ready"
+# Prometheus scrapes METRICS_PATH on HEALTH_PORT (text format: freeze_proxy/metrics.py).
+METRICS_PATH = "/metrics"
 # The node's freeze-daemon, at the node's IP (env HOST_IP) on its hostPort.
 DAEMON_PORT = 9696
 DEFAULT_UPSTREAM = "http://127.0.0.1:8080"

@@ -325,8 +325,13 @@ REASONS = {
 
 def json_response(status: int, body: bytes, keep_alive: bool = False) -> bytes:
     """A complete response of our own (errors, health) with a JSON body."""
+    return own_response(status, body, b"application/json", keep_alive)
+
+
+def own_response(status: int, body: bytes, content_type: bytes, keep_alive: bool = False) -> bytes:
+    """A complete response of our own with a body of ``content_type``."""
     start = b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Unknown"))
-    headers = [(b"Content-Type", b"application/json"), (b"Content-Length", b"%d" % len(body))]
+    headers = [(b"Content-Type", content_type), (b"Content-Length", b"%d" % len(body))]
     if not keep_alive:
         headers.append((b"Connection", b"close"))
     return serialize(start, headers) + body
