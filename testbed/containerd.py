@@ -1,5 +1,9 @@
 """A private containerd for tests, demos and benchmarks: started here, cleaned up completely.
 
+Two flavors: ``"1.6"`` runs Debian's containerd, shim and ctr from PATH; ``"2.x"`` runs the
+containerd 2.x that ``scripts/build_k8s.sh`` builds from its Go module (``testbed.gobins``), with
+the runc shim of the same build (users run 2.x today, and kubelet 1.38 requires it).
+
 Each instance has its own root, state, gRPC and ttrpc sockets under one temp dir, so it never
 touches a system containerd. ``stop()`` removes every pod through CRI (shims outlive containerd
 otherwise), stops containerd, waits for the shims, removes the pod cgroups it made, unmounts
@@ -15,13 +19,16 @@ import signal
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Final, Literal
 
 import grpc
 
 from daemon._proto import cri_pb2, cri_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
+from . import gobins
 from .hostside import remove_cgroup_tree
 from .mounts import unmount_under
 from .oci import BUSYBOX_IMAGE_NAME, busybox_image, import_image
@@ -36,6 +43,14 @@ BESTEFFORT = "kubepods/besteffort"
 RUN_CONTAINERD = Path("/run/containerd")
 REQUIRED_BINARIES = ("containerd", "containerd-shim-runc-v2", "runc", "ctr")
 
+Flavor = Literal["1.6", "2.x"]
+FLAVORS: Final[tuple[Flavor, ...]] = ("1.6", "2.x")
+DEFAULT_FLAVOR: Final[Flavor] = "1.6"
+# The 2.x flavor's programs, as testbed.gobins names them (one build of one module).
+GO_BINARIES: Final = ("containerd2", "containerd2-shim-runc-v2", "ctr2")
+# containerd 2.4 refuses a shim socket_dir longer than this (107-byte sun_path minus the hash).
+MAX_SOCKET_DIR = 42
+
 
 class TestbedError(RuntimeError):
     """The private containerd could not be started or cleaned up."""
@@ -43,22 +58,68 @@ class TestbedError(RuntimeError):
     __test__ = False  # not a pytest class
 
 
-def missing_prerequisites() -> str | None:
-    """Why a private containerd cannot run here (None when it can): root and binaries."""
+@dataclass(frozen=True)
+class Binaries:
+    """The programs of one flavor. ``shim`` None: containerd finds ``containerd-shim-runc-v2``
+    in PATH (1.6); else the CRI runtime's ``runtime_path`` points at it (2.x)."""
+
+    containerd: str
+    ctr: str
+    shim: str | None = None
+
+
+def flavor_binaries(flavor: Flavor, *, build: bool = False) -> Binaries:
+    """Where one flavor's programs are; 2.x's are built first when ``build`` (minutes, once).
+
+    Raises TestbedError naming what is missing and how to get it.
+    """
+    if flavor == "1.6":
+        missing = [b for b in REQUIRED_BINARIES if shutil.which(b) is None]
+        if missing:
+            raise TestbedError(
+                f"missing binaries: {', '.join(missing)} (apt-get install containerd runc)"
+            )
+        return Binaries(containerd="containerd", ctr="ctr")
+    if shutil.which("runc") is None:
+        raise TestbedError("missing binary: runc (apt-get install runc)")
+    try:
+        paths = gobins.binaries(*GO_BINARIES, build=build)
+    except gobins.BuildError as err:
+        raise TestbedError(f"containerd 2.x not available: {err}") from err
+    return Binaries(
+        containerd=str(paths["containerd2"]),
+        ctr=str(paths["ctr2"]),
+        shim=str(paths["containerd2-shim-runc-v2"]),
+    )
+
+
+def missing_prerequisites(flavor: Flavor = DEFAULT_FLAVOR, *, build: bool = False) -> str | None:
+    """Why a private containerd of ``flavor`` cannot run here (None when it can): root, the
+    v1 freezer and the binaries (2.x's are built first when ``build``)."""
     if os.geteuid() != 0:
         return "needs root (containerd, runc and cgroups)"
-    missing = [b for b in REQUIRED_BINARIES if shutil.which(b) is None]
-    if missing:
-        return f"missing binaries: {', '.join(missing)} (apt-get install containerd runc)"
     if not (CGROUP_ROOT / "freezer").is_dir():
         return "no cgroup v1 freezer at /sys/fs/cgroup/freezer"
+    try:
+        flavor_binaries(flavor, build=build)
+    except TestbedError as err:
+        return str(err)
     return None
 
 
-def _config(base: Path, sandbox_image: str) -> str:
-    """containerd v2 config; every setting here was needed on these machines (see notes)."""
-    cri = 'plugins."io.containerd.grpc.v1.cri"'
-    return f"""version = 2
+def _config(base: Path, sandbox_image: str, flavor: Flavor, shim: str | None) -> str:
+    """The config file of one flavor: 1.6 reads version 2, 2.x version 3 (the first 2.x
+    format; 2.4 migrates it in memory to its own version 4 at start-up)."""
+    if flavor == "1.6":
+        return _config_v2(base, sandbox_image)
+    if shim is None:
+        raise ValueError("containerd 2.x needs the shim of its own build (Binaries.shim)")
+    return _config_v3(base, sandbox_image, shim)
+
+
+def _common(base: Path, version: int) -> str:
+    """Top-level settings both formats share: everything under ``base``."""
+    return f"""version = {version}
 root = "{base}/root"
 state = "{base}/state"
 oom_score = 0
@@ -74,7 +135,13 @@ oom_score = 0
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{base}/opt"
+"""
 
+
+def _config_v2(base: Path, sandbox_image: str) -> str:
+    """containerd 1.6's config; every setting here was needed on these machines (see notes)."""
+    cri = 'plugins."io.containerd.grpc.v1.cri"'
+    return f"""{_common(base, 2)}
 [{cri}]
   sandbox_image = "{sandbox_image}"
   restrict_oom_score_adj = true
@@ -102,8 +169,63 @@ oom_score = 0
 """
 
 
+def _config_v3(base: Path, sandbox_image: str, shim: str) -> str:
+    """containerd 2.x's config: the same settings as 1.6's, under 2.x's split CRI plugins
+    (checked against ``containerd config default`` and the 2.4.2 source). Beyond 1.6: NRI is
+    off (it would listen on /var/run/nri/nri.sock, outside ``base``) and shim sockets go under
+    ``base`` when the path is short enough (else 2.x too uses /run/containerd/s)."""
+    rt = "plugins.'io.containerd.cri.v1.runtime'"
+    images = "plugins.'io.containerd.cri.v1.images'"
+    socket_dir = base / "s"
+    shim_manager = (
+        f"""[plugins.'io.containerd.shim.v1.manager']
+  socket_dir = "{socket_dir}"
+"""
+        if len(str(socket_dir)) <= MAX_SOCKET_DIR
+        else ""
+    )
+    return f"""{_common(base, 3)}
+[plugins.'io.containerd.nri.v1.nri']
+  disable = true
+
+{shim_manager}
+[plugins.'io.containerd.grpc.v1.cri']
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+
+[{images}]
+  snapshotter = "overlayfs"
+
+[{images}.pinned_images]
+  sandbox = "{sandbox_image}"
+
+[{rt}]
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  netns_mounts_under_state_dir = true
+  enable_selinux = false
+
+[{rt}.containerd]
+  default_runtime_name = "runc"
+
+[{rt}.containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+  runtime_path = "{shim}"
+
+[{rt}.containerd.runtimes.runc.options]
+  SystemdCgroup = false
+  Root = "{base}/runc-root"
+
+[{rt}.cni]
+  bin_dirs = ["/usr/lib/cni"]
+  conf_dir = "{base}/cni/net.d"
+"""
+
+
 def shim_pids(address: Path | str) -> list[int]:
-    """PIDs of containerd-shim processes serving the containerd at ``address``."""
+    """PIDs of containerd-shim processes serving the containerd at ``address`` (Debian's
+    ``containerd-shim-runc-v2`` or the cached ``containerd2-shim-runc-v2-<version>``)."""
     needle = str(address).encode()
     pids: list[int] = []
     for entry in Path("/proc").iterdir():
@@ -114,9 +236,24 @@ def shim_pids(address: Path | str) -> list[int]:
         except OSError:
             continue
         args = cmdline.split(b"\0")
-        if args and b"containerd-shim" in args[0] and needle in args:
+        if args and b"-shim-" in os.path.basename(args[0]) and needle in args:
             pids.append(int(entry.name))
     return pids
+
+
+def holds_shared_dirs(proc_stat: str) -> bool:
+    """Whether the process of one ``/proc/<pid>/stat`` line may use the shared dirs: a live
+    containerd (Debian's ``containerd`` or the cached ``containerd2-v<version>``, cut to 15
+    characters by the kernel) or kubelet. Shims and zombies (a 2.x shim lingers as one for a
+    moment after its exit, named ``containerd2-shi``) do not count."""
+    # "pid (comm) state ...": comm may hold spaces and parentheses, so cut at the last ")".
+    start, end = proc_stat.find("("), proc_stat.rfind(")")
+    if start < 0 or end < start:
+        return False
+    comm, state = proc_stat[start + 1 : end], proc_stat[end + 2 : end + 3]
+    if state in ("Z", "X", ""):
+        return False
+    return comm in ("containerd", "kubelet") or comm.startswith("containerd2-v")
 
 
 def _shared_dirs_in_use() -> bool:
@@ -125,10 +262,10 @@ def _shared_dirs_in_use() -> bool:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                comm = (entry / "comm").read_text().strip()
+                proc_stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            if comm in ("containerd", "kubelet"):
+            if holds_shared_dirs(proc_stat):
                 return True
     return False
 
@@ -160,7 +297,9 @@ class Containerd:
         sandbox_image: str = BUSYBOX_IMAGE_NAME,
         image_cache: Path | None = None,
         namespace: str = NAMESPACE,
+        flavor: Flavor = DEFAULT_FLAVOR,
     ) -> None:
+        self.flavor = flavor
         self.base = Path(base_dir or tempfile.mkdtemp(prefix="freeze-containerd-")).resolve()
         self.sandbox_image = sandbox_image
         self.namespace = namespace
@@ -181,17 +320,18 @@ class Containerd:
 
     def start(self, timeout: float = 20.0) -> Containerd:
         """Start containerd and import the busybox (sandbox) image; ready = CRI Version works."""
-        why = missing_prerequisites()
+        why = missing_prerequisites(self.flavor)
         if why:
             raise TestbedError(why)
+        bins = flavor_binaries(self.flavor)
         self.base.mkdir(parents=True, exist_ok=True)
         (self.base / "cni" / "net.d").mkdir(parents=True, exist_ok=True)
         self.log_root.mkdir(parents=True, exist_ok=True)
         config = self.base / "config.toml"
-        config.write_text(_config(self.base, self.sandbox_image))
+        config.write_text(_config(self.base, self.sandbox_image, self.flavor, bins.shim))
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(
-                ["containerd", "--config", str(config)],
+                [bins.containerd, "--config", str(config)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -201,7 +341,7 @@ class Containerd:
             self._wait_ready(timeout)
             if self.sandbox_image == BUSYBOX_IMAGE_NAME:
                 _, tar = busybox_image(self.image_cache)
-                import_image(self.socket, tar, self.namespace)
+                import_image(self.socket, tar, self.namespace, ctr=bins.ctr)
         except BaseException:
             self.stop()
             raise
@@ -224,6 +364,11 @@ class Containerd:
                     last = f"{err.code().name}: {err.details()}"
             time.sleep(0.01)
         raise TestbedError(f"containerd not ready after {timeout}s ({last}): {self.log_tail()}")
+
+    def runtime_version(self) -> str:
+        """What the running containerd says it is (CRI Version's ``runtime_version``)."""
+        reply = self.cri.Version(cri_pb2.VersionRequest(version="v1"), timeout=5)
+        return str(reply.runtime_version)
 
     def log_tail(self, lines: int = 20) -> str:
         """The end of containerd's log, for error messages."""

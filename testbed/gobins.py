@@ -32,6 +32,9 @@ KNOWN: Final = (
     "knative-webhook",
     "knative-activator",
     "knative-autoscaler",
+    "containerd2",
+    "containerd2-shim-runc-v2",
+    "ctr2",
 )
 
 

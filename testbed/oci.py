@@ -359,12 +359,15 @@ def _require_static(binary: Path) -> None:
             raise RuntimeError(f"{binary} is dynamically linked: install busybox-static")
 
 
-def import_image(socket: Path | str, tar: Path, namespace: str = "k8s.io") -> None:
+def import_image(
+    socket: Path | str, tar: Path, namespace: str = "k8s.io", ctr: Path | str | None = None
+) -> None:
     """Import an image tar into containerd (``ctr images import``); the CRI sees it at once.
 
-    Blocking: test-bed setup only.
+    ``ctr`` is the client matching the containerd (default: the one in PATH). Blocking: test-bed
+    setup only.
     """
-    ctr = shutil.which("ctr")
+    ctr = ctr or shutil.which("ctr")
     if ctr is None:
         raise FileNotFoundError("ctr not found: apt-get install containerd")
     proc = subprocess.run(

@@ -9,7 +9,14 @@ from typing import NoReturn
 
 import pytest
 
-from testbed.containerd import Containerd, missing_prerequisites
+from testbed.containerd import (
+    DEFAULT_FLAVOR,
+    FLAVORS,
+    Containerd,
+    Flavor,
+    TestbedError,
+    missing_prerequisites,
+)
 from testbed.pods import ContainerSpec, MakePod, Pod, PodClient, sleeper, ticker
 from tests.proxy_harness import Harness, start_harness
 
@@ -24,14 +31,51 @@ def _unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``containerd_flavors`` that use ``containerd`` run once per flavor (the
+    runtime backends' real tests); every other test gets the 1.6 one only."""
+    if "containerd" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "containerd_flavors"
+    ):
+        metafunc.parametrize(
+            "containerd",
+            FLAVORS,
+            indirect=True,
+            ids=[f"containerd-{f}" for f in FLAVORS],
+            scope="session",
+        )
+
+
 @pytest.fixture(scope="session")
-def containerd() -> Iterator[Containerd]:
-    """A started private containerd with the busybox image imported; fully cleaned up after."""
-    why = missing_prerequisites()
-    if why:
-        _unavailable(f"a real containerd cannot run here: {why}")
-    with Containerd() as cd:
-        yield cd
+def _containerds() -> Iterator[dict[Flavor, Containerd]]:
+    """The session's private containerds, at most one per flavor, each started on first use
+    (so switching flavors between tests restarts nothing) and fully cleaned up at the end."""
+    running: dict[Flavor, Containerd] = {}
+    yield running
+    errors: list[str] = []
+    for cd in running.values():
+        try:
+            cd.stop()
+        except TestbedError as err:
+            errors.append(f"{cd.flavor}: {err}")
+    assert not errors, errors
+
+
+@pytest.fixture(scope="session")
+def containerd(
+    request: pytest.FixtureRequest, _containerds: dict[Flavor, Containerd]
+) -> Containerd:
+    """A started private containerd with the busybox image imported: Debian's 1.6, or the
+    flavor ``containerd_flavors`` parametrizes (2.x is built from its Go module when missing,
+    unless FREEZE_NO_BUILD=1)."""
+    flavor: Flavor = getattr(request, "param", DEFAULT_FLAVOR)
+    if flavor not in _containerds:
+        build = os.environ.get("FREEZE_NO_BUILD", "") != "1"
+        why = missing_prerequisites(flavor, build=build)
+        if why:
+            _unavailable(f"a real containerd {flavor} cannot run here: {why}")
+        _containerds[flavor] = Containerd(flavor=flavor).start()
+    return _containerds[flavor]
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from testbed.containerd import Containerd
 from testbed.pods import MakePod, Pod, ticker
 from tests.pod_checks import USER, eventually, log_grows, log_is_quiet
 
-pytestmark = pytest.mark.containerd
+pytestmark = [pytest.mark.containerd, pytest.mark.containerd_flavors]
 
 
 @pytest.fixture

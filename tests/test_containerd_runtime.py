@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -11,10 +12,11 @@ import pytest
 
 from daemon.runtimes import ContainerNotFound, RuntimeFailure
 from daemon.runtimes.containerd import ContainerdRuntime
-from testbed.containerd import Containerd, pod_cgroup_dirs, shim_pids
+from testbed import gobins
+from testbed.containerd import Containerd, flavor_binaries, pod_cgroup_dirs, shim_pids
 from testbed.pods import ContainerSpec, MakePod, Pod, PodClient, ticker
 
-pytestmark = pytest.mark.containerd
+pytestmark = [pytest.mark.containerd, pytest.mark.containerd_flavors]
 
 USER = "user-container"
 
@@ -47,6 +49,25 @@ async def log_is_quiet(pod: Pod, name: str, seconds: float = 0.6) -> bool:
 async def log_grows(pod: Pod, name: str) -> bool:
     before = len(pod.log_lines(name))
     return await eventually(lambda: len(pod.log_lines(name)) >= before + 2)
+
+
+async def test_the_containerd_and_its_shims_are_the_flavor_tested(
+    make_pod: MakePod, containerd: Containerd
+) -> None:
+    """So that a wrong binary (Debian's 1.6 found in PATH, say) cannot pass for 2.x: the CRI
+    says which release serves it, and each pod's shim is that flavor's own."""
+    got = containerd.runtime_version()
+    if containerd.flavor == "2.x":
+        assert got == gobins.pinned_version("CONTAINERD_VERSION")
+        want_shim = flavor_binaries("2.x").shim
+    else:
+        assert got.startswith("1.6."), got
+        want_shim = shutil.which("containerd-shim-runc-v2")
+    pod = await make_pod()
+    pids = shim_pids(containerd.socket)
+    assert pids and want_shim is not None
+    assert {os.readlink(f"/proc/{pid}/exe") for pid in pids} == {os.path.realpath(want_shim)}
+    assert pod.freezer_state("user-container") == "THAWED"
 
 
 async def test_pause_freezes_and_resume_thaws(
@@ -209,7 +230,7 @@ def test_testbed_rejects_an_empty_image() -> None:
 
 async def test_testbed_stop_leaves_nothing_behind(containerd: Containerd) -> None:
     """A short-lived second containerd: a paused pod, then stop(); nothing may remain."""
-    cd = Containerd()
+    cd = Containerd(flavor=containerd.flavor)
     await asyncio.to_thread(cd.start)
     try:
         client = PodClient(cd)

@@ -24,7 +24,7 @@ from testbed.tokens import DEFAULT_ISSUER, SigningKey, new_rsa_key, write_jwks
 from tests.pod_checks import USER, eventually, log_grows, log_is_quiet, until
 from tests.test_daemon_containerd import post, token
 
-pytestmark = pytest.mark.containerd
+pytestmark = [pytest.mark.containerd, pytest.mark.containerd_flavors]
 
 ROOT = Path(__file__).resolve().parent.parent
 

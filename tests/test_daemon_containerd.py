@@ -27,7 +27,7 @@ from testbed.processes import free_port, wait_listening
 from testbed.tokens import DEFAULT_ISSUER, SigningKey, mint_token, new_rsa_key, write_jwks
 from tests.pod_checks import USER, eventually, log_grows, log_is_quiet
 
-pytestmark = pytest.mark.containerd
+pytestmark = [pytest.mark.containerd, pytest.mark.containerd_flavors]
 
 ROOT = Path(__file__).resolve().parent.parent
 
