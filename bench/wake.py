@@ -331,17 +331,23 @@ async def _run(table: Table, rounds: int) -> None:
                         side.key: _proxy_resumes(side.proxy.log_file)[:rounds] for side in sides
                     }
                     cycles = 20 if rounds < 200 else CPU_CYCLES
+                    cg = sides[0]
+                    assert st.daemon_proc is not None
+                    cd_daemon = st.daemon_proc
                     cpu = {
                         "containerd": await _cpu_per_cycle(
-                            st, session, st.daemon_url, st.daemon_proc, token, cycles
+                            session,
+                            st.daemon_url,
+                            token,
+                            cycles,
+                            lambda: _node_cpu(st, cd_daemon.pid),
                         ),
                         "cgroup": await _cpu_per_cycle(
-                            st,
                             session,
-                            sides[0].daemon_url,
-                            sides[0].daemon,
-                            sides[0].token,
+                            cg.daemon_url,
+                            cg.token,
                             cycles,
+                            lambda: _node_cpu(st, cg.daemon.pid),
                         ),
                     }
             # The proxy's resume calls, without the one it makes at exit.
@@ -487,21 +493,21 @@ def _node_cpu(st: Stack, daemon_pid: int) -> dict[str, float]:
 
 
 async def _cpu_per_cycle(
-    st: Stack,
     session: aiohttp.ClientSession,
     daemon_url: str,
-    daemon: Any,
     token: str,
     cycles: int,
+    sample: Callable[[], dict[str, float]],
 ) -> dict[str, float]:
-    """CPU ms per /thaw + /freeze cycle of one container, per process group (the app stays
-    frozen between cycles, as its proxy believes)."""
+    """CPU ms per /thaw + /freeze cycle of one container, per process group as ``sample``
+    reads them (CPU seconds so far); the app stays frozen between cycles, as its proxy
+    believes."""
     query = f"?container={CONTAINER}"
-    before = _node_cpu(st, daemon.pid)
+    before = sample()
     for _ in range(cycles):
         await _daemon_call(session, f"{daemon_url}/thaw{query}", token)
         await _daemon_call(session, f"{daemon_url}/freeze{query}", token)
-    after = _node_cpu(st, daemon.pid)
+    after = sample()
     return {k: (after[k] - before[k]) * 1000 / cycles for k in before}
 
 

@@ -22,9 +22,18 @@ from pathlib import Path
 import aiohttp
 
 from bench.common import Table, proxy_python
-from bench.wake import _get, _ms, _p, _proxy_resumes, _wait_proxy_frozen
+from bench.wake import (
+    CPU_CYCLES,
+    _cpu_per_cycle,
+    _cpu_seconds,
+    _get,
+    _ms,
+    _p,
+    _proxy_resumes,
+    _wait_proxy_frozen,
+)
 from testbed import rootfs, tokens
-from testbed.docker import Dockerd, missing_prerequisites
+from testbed.docker import Dockerd, missing_prerequisites, pids_with_arg
 from testbed.dockerpods import DockerContainer, DockerPod, DockerPods, sleeper
 from testbed.processes import free_port
 from testbed.stack import SLEEPTALKER, Proxy, program, wait_http
@@ -63,7 +72,9 @@ def _app_image(engine: Dockerd) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _daemon(engine: Dockerd, work: Path, jwks: Path) -> AsyncIterator[str]:
+async def _daemon(
+    engine: Dockerd, work: Path, jwks: Path
+) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
     args = [
         "daemon",
@@ -75,10 +86,10 @@ async def _daemon(engine: Dockerd, work: Path, jwks: Path) -> AsyncIterator[str]
         f"--issuer={tokens.DEFAULT_ISSUER}",
         "--freeze-rate=0",  # cycles faster than a pod would
     ]
-    async with program(args, work / "daemon.log"):
+    async with program(args, work / "daemon.log") as proc:
         url = f"http://127.0.0.1:{port}"
         await wait_http(f"{url}/healthz")
-        yield url
+        yield url, proc
 
 
 @contextlib.asynccontextmanager
@@ -99,6 +110,22 @@ async def _proxy(work: Path, app_port: int, daemon_url: str, token: Path) -> Asy
         health_url = f"http://127.0.0.1:{health}/healthz"
         await wait_http(health_url)
         yield Proxy(f"http://127.0.0.1:{port}", health_url, log_file, proc)
+
+
+def _engine_cpu(engine: Dockerd, daemon_pid: int) -> dict[str, float]:
+    """CPU seconds so far of the engine's processes (dockerd, the containerd it manages: every
+    process with the engine's private dir in its arguments) and of its shims (with runc)."""
+    engine_s = shims_s = 0.0
+    for pid in pids_with_arg(str(engine.base)):
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm.startswith("containerd-shim"):
+            shims_s += _cpu_seconds(pid, children=True)
+        else:
+            engine_s += _cpu_seconds(pid, children=False)
+    return {"dockerd": engine_s, "shims": shims_s, "daemon": _cpu_seconds(daemon_pid, False)}
 
 
 async def _docker_call(docker: aiohttp.ClientSession, path: str) -> float:
@@ -148,7 +175,7 @@ async def _run(table: Table, rounds: int) -> None:
             )
             cid = pod.container_id(CONTAINER)
             async with (
-                _daemon(engine, work, jwks) as daemon_url,
+                _daemon(engine, work, jwks) as (daemon_url, daemon),
                 aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
                 aiohttp.ClientSession(
                     connector=aiohttp.UnixConnector(path=str(engine.socket)),
@@ -172,6 +199,13 @@ async def _run(table: Table, rounds: int) -> None:
                     s["unpause"].append(await _docker_call(docker, f"/containers/{cid}/unpause"))
                     await asyncio.sleep(SETTLE)
                     s["pause"].append(await _docker_call(docker, f"/containers/{cid}/pause"))
+                cpu = await _cpu_per_cycle(
+                    session,
+                    daemon_url,
+                    token.read_text(),
+                    CPU_CYCLES if rounds >= 200 else 20,
+                    lambda: _engine_cpu(engine, daemon.pid),
+                )
             proxy_resume = _proxy_resumes(proxy.log_file)[:rounds]
         finally:
             pods.close()
@@ -192,3 +226,10 @@ async def _run(table: Table, rounds: int) -> None:
     add(BENCH, "proxy's resume call (its log)", **_p(proxy_resume))
     add(BENCH, "docker unpause alone (raw API)", **_p(s["unpause"]))
     add(BENCH, "docker pause alone (raw API)", **_p(s["pause"]))
+    add(
+        BENCH,
+        "docker: node CPU per pause+resume",
+        **{f"{k}_ms": round(v, 3) for k, v in cpu.items()},
+        total_ms=round(sum(cpu.values()), 3),
+        note="dockerd + its containerd + shims (with runc) + daemon, from /proc",
+    )

@@ -96,7 +96,7 @@ def _dockerd_version(dockerd: str) -> str:
     return words[2] if len(words) > 2 else "unknown"
 
 
-def _pids_with_arg(needle: str) -> list[int]:
+def pids_with_arg(needle: str) -> list[int]:
     """PIDs of processes whose command line has an argument containing ``needle``."""
     found: list[int] = []
     for entry in Path("/proc").iterdir():
@@ -350,7 +350,7 @@ class Dockerd:
     def _reap_children(self, timeout: float) -> list[str]:
         """dockerd stops its containerd; shims exit with their containers. Kill stragglers."""
         address = self.exec_root / "containerd" / "containerd.sock"
-        pids = sorted(set(_pids_with_arg(str(self.exec_root)) + shim_pids(address)))
+        pids = sorted(set(pids_with_arg(str(self.exec_root)) + shim_pids(address)))
         alive = _wait_gone(pids, timeout)
         for pid in alive:
             with contextlib.suppress(ProcessLookupError):
