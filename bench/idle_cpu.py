@@ -1,26 +1,39 @@
-"""Row 4, the point: what an idle app costs without freeze-proxy and with it.
+"""Row 6, the point: what an idle app costs without freeze-proxy and with it; and row 6b,
+density: many frozen pods on one node, each probed as Knative and the kubelet probe it.
 
 An idle Knative app that is not scaled to zero still runs its timers, GC and background work.
 Frozen, it should use no CPU at all; the proxy that froze it has a cost of its own, so it is
 reported beside the app. The two phases alternate (without, with, without, with) so a noisy
 neighbour hits both alike; rates are per idle minute.
+
+Density: ``DENSITY_PODS`` frozen pods, each behind its own proxy, each probed every
+``PROBE_PERIOD`` seconds the way the webhook re-aims the probes (queue-proxy's readiness
+``/ready/tcp/PORT``, a kubelet tcpSocket and an httpGet liveness probe ``/probe/...``) — what
+a quiet node with many scaled-up-but-idle revisions sees. Reported: the proxies' CPU per pod
+per idle minute, and the wakes the probes caused (resumes while idle, per hour).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import Table, proxy_python
+from freeze_proxy import contract
 from testbed.containerd import missing_prerequisites
 from testbed.pods import Pod
 from testbed.stack import stack
 
 BENCH = "idle_cpu"
 CONTAINER = "user-container"
+DENSITY_PODS = 10
+PROBE_PERIOD = 10.0  # kubelet's default periodSeconds (queue-proxy's readiness probe, liveness)
 
 
 @dataclass
@@ -44,6 +57,7 @@ def run(table: Table, quick: bool = False) -> None:
     # Per variant: 60 s as two alternating 30 s segments (quick: one 3 s segment).
     segments, seconds = (1, 3.0) if quick else (2, 30.0)
     asyncio.run(_run(table, segments, seconds))
+    asyncio.run(_density(table, 2 if quick else DENSITY_PODS, 3.0 if quick else 60.0))
 
 
 def _ticks(pod: Pod) -> int:
@@ -113,3 +127,69 @@ async def _run(table: Table, segments: int, seconds: float) -> None:
         with_.app_cpu_s + with_.proxy_cpu_s
     )
     table.add(BENCH, "net CPU saved per idle minute", cpu_s_per_min=round(saved, 4))
+
+
+def _get(url: str) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def _density(table: Table, pods: int, seconds: float) -> None:
+    """``pods`` frozen pods, each probed every PROBE_PERIOD s through its proxy's probe paths."""
+    async with stack() as st, contextlib.AsyncExitStack() as proxies:
+        st.sleeptalker_image()
+        chains = []
+        for i in range(pods):
+            pod, app_port = await st.sleeptalker_pod(name=f"dense-{i}")
+            proxy = await proxies.enter_async_context(
+                st.proxy(pod, app_port, "--grace=0", python=proxy_python())
+            )
+            base = proxy.health_url.removesuffix(contract.HEALTH_PATH)
+            paths = [
+                contract.probe_path(contract.PROBE_TCP, app_port, whole_path=True),
+                contract.probe_path(contract.PROBE_TCP, app_port, whole_path=False),
+                contract.probe_path(
+                    contract.PROBE_HTTP, app_port, "/healthz?sleep=0", whole_path=False
+                ),
+            ]
+            chains.append((pod, proxy, [base + p for p in paths]))
+        for pod, _, urls in chains:
+            await pod.wait_frozen(CONTAINER)
+            for url in urls:  # a first result each (wakes the app at most once per probe)
+                await asyncio.to_thread(_get, url)
+        for pod, _, _ in chains:
+            await pod.wait_frozen(CONTAINER)
+        before = [_get(proxy.health_url)[1] for _, proxy, _ in chains]
+        cpu0 = [process_cpu_seconds(proxy.proc.pid) for _, proxy, _ in chains]
+        started = time.monotonic()
+        failed = probes = 0
+        while time.monotonic() - started < seconds:
+            tick = time.monotonic()
+            for _, _, urls in chains:
+                for url in urls:
+                    status, _ = await asyncio.to_thread(_get, url)
+                    probes += 1
+                    failed += status != 200
+            await asyncio.sleep(max(0.0, PROBE_PERIOD - (time.monotonic() - tick)))
+        elapsed = time.monotonic() - started
+        cpu = sum(process_cpu_seconds(p.proc.pid) for _, p, _ in chains) - sum(cpu0)
+        after = [_get(proxy.health_url)[1] for _, proxy, _ in chains]
+        wakes = sum(
+            int(str(a["resumes"])) - int(str(b["resumes"]))
+            for a, b in zip(after, before, strict=True)
+        )
+        frozen = sum(pod.freezer_state(CONTAINER) == "FROZEN" for pod, _, _ in chains)
+    table.add(
+        BENCH,
+        f"density: {pods} frozen pods, each probed 3x every {PROBE_PERIOD:g} s",
+        proxy_cpu_s_per_pod_per_min=round(cpu * 60 / elapsed / pods, 4),
+        probe_wakes_per_pod_per_hour=round(wakes * 3600 / elapsed / pods, 2),
+        probes=probes,
+        failed=failed,
+        frozen_at_end=f"{frozen}/{pods}",
+        seconds=round(elapsed, 1),
+        note="queue-proxy's /ready/tcp and kubelet's tcpSocket + httpGet liveness, re-aimed",
+    )

@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     p.add_argument(
         contract.FLAG_HEALTH_LISTEN,
         default=f"0.0.0.0:{contract.HEALTH_PORT}",
-        help=f"address serving GET {contract.HEALTH_PATH} and {contract.READY_PATH}",
+        help=f"address serving GET {contract.HEALTH_PATH} and the probes of the app "
+        f"({contract.READY_PATH}/..., {contract.PROBE_PATH}/...)",
     )
     p.add_argument(contract.FLAG_UPSTREAM, default=contract.DEFAULT_UPSTREAM, help="the app's URL")
     p.add_argument(
@@ -96,15 +97,6 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         help="on SIGTERM, how long in-flight requests may take to finish",
     )
     p.add_argument(
-        "--wake-backlog",
-        type=int,
-        default=4,
-        metavar="N",
-        help="while the app is frozen, resume it for a moment when N connections wait in its "
-        "listen socket's accept queue: TCP probes of a frozen app pile up there, and a full "
-        "queue fails every probe; 0 = never",
-    )
-    p.add_argument(
         "--no-freeze",
         action="store_true",
         help="only proxy; never pause (a kill switch, and the benchmarks' baseline)",
@@ -116,8 +108,6 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
             parse_listen(value, flag)
         except ValueError as exc:
             p.error(str(exc))
-    if args.wake_backlog < 0:
-        p.error("--wake-backlog must be 0 (never) or a positive number of connections")
     containers = args.container
     if containers is None:
         user = env.get(contract.ENV_USER_CONTAINER)
@@ -135,7 +125,6 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         resume_timeout=args.resume_timeout,
         drain_timeout=args.drain_timeout,
         freeze=not args.no_freeze,
-        wake_backlog=args.wake_backlog,
     )
 
 

@@ -19,13 +19,12 @@ from urllib.parse import urlsplit
 
 from freeze_proxy import contract, http1
 from freeze_proxy.addresses import bind_host, host_port, parse_listen
-from freeze_proxy.backlog import read_accept_queue, wake_at
 from freeze_proxy.daemon_client import DaemonError, FreezeClient, HttpDaemonClient, TokenFile
 from freeze_proxy.durations import parse_duration
 from freeze_proxy.gate import AppState, Decision, Gate, PauseOutcome, ResumeOutcome
 from freeze_proxy.marker import FrozenMarker
 from freeze_proxy.metrics import CONTENT_TYPE, ProxyMetrics
-from freeze_proxy.readiness import AppProbe, Readiness
+from freeze_proxy.probes import Probe, Prober, probe_timeout
 from freeze_proxy.relay import Admission, AlwaysAwake, Relay, Wakeup
 
 log = logging.getLogger("freeze_proxy")
@@ -46,9 +45,6 @@ class Settings:
     resume_timeout: float = parse_duration(contract.DEFAULT_RESUME_TIMEOUT)
     drain_timeout: float = parse_duration(contract.DEFAULT_DRAIN_TIMEOUT)
     freeze: bool = True  # False: a plain proxy (benchmarks, and a kill switch)
-    # While frozen, resume the app when this many connections wait in its accept queue (TCP
-    # probes of a frozen app pile up there; see freeze_proxy/backlog.py); 0 = never.
-    wake_backlog: int = 4
 
 
 @dataclass
@@ -58,9 +54,6 @@ class Counters:
     pause_failures: int = 0
     resume_failures: int = 0
     refused: int = 0
-    backlog_wakes: int = 0
-    # /ready (or any probe) answered without reaching the app because it was not awake.
-    probes_answered_frozen: int = 0
 
 
 class FreezeProxy:
@@ -95,8 +88,10 @@ class FreezeProxy:
             in_flight=lambda: self.gate.in_flight,
             state=lambda: self.gate.state.value,
             states=[s.value for s in AppState],
-            counters=lambda: vars(self.counters),
+            counters=lambda: vars(self.counters) | self.probe_counts(),
         )
+        # The prober's counts (probes.py), for /metrics: serve() wires them.
+        self.probe_counts: Callable[[], dict[str, int]] = dict
 
     def arrive(self) -> Wakeup | None:
         """Count one more piece of work in flight; pair it with exactly one ``depart()``.
@@ -117,27 +112,6 @@ class FreezeProxy:
 
     def refused(self) -> None:
         self.counters.refused += 1
-
-    async def wake_for_backlog(
-        self, queued: Callable[[], Awaitable[int | None]], settle: float = 1.0
-    ) -> bool:
-        """Resume the frozen app, like a request would, until it has accepted the connections
-        waiting in its accept queue (at most ``settle`` s); then it idles as after a request
-        (grace, pause). False when the resume failed."""
-        wakeup = self.arrive()
-        try:
-            if wakeup is not None:
-                await wakeup.event.wait()
-                if not wakeup.ok:
-                    return False
-            self.counters.backlog_wakes += 1
-            for _ in range(max(1, round(settle / 0.01))):  # a netlink query: nothing to await
-                if not await queued():
-                    break
-                await asyncio.sleep(0.01)
-            return True
-        finally:
-            self.depart()
 
     # -- carrying out decisions -------------------------------------------------------------
 
@@ -315,55 +289,23 @@ async def wait_for_app(upstream: str, poll: float = 0.05) -> None:
             await asyncio.sleep(poll)
 
 
-# How often the frozen app's accept queue is checked. kubelet probes at most once a second, and
-# the app is woken at half its queue's limit (``wake_at``), so even a backlog of 5 has room for
-# what arrives between two checks; each check costs the idle proxy ~0.5 ms of CPU (most of what
-# it burns while the app is frozen).
-BACKLOG_CHECK_INTERVAL = 2.0
-
-
-async def watch_backlog(
-    proxy: FreezeProxy, port: int, threshold: int, interval: float = BACKLOG_CHECK_INTERVAL
-) -> None:
-    """While the app is frozen, resume it whenever ``threshold`` connections (at most half its
-    accept queue) wait to be accepted on ``port`` (see freeze_proxy/backlog.py). Runs until
-    cancelled."""
-
-    async def queued() -> int | None:
-        found = read_accept_queue(port)  # ~35 µs, no I/O wait (see backlog.py)
-        return None if found is None else found.queued
-
-    while True:
-        await asyncio.sleep(interval)
-        if proxy.gate.state is not AppState.FROZEN:
-            continue
-        try:
-            found = read_accept_queue(port)
-            if found is None or found.queued < wake_at(threshold, found.limit):
-                continue
-            if proxy.gate.state is not AppState.FROZEN:
-                continue
-            log.info(
-                "connections are waiting at the frozen app's port (TCP probes): resuming it to "
-                "accept them",
-                extra={"port": port, "queued": found.queued, "queue_limit": found.limit},
-            )
-            await proxy.wake_for_backlog(queued)
-        except Exception:  # never let the watcher die (it runs beside the token refresh)
-            log.exception("checking the app's accept queue failed", extra={"port": port})
-
-
-# A probe sends its request at once and reads a small answer: a connection that takes longer
-# (a client holding it open) is answered 408 and closed, so it cannot keep a task forever.
+# A probe sends its request at once: a connection whose head takes longer (a client holding it
+# open) is answered 408 and closed, so it cannot keep a task forever. The check of the app that
+# may follow is bounded by the probe's own timeout (probes.probe_timeout).
 HEALTH_TIMEOUT = 2.0
 
 
 def health_handler(
-    proxy: FreezeProxy | None, stopping: asyncio.Event, ready: Readiness
+    proxy: FreezeProxy | None,
+    stopping: asyncio.Event,
+    prober: Prober,
+    app: tuple[str, int],
+    own_ports: frozenset[int],
 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
-    """``GET /healthz`` (the proxy itself: kubelet) and ``GET /ready`` (the whole path to the
-    app: queue-proxy's readiness probe, see readiness.py) on their own port, so they never
-    shadow a path of the app."""
+    """``GET /healthz`` (the proxy itself: kubelet), and the probes of the user container the
+    webhook re-aims here (``contract.probe_path``: queue-proxy's under ``/ready``, kubelet's
+    under ``/probe``; see probes.py), on their own port, so they never shadow a path of the
+    app."""
 
     def body() -> dict[str, object]:
         out: dict[str, object] = {"status": "stopping" if stopping.is_set() else "ok"}
@@ -374,48 +316,78 @@ def health_handler(
                 in_flight=proxy.gate.in_flight,
                 **vars(proxy.counters),
             )
+        out.update(probe_wakes=prober.wakes, probes_from_last_result=prober.from_last)
         return out
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            async with asyncio.timeout(HEALTH_TIMEOUT):
-                await answer(reader, writer)
-        except TimeoutError:
-            if not writer.transport.get_write_buffer_size():  # not mid-answer to a slow reader
+            try:
+                async with asyncio.timeout(HEALTH_TIMEOUT):
+                    head = await reader.readuntil(http1.END_OF_HEAD)
+            except TimeoutError:
                 writer.write(http1.json_response(408, b'{"error": "no complete request in time"}'))
+                return
+            await answer(head, writer)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
         finally:
             writer.close()
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def answer(head: bytes, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(http1.END_OF_HEAD)
             request = http1.parse_request(head[: -len(http1.END_OF_HEAD)])
-            path = request.target.partition(b"?")[0]
-            if path == contract.HEALTH_PATH.encode():
+            target = request.target.decode("latin-1")
+            if target.partition("?")[0] == contract.HEALTH_PATH:
                 status = 503 if stopping.is_set() else 200
                 writer.write(http1.json_response(status, json.dumps(body()).encode()))
-            elif path == contract.READY_PATH.encode():
-                verdict = await ready.verdict()
+            elif (parsed := _parse_probe(target)) is not None:
+                whole_path, kind, port, app_target = parsed
+                local = writer.get_extra_info("sockname")
+                # The original probe reached the app where this one reached us: the pod's IP
+                # (kubelet) or 127.0.0.1 (queue-proxy).
+                host = app[0] if port == 0 else (local[0] if local else app[0])
+                probe = Probe(
+                    kind,
+                    host,
+                    port or app[1],
+                    app_target,
+                    whole_path=whole_path,
+                    timeout=probe_timeout(request.headers),
+                    headers=tuple(
+                        (name, value)
+                        for name, value in http1.end_to_end(request)
+                        if name.lower() != timeout_header
+                    ),
+                )
+                verdict = await prober.answer(probe)
                 out: dict[str, object] = {"ready": verdict.ready, "cause": verdict.cause}
                 if proxy is not None:
                     out["state"] = proxy.gate.state.value
-                    if proxy.gate.state is not AppState.AWAKE:
-                        proxy.counters.probes_answered_frozen += 1
                 writer.write(http1.json_response(verdict.status, json.dumps(out).encode()))
-            elif path == contract.METRICS_PATH.encode():
+            elif target.partition("?")[0] == contract.METRICS_PATH:
                 text = proxy.metrics.render() if proxy is not None else ""
                 writer.write(http1.own_response(200, text.encode(), CONTENT_TYPE.encode()))
             else:
-                paths = (contract.HEALTH_PATH, contract.READY_PATH, contract.METRICS_PATH)
-                served = ", ".join(paths)
-                only = json.dumps({"error": f"only {served} are served"})
+                served = (
+                    f"{contract.HEALTH_PATH}, {contract.METRICS_PATH}, {contract.READY_PATH} and "
+                    f"{contract.PROBE_PATH}/"
+                )
+                only = json.dumps({"error": f"only {served}... are served"})
                 writer.write(http1.json_response(404, only.encode()))
             await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
         except http1.HttpError as exc:
             writer.write(http1.json_response(exc.status, json.dumps({"error": str(exc)}).encode()))
 
+    def _parse_probe(target: str) -> tuple[bool, str, int, str] | None:
+        try:
+            parsed = contract.parse_probe_path(target)
+        except ValueError as exc:
+            raise http1.HttpError(400, str(exc)) from None
+        if parsed is not None and parsed[2] in own_ports:
+            raise http1.HttpError(400, f"port {parsed[2]} is freeze-proxy's own, not the app's")
+        return parsed
+
+    timeout_header = contract.PROBE_TIMEOUT_HEADER.lower().encode()
     return handle
 
 
@@ -458,16 +430,25 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     server = await loop.create_server(
         relay.protocol, bind_host(host), port, reuse_address=True, backlog=1024
     )
-    app_probe = AppProbe(*upstream_address(settings.upstream))
-    ready = Readiness(
-        app_probe,
+    app_address = upstream_address(settings.upstream)
+    prober = Prober(
+        admission,
+        lambda: proxy.gate.state if proxy is not None else None,
         stopping.is_set,
         server.is_serving,
-        lambda: proxy.gate.state if proxy is not None else None,
     )
-    host, port = parse_listen(settings.health_listen, "--health-listen")
+    if proxy is not None:
+        proxy.probe_counts = lambda: {
+            "probe_wakes": prober.wakes,
+            "probes_from_last_result": prober.from_last,
+        }
+    host, health_port = parse_listen(settings.health_listen, "--health-listen")
+    own = frozenset({port, health_port})
     health = await asyncio.start_server(
-        health_handler(proxy, stopping, ready), bind_host(host), port, reuse_address=True
+        health_handler(proxy, stopping, prober, app_address, own),
+        bind_host(host),
+        health_port,
+        reuse_address=True,
     )
     log.info(
         "listening",
@@ -483,18 +464,12 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
     async def arm() -> None:
         await wait_for_app(settings.upstream)
-        app_probe.saw_accept()
+        prober.saw_accept(app_address[1])
         log.info("the app accepts connections", extra={"upstream": settings.upstream})
         await token.wait_ready()
         assert proxy is not None
         proxy.start()
-        if settings.wake_backlog > 0:
-            _, port = upstream_address(settings.upstream)
-            await asyncio.gather(
-                token.keep_fresh(), watch_backlog(proxy, port, settings.wake_backlog)
-            )
-        else:
-            await token.keep_fresh()
+        await token.keep_fresh()
 
     armer = asyncio.ensure_future(arm()) if proxy is not None else None
     try:

@@ -15,14 +15,64 @@ from __future__ import annotations
 SIDECAR_NAME = "freeze-proxy"
 
 # Listeners: queue-proxy's USER_PORT is pointed at PROXY_PORT; kubelet probes HEALTH_PATH on
-# HEALTH_PORT (the proxy itself), queue-proxy's SERVING_READINESS_PROBE READY_PATH there (the
-# proxy serves and the app accepts connections: freeze_proxy/readiness.py).
+# HEALTH_PORT (the proxy itself). Every probe of the user container (queue-proxy's
+# SERVING_READINESS_PROBE, kubelet's liveness/startup probes) is re-aimed at HEALTH_PORT too, at
+# a path ``probe_path`` builds and ``parse_probe_path`` reads (freeze_proxy/probes.py answers it).
 PROXY_PORT = 9999
 HEALTH_PORT = 9998
 HEALTH_PATH = "/healthz"
-READY_PATH = "/ready"
 # Prometheus scrapes METRICS_PATH on HEALTH_PORT (text format: freeze_proxy/metrics.py).
 METRICS_PATH = "/metrics"
+# queue-proxy's probes: the whole request path (freeze-proxy serves) and the app's own check.
+READY_PATH = "/ready"
+# kubelet's probes of the user container: the app's own check only (a liveness probe must not
+# restart the app because of its proxy).
+PROBE_PATH = "/probe"
+PROBE_TCP = "tcp"  # connect to the port, close at once (a tcpSocket probe)
+PROBE_HTTP = "http"  # GET the path on the port, 200-399 pass (an httpGet probe, scheme HTTP)
+# The probe's timeoutSeconds, sent by the prober with the probe (an httpHeaders entry): the
+# proxy's own check of the app must end before the prober gives up on the proxy.
+PROBE_TIMEOUT_HEADER = "Freeze-Probe-Timeout"
+PROBE_TIMEOUT_MAX = 300  # seconds; a larger header value is cut to this
+
+
+def probe_path(kind: str, port: int, app_path: str = "", *, whole_path: bool) -> str:
+    """The health-port path that checks the app's ``port`` as a ``kind`` probe would:
+    ``/ready/tcp/8080``, ``/probe/http/8080/healthz?x=1`` (``app_path``: the httpGet path,
+    query included; a missing leading slash is added, as the probers do)."""
+    if kind not in (PROBE_TCP, PROBE_HTTP):
+        raise ValueError(f"probe kind must be {PROBE_TCP} or {PROBE_HTTP}, not {kind!r}")
+    base = f"{READY_PATH if whole_path else PROBE_PATH}/{kind}/{port}"
+    if kind == PROBE_TCP:
+        return base
+    return base + "/" + app_path.lstrip("/")
+
+
+def parse_probe_path(target: str) -> tuple[bool, str, int, str] | None:
+    """(whole_path, kind, port, app_target) from a request target ``probe_path`` made; None when
+    it is not one. Port 0: the app's own port (a bare ``/ready``, what freeze-pod-version 5 pods
+    ask). Raises ValueError for a malformed one (the answer is 400)."""
+    if target == READY_PATH or target.startswith(READY_PATH + "?"):
+        return True, PROBE_TCP, 0, ""
+    if target.startswith(READY_PATH + "/"):
+        whole, rest = True, target[len(READY_PATH) + 1 :]
+    elif target.startswith(PROBE_PATH + "/"):
+        whole, rest = False, target[len(PROBE_PATH) + 1 :]
+    else:
+        return None
+    kind, _, rest = rest.partition("/")
+    port_text, _, app_path = rest.partition("/")
+    if kind == PROBE_TCP:
+        port_text = port_text.partition("?")[0]
+    if kind not in (PROBE_TCP, PROBE_HTTP):
+        raise ValueError(f"unknown probe kind {kind!r}: {PROBE_TCP} or {PROBE_HTTP}")
+    if not (port_text.isdigit() and 0 < int(port_text) < 65536):
+        raise ValueError(f"probe port {port_text!r} is not a port number")
+    if kind == PROBE_TCP:
+        return whole, kind, int(port_text), ""
+    return whole, kind, int(port_text), "/" + app_path
+
+
 # The node's freeze-daemon, at the node's IP (env HOST_IP) on its hostPort.
 DAEMON_PORT = 9696
 DEFAULT_UPSTREAM = "http://127.0.0.1:8080"

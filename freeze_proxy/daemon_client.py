@@ -110,7 +110,11 @@ class TokenFile:
             if not await self.refresh():
                 await asyncio.sleep(poll)
 
-    async def keep_fresh(self, every: float = 10.0) -> None:
+    # kubelet rotates the projected token at 80 % of its 600 s lifetime (the webhook's
+    # expirationSeconds), so a token re-read every 60 s is used at most 540 s after issue, and
+    # a 403 re-reads it at once anyway. Each look is a thread hop: every 10 s it was most of what
+    # the proxy of a frozen app cost (README, Performance, row 6).
+    async def keep_fresh(self, every: float = 60.0) -> None:
         while True:
             await asyncio.sleep(every)
             await self.refresh()

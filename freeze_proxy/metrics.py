@@ -341,14 +341,14 @@ class ProxyMetrics:
         for name, field, what in (
             (
                 "freeze_proxy_probes_answered_frozen_total",
-                "probes_answered_frozen",
-                "Readiness probes answered without reaching the app because it was frozen (or "
-                "a pause or resume was in flight).",
+                "probes_from_last_result",
+                "Probes of the app (queue-proxy's readiness, kubelet's) answered from its last "
+                "result while it was not awake, without touching it.",
             ),
             (
-                "freeze_proxy_backlog_wakes_total",
-                "backlog_wakes",
-                "Resumes for connections (TCP probes) waiting in the frozen app's accept queue.",
+                "freeze_proxy_probe_wakes_total",
+                "probe_wakes",
+                "Probes that had to resume the app (no earlier result while it was frozen).",
             ),
             (
                 "freeze_proxy_requests_refused_total",

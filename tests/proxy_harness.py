@@ -102,8 +102,18 @@ class AppStub:
                 await ws.send_str("echo:" + msg.data)
         return ws
 
+    async def code(self, request: web.Request) -> web.Response:
+        """Answer with the status the path names, after ``?sleep=`` seconds (a probe target:
+        the app must stay awake until it has answered)."""
+        self._check(request)
+        await asyncio.sleep(float(request.query.get("sleep", "0")))
+        if self.daemon.frozen:
+            self.violations.append("frozen while answering " + request.path_qs)
+        return web.Response(status=int(request.match_info["status"]), text="code")
+
     def app(self) -> web.Application:
         app = web.Application()
+        app.router.add_get("/code/{status:[0-9]+}", self.code)
         app.router.add_get("/stream", self.stream)
         app.router.add_post("/echo", self.echo)
         app.router.add_get("/ws", self.ws)

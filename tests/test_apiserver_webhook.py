@@ -759,11 +759,17 @@ def test_knative_pod_is_mutated_exactly_as_intended(webhook: Webhook, ns: str) -
         "path": "token",
     }
 
-    # queue-proxy now sends to freeze-proxy, and asks freeze-proxy's /ready whether the path
-    # to the app works (instead of a TCP connect to the app); nothing else of it changed.
+    # queue-proxy now sends to freeze-proxy, and asks freeze-proxy's /ready/tcp/8080 whether
+    # the path to the app works (instead of a TCP connect to the app); nothing else changed.
     queue, original_queue = container(created, "queue-proxy"), container(pod, "queue-proxy")
     assert env(queue)["USER_PORT"] == str(SETTINGS.proxy_port) == "9999"
-    ready = {"path": "/ready", "port": 9998, "host": "127.0.0.1", "scheme": "HTTP"}
+    ready = {
+        "path": "/ready/tcp/8080",
+        "port": 9998,
+        "host": "127.0.0.1",
+        "scheme": "HTTP",
+        "httpHeaders": [{"name": "Freeze-Probe-Timeout", "value": "1"}],
+    }
     assert json.loads(env(queue)["SERVING_READINESS_PROBE"]) == {
         "httpGet": ready,
         "successThreshold": 1,

@@ -108,7 +108,7 @@ def test_default_knative_pod_is_fully_mutated() -> None:
     validate(out)
     labels = out["metadata"]["labels"]
     assert labels["freeze-pod-added"] == "true"
-    assert labels["freeze-pod-version"] == "5"
+    assert labels["freeze-pod-version"] == "6"
     assert labels["serving.knative.dev/revision"] == "hello-00001"  # untouched
     volume, state = out["spec"]["volumes"]
     assert state == {
@@ -267,30 +267,52 @@ def test_missing_labels_map_is_created() -> None:
     pod = knative_pod()
     del pod["metadata"]["labels"]
     out = mutated(pod)
-    assert out["metadata"]["labels"] == {"freeze-pod-added": "true", "freeze-pod-version": "5"}
+    assert out["metadata"]["labels"] == {"freeze-pod-added": "true", "freeze-pod-version": "6"}
 
 
-def test_readiness_probe_http_is_reaimed_at_the_proxy() -> None:
-    probe = json.dumps(
-        {
-            "httpGet": {
-                "path": "/ready",
-                "port": 8080,
-                "host": "127.0.0.1",
-                "scheme": "HTTP",
-                "httpHeaders": [{"name": "K-Kubelet-Probe", "value": "queue"}],
-            },
-            "successThreshold": 1,
-        }
-    )
-    pod = knative_pod([user_container(), queue_proxy(probe=probe)])
-    out = mutated(pod)
-    new = json.loads(env(container(out, "queue-proxy"))["SERVING_READINESS_PROBE"])
-    assert new["httpGet"]["port"] == 9999
-    assert new["httpGet"]["path"] == "/ready"
+def qp_probe(pod: dict[str, Any]) -> Any:
+    return json.loads(env(container(pod, "queue-proxy"))["SERVING_READINESS_PROBE"])
 
 
-READY = {"path": "/ready", "port": 9998, "host": "127.0.0.1", "scheme": "HTTP"}
+def timeout_header(seconds: int = 1) -> dict[str, str]:
+    return {"name": "Freeze-Probe-Timeout", "value": str(seconds)}
+
+
+READY = {
+    "path": "/ready/tcp/8080",
+    "port": 9998,
+    "host": "127.0.0.1",
+    "scheme": "HTTP",
+    "httpHeaders": [timeout_header()],
+}
+
+
+def test_readiness_probe_http_is_answered_by_freeze_proxy() -> None:
+    """queue-proxy's httpGet probe of the app: freeze-proxy GETs the same path, with the same
+    headers, while the app is awake, and answers from that while it is frozen."""
+    probe = {
+        "httpGet": {
+            "path": "/healthz?deep=1",
+            "port": 8080,
+            "host": "127.0.0.1",
+            "scheme": "HTTP",
+            "httpHeaders": [{"name": "X-Check", "value": "deep"}],
+        },
+        "successThreshold": 1,
+        "timeoutSeconds": 4,
+    }
+    out = mutated(knative_pod([user_container(), queue_proxy(probe=json.dumps(probe))]))
+    assert qp_probe(out) == {
+        "httpGet": {
+            "path": "/ready/http/8080/healthz?deep=1",
+            "port": 9998,
+            "host": "127.0.0.1",
+            "scheme": "HTTP",
+            "httpHeaders": [{"name": "X-Check", "value": "deep"}, timeout_header(4)],
+        },
+        "successThreshold": 1,
+        "timeoutSeconds": 4,
+    }
 
 
 def test_readiness_probe_tcp_becomes_freeze_proxys_ready_check() -> None:
@@ -302,68 +324,183 @@ def test_readiness_probe_tcp_becomes_freeze_proxys_ready_check() -> None:
         "successThreshold": 1,
     }
     out = mutated(knative_pod())
-    new = json.loads(env(container(out, "queue-proxy"))["SERVING_READINESS_PROBE"])
-    assert new == {"httpGet": READY, "successThreshold": 1}
+    assert qp_probe(out) == {"httpGet": READY, "successThreshold": 1}
+
+
+TIMING = {
+    "initialDelaySeconds": 2,
+    "timeoutSeconds": 3,
+    "periodSeconds": 5,
+    "successThreshold": 2,
+    "failureThreshold": 4,
+    "terminationGracePeriodSeconds": 7,
+}
 
 
 def test_readiness_probe_tcp_keeps_its_timing() -> None:
-    timing = {
-        "initialDelaySeconds": 2,
-        "timeoutSeconds": 3,
-        "periodSeconds": 5,
-        "successThreshold": 2,
-        "failureThreshold": 4,
-    }
-    probe = json.dumps({"tcpSocket": {"port": "8080", "host": "127.0.0.1"}, **timing})
-    new, grpc = rewrite_readiness_env(probe, 8080, 9999, 9998)
-    assert new is not None and not grpc
-    assert json.loads(new) == {"httpGet": READY, **timing}
-    # The health port is the one the sidecar serves /ready on.
+    probe = json.dumps({"tcpSocket": {"port": "8080", "host": "127.0.0.1"}, **TIMING})
+    new = rewrite_readiness_env(probe, 9998)
+    assert new is not None
+    ready = {**READY, "httpHeaders": [timeout_header(3)]}
+    assert json.loads(new) == {"httpGet": ready, **TIMING}
+    # The health port is the one the sidecar serves its probe paths on.
     custom = MutationSettings(proxy_image="img", proxy_port=7999, health_port=7998)
     out = apply_patch(knative_pod(), mutate(knative_pod(), custom).patch)
-    new = json.loads(env(container(out, "queue-proxy"))["SERVING_READINESS_PROBE"])
-    assert new["httpGet"] == {**READY, "port": 7998}
+    assert qp_probe(out)["httpGet"] == {**READY, "port": 7998}
     assert "--health-listen" in container(out, "freeze-proxy")["args"]
     assert "0.0.0.0:7998" in container(out, "freeze-proxy")["args"]
 
 
-def test_readiness_probe_list_form_only_user_port_rewritten() -> None:
-    """Multi-container probing: each container's probe; only the app's port is ours."""
+def test_readiness_probe_list_form_only_the_user_containers_is_rewritten() -> None:
+    """Multi-container probing: the list's first entry is the user container's (whatever its
+    port), the others are other containers' (not frozen)."""
     probes = [
-        {"httpGet": {"path": "/", "port": 8080}},
-        {"httpGet": {"path": "/", "port": 9000}},
         {"tcpSocket": {"port": 8080, "host": "127.0.0.1"}, "periodSeconds": 1},
+        {"httpGet": {"path": "/", "port": 8080}},
         {"tcpSocket": {"port": 9001, "host": "127.0.0.1"}},
     ]
-    new, grpc = rewrite_readiness_env(json.dumps(probes), 8080, 9999, 9998)
-    assert new is not None and not grpc
-    assert json.loads(new) == [
-        {"httpGet": {"path": "/", "port": 9999}},
-        {"httpGet": {"path": "/", "port": 9000}},
-        {"httpGet": READY, "periodSeconds": 1},
-        {"tcpSocket": {"port": 9001, "host": "127.0.0.1"}},
-    ]
-    assert rewrite_readiness_env("not json", 8080, 9999, 9998) == (None, False)
-    other = json.dumps([{"tcpSocket": {"port": 9001}}])
-    assert rewrite_readiness_env(other, 8080, 9999, 9998) == (None, False)
+    new = rewrite_readiness_env(json.dumps(probes), 9998)
+    assert new is not None
+    assert json.loads(new) == [{"httpGet": READY, "periodSeconds": 1}, *probes[1:]]
+    custom = [{"httpGet": {"path": "/up", "port": 8081, "host": "127.0.0.1"}}]
+    new = rewrite_readiness_env(json.dumps(custom), 9998)
+    assert new is not None and json.loads(new)[0]["httpGet"]["path"] == "/ready/http/8081/up"
+    assert rewrite_readiness_env("not json", 9998) is None
+    assert rewrite_readiness_env("[]", 9998) is None
+    assert rewrite_readiness_env(json.dumps([None, {"tcpSocket": {"port": 9001}}]), 9998) is None
 
 
-def test_grpc_probe_warns() -> None:
-    probe = '{"grpc":{"port":8080,"service":null}}'
-    result = mutate(knative_pod([user_container(), queue_proxy(probe=probe)]), SETTINGS)
-    assert result.action == "mutated"
-    assert any("grpc" in w for w in result.warnings)
+@pytest.mark.parametrize("where", ["SERVING_READINESS_PROBE", "livenessProbe", "startupProbe"])
+@pytest.mark.parametrize(
+    ("probe", "named"),
+    [
+        ({"grpc": {"port": 8080, "service": None}}, "grpc"),
+        ({"httpGet": {"path": "/", "port": 8080, "scheme": "HTTPS"}}, "httpGet with scheme HTTPS"),
+    ],
+)
+def test_probes_freeze_proxy_cannot_answer_skip_the_pod(
+    where: str, probe: dict[str, Any], named: str
+) -> None:
+    """Frozen, a grpc or HTTPS probe of the app would fail (NotReady for good, or restarts):
+    the pod runs unfrozen, with a warning naming the probe and the ways out."""
+    user, queue = user_container(), queue_proxy()
+    if where == "SERVING_READINESS_PROBE":
+        queue = queue_proxy(probe=json.dumps(probe))
+    else:
+        user[where] = probe
+    result = mutate(knative_pod([user, queue]), SETTINGS)
+    assert result.action == "skipped" and result.patch == []
+    (warning,) = result.warnings
+    assert f"{named} probe" in warning and "user-container" in warning
+    assert "tcpSocket" in warning and ANNOTATION_ENABLED in warning
 
 
-def test_user_liveness_probe_named_port_reaimed() -> None:
+LIVENESS_CASES = [
+    # (the user's probe, what kubelet gets)
+    (
+        {"httpGet": {"path": "/healthz", "port": "user-port"}},
+        {"path": "/probe/http/8080/healthz", "httpHeaders": [timeout_header()]},
+    ),
+    (
+        {"httpGet": {"path": "healthz", "port": 8080, "scheme": "HTTP"}, **TIMING},
+        {"path": "/probe/http/8080/healthz", "httpHeaders": [timeout_header(3)]},
+    ),
+    (
+        {
+            "httpGet": {
+                "port": 8080,
+                "httpHeaders": [
+                    {"name": "Host", "value": "app.example"},
+                    {"name": "freeze-probe-timeout", "value": "99"},
+                ],
+            },
+            "timeoutSeconds": 2,
+        },
+        {
+            "path": "/probe/http/8080/",
+            "httpHeaders": [{"name": "Host", "value": "app.example"}, timeout_header(2)],
+        },
+    ),
+    ({"tcpSocket": {"port": 8080}}, {"path": "/probe/tcp/8080", "httpHeaders": [timeout_header()]}),
+    (
+        {"tcpSocket": {"port": "8080"}, "periodSeconds": 30},
+        {"path": "/probe/tcp/8080", "httpHeaders": [timeout_header()]},
+    ),
+    # Another port of the frozen container: it cannot answer either.
+    (
+        {"httpGet": {"path": "/admin", "port": 8081}},
+        {"path": "/probe/http/8081/admin", "httpHeaders": [timeout_header()]},
+    ),
+]
+
+
+@pytest.mark.parametrize("probe_field", ["livenessProbe", "startupProbe", "readinessProbe"])
+@pytest.mark.parametrize(("probe", "expected"), LIVENESS_CASES)
+def test_kubelets_probes_of_the_user_container_are_answered_by_freeze_proxy(
+    probe_field: str, probe: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    """kubelet's probes go to the pod's IP (no host): re-aimed at freeze-proxy's health port
+    (no host either), everything but the handler kept."""
     user = user_container()
-    user["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "user-port"}}
-    user["startupProbe"] = {"tcpSocket": {"port": 8080}}
+    user[probe_field] = copy.deepcopy(probe)
     out = mutated(knative_pod([user, queue_proxy()]))
     validate(out)
-    new_user = container(out, "user-container")
-    assert new_user["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 9999}
-    assert new_user["startupProbe"] == {"tcpSocket": {"port": 8080}}
+    new = container(out, "user-container")[probe_field]
+    rest = {k: v for k, v in probe.items() if k not in ("httpGet", "tcpSocket")}
+    assert new == {"httpGet": {**expected, "port": 9998, "scheme": "HTTP"}, **rest}
+    assert new["httpGet"]["path"].startswith("/probe/")  # not /ready: no restart for the proxy
+
+
+@pytest.mark.parametrize(
+    "probe",
+    [
+        {"tcpSocket": {"port": 8080, "host": "10.1.2.3"}},  # aims elsewhere
+        {"httpGet": {"path": "/", "port": "no-such-port"}},  # fails with or without us
+        {"httpGet": {"path": "/", "port": 9998}},  # the proxy's own port
+        {"tcpSocket": {"port": 9999}},
+    ],
+)
+def test_kubelet_probes_that_do_not_aim_at_the_app_are_left_alone(probe: dict[str, Any]) -> None:
+    user = user_container()
+    user["livenessProbe"] = copy.deepcopy(probe)
+    result = mutate(knative_pod([user, queue_proxy()]), SETTINGS)
+    assert result.action == "mutated"
+    assert (
+        container(apply_patch(knative_pod([user, queue_proxy()]), result.patch), "user-container")[
+            "livenessProbe"
+        ]
+        == probe
+    )
+
+
+def test_a_knative_pod_with_liveness_and_startup_probes() -> None:
+    """As the revision reconciler writes them (rewriteUserLivenessProbe: the port becomes the
+    user port), beside Knative's default readiness: nothing is left on the app's port."""
+    user = user_container()
+    user["livenessProbe"] = {
+        "tcpSocket": {"port": 8080},
+        "periodSeconds": 10,
+        "timeoutSeconds": 1,
+        "failureThreshold": 3,
+    }
+    user["startupProbe"] = {
+        "httpGet": {"path": "/started", "port": 8080, "scheme": "HTTP"},
+        "periodSeconds": 1,
+        "failureThreshold": 30,
+    }
+    pod = knative_pod([user, queue_proxy()])
+    out = mutated(pod)
+    validate(out)
+    new = container(out, "user-container")
+    probes = [new["livenessProbe"], new["startupProbe"], qp_probe(out)]
+    assert all(set(p) - set(TIMING) == {"httpGet"} for p in probes), probes
+    assert all(p["httpGet"]["port"] == 9998 for p in probes)
+    assert [p["httpGet"]["path"] for p in probes] == [
+        "/probe/tcp/8080",
+        "/probe/http/8080/started",
+        "/ready/tcp/8080",
+    ]
+    assert "8080" not in json.dumps([new["livenessProbe"]["httpGet"]["port"]])
 
 
 def test_h2c_revision_is_not_mutated_with_a_warning() -> None:

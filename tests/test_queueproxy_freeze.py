@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from freeze_proxy.backlog import read_accept_queue
+from freeze_proxy import contract
 from testbed.pods import Pod
 from testbed.queueproxy import QueueProxy, http_probe, tcp_probe
 from testbed.stack import Proxy, Stack, stack
@@ -69,12 +70,41 @@ class Chain:
 
     @contextlib.contextmanager
     def queue_proxy(self, readiness_probe: dict[str, Any] | None = None) -> Iterator[QueueProxy]:
-        """queue-proxy with USER_PORT = freeze-proxy's port, as the webhook rewrites it;
-        the readiness probe defaults to an httpGet re-aimed at the proxy (the webhook's
-        rewrite of an httpGet probe at the app's port)."""
-        probe = readiness_probe or http_probe(self.proxy_port, "/ready?sleep=0")
+        """queue-proxy with USER_PORT = freeze-proxy's port and its readiness probe of the app
+        (Knative's default, a TCP probe of the app's port, unless given) as the webhook
+        rewrites them."""
+        probe = self.rewritten(readiness_probe or tcp_probe(self.app_port))
         with QueueProxy(self.proxy_port, binary=self.binary, readiness_probe=probe) as qp:
             yield qp
+
+    def rewritten(self, probe: dict[str, Any]) -> dict[str, Any]:
+        """SERVING_READINESS_PROBE as the webhook rewrites it for this chain's ports."""
+        new = rewrite_readiness_env(json.dumps(probe), self.health_port, (self.proxy_port,))
+        assert new is not None, probe
+        rewritten: dict[str, Any] = json.loads(new)
+        assert rewritten["httpGet"]["port"] == self.health_port
+        return rewritten
+
+    async def kubelet_probe(self, path: str) -> int:
+        """A kubelet probe of the user container as the webhook re-aims it (an httpGet of the
+        health port at ``path``, with kubelet's User-Agent)."""
+        url = f"http://127.0.0.1:{self.health_port}{path}"
+        headers = {"User-Agent": "kube-probe/1.33", contract.PROBE_TIMEOUT_HEADER: "1"}
+        async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as resp:
+            await resp.read()
+            return resp.status
+
+    def accept_queue(self) -> int:
+        """Connections waiting in the app's accept queue (``ss``: Recv-Q of a LISTEN socket):
+        a frozen app accepts none, so every TCP connect to its port would stay there."""
+        out = subprocess.run(
+            ["ss", "-Hltn", f"sport = :{self.app_port}"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+        return max((int(line.split()[1]) for line in out.splitlines() if line.strip()), default=0)
 
     def ticks(self) -> int:
         return sum(1 for line in self.pod.log_lines(USER) if line.startswith("tick "))
@@ -154,70 +184,53 @@ async def test_requests_flow_through_both_proxies_and_wake_the_frozen_app(chain:
 @pytest.mark.parametrize(
     "kind",
     [
-        "httpGet re-aimed at freeze-proxy (aggressive, Knative's default period 0)",
-        "httpGet re-aimed at freeze-proxy (periodSeconds 1, timeoutSeconds 1)",
-        "tcpSocket at the app's port (Knative's default probe, not rewritten)",
+        "tcpSocket at the app's port (Knative's default probe)",
+        "httpGet of the app (aggressive, Knative's default period 0)",
+        "httpGet of the app (periodSeconds 1, timeoutSeconds 1)",
     ],
 )
-async def test_readiness_probe_answers_while_the_app_is_frozen(chain: Chain, kind: str) -> None:
+async def test_readiness_probe_of_a_frozen_app_neither_wakes_it_nor_queues_a_connection(
+    chain: Chain, kind: str
+) -> None:
+    """queue-proxy's readiness probe of the app as the webhook rewrites it: answered by
+    freeze-proxy from the app's last result while the app is frozen — no resume, no request,
+    and no connection left in the frozen app's accept queue (a TCP probe of the app itself
+    leaves one per probe). A probe with no earlier result (this kind's first, the app frozen
+    already) wakes the app once to get one."""
     if kind.startswith("tcpSocket"):
         probe = tcp_probe(chain.app_port)
     else:
         period = 1 if "periodSeconds 1" in kind else 0
-        probe = http_probe(chain.proxy_port, "/ready?sleep=0", period_seconds=period)
+        probe = http_probe(chain.app_port, "/healthz?sleep=0", period_seconds=period)
     with chain.queue_proxy(probe) as qp:
+        assert await chain.frozen_and_quiet(quiet=0.5)
+        first = await chain.health()
+        seen = len(chain.requests_seen())
+        assert qp.probe(timeout=15) == (200, "queue"), qp.output()[-2000:]
+        woken = (await chain.health())["probe_wakes"] - first["probe_wakes"]
+        if kind.startswith("tcpSocket"):
+            assert woken == 0  # the proxy's start-up connect was this probe's first result
+        else:
+            # The real check, the app awake: the app answered the probe's GET itself.
+            assert woken <= 1
+            if woken:
+                assert await eventually(lambda: len(chain.requests_seen()) > seen)
+                assert chain.requests_seen()[seen].startswith("request GET /healthz?sleep=0 200")
         for _ in range(3):
             assert await chain.frozen_and_quiet(quiet=0.5)
             before = await chain.health()
             seen = len(chain.requests_seen())
+            queued = chain.accept_queue()
 
-            # kubelet's probe of queue-proxy (K-Network-Probe: queue, User-Agent kube-probe/1.x).
-            assert qp.probe() == (200, "queue"), qp.output()[-2000:]
-
-            after = await chain.health()
-            if kind.startswith("tcpSocket"):
-                # The kernel completes the handshake for the frozen app: nothing wakes it.
-                assert after["resumes"] == before["resumes"]
-                assert len(chain.requests_seen()) == seen
-                assert chain.pod.freezer_state(USER) == "FROZEN"
-            else:
-                # The probe went through freeze-proxy, which resumed the app to answer it.
-                assert after["resumes"] == before["resumes"] + 1
-                assert await eventually(lambda n=seen: len(chain.requests_seen()) > n)
-                assert all(
-                    r.startswith("request GET /ready?sleep=0 200")
-                    for r in chain.requests_seen()[seen:]
-                ), chain.requests_seen()[seen:]
-        # ... and is frozen again once the probe is answered.
-        assert await chain.frozen_and_quiet()
-
-
-async def test_ready_check_of_a_frozen_app_neither_wakes_it_nor_queues_a_connection(
-    chain: Chain,
-) -> None:
-    """Knative's default probe as the webhook rewrites it (freeze-proxy's /ready): answered
-    from the app's last result while it is frozen — no resume, and no connection left in the
-    frozen app's accept queue (a TCP probe of the app leaves one per probe)."""
-    raw = json.dumps(tcp_probe(chain.app_port))
-    rewritten, _ = rewrite_readiness_env(raw, chain.app_port, chain.proxy_port, chain.health_port)
-    assert rewritten is not None
-    probe = json.loads(rewritten)
-    assert probe["httpGet"]["port"] == chain.health_port
-    with chain.queue_proxy(probe) as qp:
-        for _ in range(3):
-            assert await chain.frozen_and_quiet(quiet=0.5)
-            before = await chain.health()
-            seen = len(chain.requests_seen())
-            # (Earlier tests' TCP probes may have left a few, below the wake threshold.)
-            queued = _queued(chain.app_port)
-
-            # kubelet's probe of queue-proxy, which asks freeze-proxy's /ready.
+            # kubelet's probe of queue-proxy (K-Network-Probe: queue), which asks freeze-proxy.
             assert qp.probe(timeout=15) == (200, "queue"), qp.output()[-2000:]
 
             after = await chain.health()
             assert after["resumes"] == before["resumes"], after
+            assert after["probe_wakes"] == before["probe_wakes"], after
+            assert after["probes_from_last_result"] > before["probes_from_last_result"], after
             assert after["state"] == "frozen" and chain.pod.freezer_state(USER) == "FROZEN"
-            assert _queued(chain.app_port) == queued
+            assert chain.accept_queue() == queued
             assert len(chain.requests_seen()) == seen
         # A request still wakes it, and it is frozen again after.
         status, body, _ = await get(qp.url + "/after-probes?sleep=0")
@@ -225,39 +238,42 @@ async def test_ready_check_of_a_frozen_app_neither_wakes_it_nor_queues_a_connect
         assert await chain.frozen_and_quiet()
 
 
-def _queued(port: int) -> int:
-    found = read_accept_queue(port)
-    return 0 if found is None else found.queued
-
-
-async def test_tcp_probes_of_a_frozen_app_never_fill_its_accept_queue(chain: Chain) -> None:
-    """A tcpSocket probe of the app's port (Knative's default readiness probe before the webhook
-    rewrites it; kubelet's tcpSocket probes of the user container still are) completes a
-    handshake with a frozen app, and the connection stays in the app's accept queue.
-    sleeptalker's backlog is aiohttp's 128: before freeze-proxy watched that queue, probe 130
-    of a frozen app and every one after it answered 503 (each after 10 s of queue-proxy's
-    retries) — in a cluster, ~22 min of kubelet probes every 10 s, and then a NotReady pod
-    that no request would ever wake."""
+async def test_a_frozen_app_probed_hundreds_of_times_stays_ready_and_is_never_woken(
+    chain: Chain,
+) -> None:
+    """Before probes were answered by freeze-proxy, a tcpSocket probe of the app completed a
+    handshake with the frozen app and left the connection in its accept queue (sleeptalker's
+    backlog is aiohttp's 128: probe 130 and every one after answered 503 — in a cluster ~22 min
+    of kubelet probes every 10 s, then a NotReady pod no request would ever wake); freeze-proxy
+    then polled that queue and woke the app to drain it. Now: Knative's default readiness
+    probe and kubelet's tcpSocket and httpGet liveness probes, re-aimed by the webhook, 160
+    times each while frozen: all pass, and the app is never resumed."""
     probes = 160
+    liveness = [
+        contract.probe_path(contract.PROBE_TCP, chain.app_port, whole_path=False),
+        contract.probe_path(contract.PROBE_HTTP, chain.app_port, "/live?sleep=0", whole_path=False),
+    ]
     with chain.queue_proxy(tcp_probe(chain.app_port)) as qp:
+        # One real check each while the app is awake (a request woke it): their last results.
+        # (Within the grace; should the app be frozen first, the check wakes it once.)
+        status, _, _ = await get(qp.url + "/wake?sleep=0")
+        assert status == 200
+        assert [await chain.kubelet_probe(path) for path in liveness] == [200, 200]
         assert await chain.frozen_and_quiet(quiet=0.3)
         before = await chain.health()
-        results, queued = [], []
+        queued = chain.accept_queue()
+        results = []
         for _ in range(probes):
             results.append(qp.probe(timeout=15)[0])
-            queued.append(_queued(chain.app_port))
-            await asyncio.sleep(0.04)  # paced: the proxy looks at the queue every 2 s
-        assert results == [200] * probes, results
-        assert max(queued) < 100, queued  # far from sleeptalker's backlog of 128
-        # The last probes' connections are accepted in the next wake; then it stays frozen.
-        assert await eventually(lambda: _queued(chain.app_port) < 4)
-        assert await chain.frozen_and_quiet()
+            for path in liveness:
+                results.append(await chain.kubelet_probe(path))
+        assert results == [200] * probes * 3, results
         after = await chain.health()
-        # The app was resumed for the queued connections only a few times (threshold 4, checked
-        # every 2 s), not per probe, and no request was forwarded for it.
-        wakes = after["backlog_wakes"] - before["backlog_wakes"]
-        assert 1 <= wakes <= 10, after
-        assert after["resumes"] - before["resumes"] == wakes
+        assert after["resumes"] == before["resumes"], after
+        assert after["probe_wakes"] == before["probe_wakes"], after
+        assert after["probes_from_last_result"] - before["probes_from_last_result"] >= 3 * probes
+        assert chain.accept_queue() == queued  # not one connection waits at the app
+        assert after["state"] == "frozen" and chain.pod.freezer_state(USER) == "FROZEN"
 
 
 async def test_streaming_response_keeps_the_app_awake_until_the_last_byte(chain: Chain) -> None:

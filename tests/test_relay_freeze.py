@@ -51,7 +51,7 @@ class _RecordingClient:
 
 
 async def test_pooled_connections_are_dropped_before_every_pause(tmp_path: Path) -> None:
-    """Not only a request released by a resume: after a backlog wake, requests arrive while
+    """Not only a request released by a resume: after a probe woke the app, requests arrive while
     the app is awake, and must not meet a connection pooled before the freeze."""
     events: list[str] = []
     proxy = FreezeProxy(

@@ -16,34 +16,29 @@ Resources, grace and timeouts of the sidecar: ``webhook/sidecar.py`` (cluster de
 ConfigMap, per-pod annotations, Guaranteed QoS kept). Ports, paths, env names and flags the proxy
 reads: ``freeze_proxy/contract.py``.
 
-Probes: queue-proxy checks the app's readiness itself, from ``SERVING_READINESS_PROBE``, and
-turns Ready on it — the activator then forwards a cold start's first request. An ``httpGet``
-probe aimed at the app's port is re-aimed at freeze-proxy so a frozen app is woken for the probe
-instead of timing out (and it passes only through a listening freeze-proxy). A ``tcpSocket``
-probe at the app's port (Knative's default) becomes an ``httpGet`` of freeze-proxy's
-``READY_PATH`` on its health port, timing fields kept: left on the app's port it said ready as
-soon as the app listened, while freeze-proxy (starting in parallel) did not yet, and queue-proxy
-answered the first request ``502 dial tcp 127.0.0.1:9999: connect: connection refused`` (seen
-on a real node). Re-aiming it at 9999 would be no better: freeze-proxy accepts before the app
-listens. ``/ready`` checks both: the proxy serves and the app accepts TCP connections, and
-while the app is frozen it answers from the app's last result without connecting
-(freeze_proxy/readiness.py). The same re-aiming is done for ``httpGet``
-liveness/readiness/startup probes kubelet sends straight to the user container (a frozen app
-would otherwise be restarted); its ``tcpSocket`` ones stay: the kernel completes their
-handshakes for a frozen app but queues the connections, and freeze-proxy drains that accept
-queue by waking the app briefly (``--wake-backlog``, freeze_proxy/backlog.py) before it fills.
-``grpc`` probes cannot be relayed by an HTTP/1 proxy: they are left alone with a warning.
-``exec`` probes (Knative leaves them on the user container) run inside the frozen container and
-would fail: readiness would turn the pod NotReady with nothing left to wake it, liveness/startup
-would restart a healthy app. Until probes are answered while frozen, such a pod is not mutated,
-with a warning naming the probe.
+Probes: every probe of the user container freeze-proxy can answer — queue-proxy's
+``SERVING_READINESS_PROBE`` (Knative moves the user's httpGet/tcpSocket/grpc readiness probe
+there, its default a TCP probe of the app's port) and kubelet's liveness/startup (and any
+readiness) probes of the user container, ``tcpSocket`` or ``httpGet`` with scheme HTTP, at any
+port — becomes an ``httpGet`` of freeze-proxy's health port at the path
+``contract.probe_path`` builds (``/ready/...`` for queue-proxy's, which also needs the proxy to
+serve; ``/probe/...`` for kubelet's), the original's httpHeaders and timing fields kept and its
+``timeoutSeconds`` sent in ``contract.PROBE_TIMEOUT_HEADER``. The proxy checks the app for
+real while it is awake and answers from the last result while it is frozen
+(freeze_proxy/probes.py), so no probe wakes a frozen app or waits in its accept queue. A
+probe it cannot answer fails on a frozen app — ``exec`` (kubelet runs it inside the frozen
+container), ``grpc`` (an HTTP/2 health call the stdlib proxy does not make), ``httpGet`` with
+scheme HTTPS (the proxy loads no TLS) —: readiness would turn the pod NotReady with nothing
+left to wake it, liveness/startup would restart a healthy app, so such a pod is not mutated,
+with a warning naming the probe. A kubelet probe with its own ``host`` does not aim at this
+pod and is left as it is.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,9 +55,10 @@ from webhook.sidecar import DEFAULTS as DEFAULT_SIDECAR
 
 LABEL_ADDED = "freeze-pod-added"
 LABEL_VERSION = "freeze-pod-version"
-# 5: queue-proxy's tcpSocket readiness probe of the app becomes an httpGet of freeze-proxy's
-# /ready (4: the sidecar's CPU limit, QoS-matched resources, issue #11).
-MUTATION_VERSION = "5"
+# 6: every tcpSocket/httpGet probe of the user container becomes an httpGet of freeze-proxy's
+# probe paths, answered without waking a frozen app; grpc/HTTPS probes skip the pod (5:
+# queue-proxy's tcpSocket readiness probe becomes /ready; 4: the sidecar's CPU limit).
+MUTATION_VERSION = "6"
 ANNOTATION_ENABLED = ANNOTATION_PREFIX + "enabled"
 ANNOTATION_GRACE = ANNOTATION_PREFIX + "grace"
 ANNOTATION_CONTAINER = ANNOTATION_PREFIX + "container"
@@ -172,18 +168,91 @@ def find_user_container(pod: Mapping[str, Any], queue_index: int, user_port: int
     )
 
 
-def _rewrite_probe(probe: Any, user_port: int, proxy_port: int) -> tuple[Any, bool, bool]:
-    """Re-aim one probe (a dict) if it is an httpGet at the user port; also report grpc-at-port."""
+class UnanswerableProbe(Exception):
+    """A probe of the frozen container freeze-proxy cannot answer: the message names it."""
+
+
+HANDLERS = ("exec", "httpGet", "tcpSocket", "grpc")
+
+
+def reaim_probe(
+    probe: Any,
+    health_port: int,
+    *,
+    whole_path: bool,
+    resolve: Callable[[Any], Any] | None = None,
+    own_ports: tuple[int, ...] = (contract.PROXY_PORT, contract.HEALTH_PORT),
+) -> JsonObj | None:
+    """One probe of the user container as an ``httpGet`` of freeze-proxy's health port (None:
+    leave it as it is). ``whole_path``: queue-proxy's (it probes 127.0.0.1), else kubelet's (a
+    probe with its own host aims elsewhere: left alone). ``resolve``: a named port -> number.
+    Raises UnanswerableProbe for grpc and HTTPS probes."""
     if not isinstance(probe, dict):
-        return probe, False, False
-    grpc = probe.get("grpc")
-    grpc_at_port = isinstance(grpc, dict) and _port_matches(grpc.get("port"), user_port)
-    http = probe.get("httpGet")
-    if isinstance(http, dict) and _port_matches(http.get("port"), user_port):
-        new = copy.deepcopy(probe)
-        new["httpGet"]["port"] = proxy_port
-        return new, True, grpc_at_port
-    return probe, False, grpc_at_port
+        return None
+    if isinstance(probe.get("grpc"), dict):
+        raise UnanswerableProbe("grpc")
+    tcp, http = probe.get("tcpSocket"), probe.get("httpGet")
+    action = tcp if isinstance(tcp, dict) else http if isinstance(http, dict) else None
+    if action is None:
+        return None
+    if not whole_path and action.get("host"):
+        return None
+    port = action.get("port")
+    if resolve is not None:
+        port = resolve(port)
+    if isinstance(port, str) and port.isdigit():
+        port = int(port)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        return None  # unresolvable: it fails with or without us
+    if port in own_ports:
+        return None
+    headers: list[JsonObj] = []
+    if action is http:
+        if str(http.get("scheme") or "HTTP").upper() != "HTTP":
+            raise UnanswerableProbe("httpGet with scheme HTTPS")
+        path = contract.probe_path(
+            contract.PROBE_HTTP, port, str(http.get("path") or "/"), whole_path=whole_path
+        )
+        headers = copy.deepcopy(list(http.get("httpHeaders") or []))
+    else:
+        path = contract.probe_path(contract.PROBE_TCP, port, whole_path=whole_path)
+    timeout = probe.get("timeoutSeconds")
+    timeout = timeout if isinstance(timeout, int) and timeout > 0 else 1  # kubelet's default
+    headers = [h for h in headers if str(h.get("name", "")).lower() != _TIMEOUT_HEADER]
+    headers.append({"name": contract.PROBE_TIMEOUT_HEADER, "value": str(timeout)})
+    get: JsonObj = {"path": path, "port": health_port}
+    if whole_path:
+        get["host"] = "127.0.0.1"  # as the revision reconciler writes queue-proxy's probes
+    get["scheme"] = "HTTP"
+    get["httpHeaders"] = headers
+    rest = {k: copy.deepcopy(v) for k, v in probe.items() if k not in HANDLERS}
+    return {"httpGet": get, **rest}
+
+
+_TIMEOUT_HEADER = contract.PROBE_TIMEOUT_HEADER.lower()
+
+
+def rewrite_readiness_env(
+    raw: str, health_port: int, own_ports: tuple[int, ...] = (contract.PROXY_PORT,)
+) -> str | None:
+    """SERVING_READINESS_PROBE with the user container's probe re-aimed (None: unchanged).
+
+    queue-proxy reads a ``corev1.Probe``, or with multi-container probing a list whose first
+    entry is the user container's (null when it has none) and the rest the other containers'
+    (not frozen: left alone). Raises UnanswerableProbe (see ``reaim_probe``).
+    """
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        return None
+    probes = parsed if isinstance(parsed, list) else [parsed]
+    if not probes:
+        return None
+    new = reaim_probe(probes[0], health_port, whole_path=True, own_ports=(*own_ports, health_port))
+    if new is None:
+        return None
+    result = [new, *probes[1:]] if isinstance(parsed, list) else new
+    return json.dumps(result, separators=(",", ":"))
 
 
 def _port_matches(value: Any, port: int) -> bool:
@@ -192,49 +261,6 @@ def _port_matches(value: Any, port: int) -> bool:
     if isinstance(value, int):
         return value == port
     return isinstance(value, str) and value.isdigit() and int(value) == port
-
-
-def _ready_probe(probe: JsonObj, health_port: int) -> JsonObj:
-    """A tcpSocket probe as an httpGet of freeze-proxy's READY_PATH, its timing kept.
-
-    queue-proxy decodes SERVING_READINESS_PROBE as a corev1.Probe and GETs
-    ``scheme://host:port/path`` (knative.dev/serving pkg/queue/health/probe.go), 200-399 being
-    ready; the revision reconciler sets host 127.0.0.1 and scheme HTTP on the httpGet probes it
-    writes, so this one is written the same way.
-    """
-    rest = {key: copy.deepcopy(value) for key, value in probe.items() if key != "tcpSocket"}
-    http = {"path": contract.READY_PATH, "port": health_port, "host": "127.0.0.1", "scheme": "HTTP"}
-    return {"httpGet": http, **rest}
-
-
-def rewrite_readiness_env(
-    raw: str, user_port: int, proxy_port: int, health_port: int
-) -> tuple[str | None, bool]:
-    """Return (new JSON or None when unchanged, grpc_seen) for SERVING_READINESS_PROBE: an
-    httpGet at the app's port re-aimed at the proxy, a tcpSocket at it turned into freeze-proxy's
-    ready check (see the module doc)."""
-    try:
-        parsed = json.loads(raw)
-    except ValueError:
-        return None, False
-    probes = parsed if isinstance(parsed, list) else [parsed]
-    changed = False
-    grpc_seen = False
-    rewritten = []
-    for probe in probes:
-        tcp = probe.get("tcpSocket") if isinstance(probe, dict) else None
-        if isinstance(tcp, dict) and _port_matches(tcp.get("port"), user_port):
-            rewritten.append(_ready_probe(probe, health_port))
-            changed = True
-            continue
-        new, did, grpc = _rewrite_probe(probe, user_port, proxy_port)
-        changed = changed or did
-        grpc_seen = grpc_seen or grpc
-        rewritten.append(new)
-    if not changed:
-        return None, grpc_seen
-    result = rewritten if isinstance(parsed, list) else rewritten[0]
-    return json.dumps(result, separators=(",", ":")), grpc_seen
 
 
 def _named_port(container: Mapping[str, Any], value: Any) -> Any:
@@ -392,6 +418,36 @@ def _skip(reason: str, warning: str | None = None) -> MutationResult:
     return MutationResult([], "skipped", reason, [warning] if warning else [])
 
 
+def _probe_patch(
+    pod: Mapping[str, Any], queue_index: int, user_index: int, settings: MutationSettings
+) -> Patch:
+    """The operations that re-aim the user container's probes (module doc); raises
+    UnanswerableProbe."""
+    containers: list[JsonObj] = pod["spec"]["containers"]
+    queue, user = containers[queue_index], containers[user_index]
+    health_port, own = settings.health_port, (settings.proxy_port, settings.health_port)
+    patch: Patch = []
+    probe_index = _env_index(queue, READINESS_PROBE_ENV)
+    probe_raw = _env_value(queue, READINESS_PROBE_ENV)
+    if probe_index is not None and probe_raw is not None:
+        new_probe = rewrite_readiness_env(probe_raw, health_port, own)
+        if new_probe is not None:
+            path = f"/spec/containers/{queue_index}/env/{probe_index}/value"
+            patch.append({"op": "replace", "path": path, "value": new_probe})
+    for probe_field in PROBE_FIELDS:
+        new = reaim_probe(
+            user.get(probe_field),
+            health_port,
+            whole_path=False,
+            resolve=lambda port: _named_port(user, port),
+            own_ports=own,
+        )
+        if new is not None:
+            path = f"/spec/containers/{user_index}/{probe_field}"
+            patch.append({"op": "replace", "path": path, "value": new})
+    return patch
+
+
 def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult:
     """Compute the JSONPatch for one Pod; an empty patch when it must (or need) not change.
 
@@ -449,8 +505,20 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
             f"container {user_name} has {probes}",
             f"freeze-proxy not injected: container {user_name} has {probes}; kubelet would "
             "exec into the frozen container and fail it (NotReady for good, or restarted). "
-            "Use an httpGet probe (freeze-proxy wakes the app for it) or a tcpSocket probe to "
-            f'have it frozen, or set {ANNOTATION_ENABLED}: "false" to silence this warning',
+            "Use an httpGet or tcpSocket probe (freeze-proxy answers those while the app is "
+            f'frozen) to have it frozen, or set {ANNOTATION_ENABLED}: "false" to silence this '
+            "warning",
+        )
+    try:
+        probe_patch = _probe_patch(pod, queue_index, user_index, settings)
+    except UnanswerableProbe as err:
+        what = str(err)
+        return _skip(
+            f"container {user_name} has a {what} probe",
+            f"freeze-proxy not injected: container {user_name} has a {what} probe, which "
+            "freeze-proxy cannot answer while the app is frozen (it would fail: NotReady for "
+            "good, or restarted). Use an httpGet (scheme HTTP) or tcpSocket probe to have it "
+            f'frozen, or set {ANNOTATION_ENABLED}: "false" to silence this warning',
         )
 
     config, warnings = apply_overrides(
@@ -493,41 +561,7 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
             "value": str(settings.proxy_port),
         }
     )
-    probe_index = _env_index(queue, READINESS_PROBE_ENV)
-    probe_raw = _env_value(queue, READINESS_PROBE_ENV)
-    grpc_seen = False
-    if probe_index is not None and probe_raw is not None:
-        new_probe, grpc_seen = rewrite_readiness_env(
-            probe_raw, user_port, settings.proxy_port, settings.health_port
-        )
-        if new_probe is not None:
-            probe_path = f"{queue_path}/env/{probe_index}/value"
-            patch.append({"op": "replace", "path": probe_path, "value": new_probe})
-
-    user_path = f"/spec/containers/{user_index}"
-    for probe_field in PROBE_FIELDS:
-        probe = user.get(probe_field)
-        if not isinstance(probe, dict):
-            continue
-        resolved = copy.deepcopy(probe)
-        for kind in ("httpGet", "grpc"):
-            if isinstance(resolved.get(kind), dict):
-                resolved[kind]["port"] = _named_port(user, resolved[kind].get("port"))
-        new, changed, grpc = _rewrite_probe(resolved, user_port, settings.proxy_port)
-        grpc_seen = grpc_seen or grpc
-        if changed:
-            patch.append(
-                {
-                    "op": "replace",
-                    "path": f"{user_path}/{probe_field}/httpGet/port",
-                    "value": new["httpGet"]["port"],
-                }
-            )
-    if grpc_seen:
-        warnings.append(
-            "a grpc probe targets the app directly: freeze-proxy cannot relay it, so it fails "
-            "while the app is frozen; prefer an httpGet or tcpSocket probe"
-        )
+    patch.extend(probe_patch)
 
     patch.append(
         {
