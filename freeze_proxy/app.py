@@ -9,7 +9,6 @@ stop accepting, drain).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import time
@@ -17,14 +16,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from freeze_proxy import contract, http1
+from freeze_proxy import contract
 from freeze_proxy.addresses import bind_host, host_port, parse_listen
 from freeze_proxy.daemon_client import DaemonError, FreezeClient, HttpDaemonClient, TokenFile
 from freeze_proxy.durations import parse_duration
 from freeze_proxy.gate import AppState, Decision, Gate, PauseOutcome, ResumeOutcome
+from freeze_proxy.health import HealthPort
 from freeze_proxy.marker import FrozenMarker
-from freeze_proxy.metrics import CONTENT_TYPE, ProxyMetrics
-from freeze_proxy.probes import Probe, Prober, probe_timeout
+from freeze_proxy.metrics import ProxyMetrics
+from freeze_proxy.probes import Prober
 from freeze_proxy.relay import Admission, AlwaysAwake, Relay, Wakeup
 
 log = logging.getLogger("freeze_proxy")
@@ -289,108 +289,6 @@ async def wait_for_app(upstream: str, poll: float = 0.05) -> None:
             await asyncio.sleep(poll)
 
 
-# A probe sends its request at once: a connection whose head takes longer (a client holding it
-# open) is answered 408 and closed, so it cannot keep a task forever. The check of the app that
-# may follow is bounded by the probe's own timeout (probes.probe_timeout).
-HEALTH_TIMEOUT = 2.0
-
-
-def health_handler(
-    proxy: FreezeProxy | None,
-    stopping: asyncio.Event,
-    prober: Prober,
-    app: tuple[str, int],
-    own_ports: frozenset[int],
-) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
-    """``GET /healthz`` (the proxy itself: kubelet), and the probes of the user container the
-    webhook re-aims here (``contract.probe_path``: queue-proxy's under ``/ready``, kubelet's
-    under ``/probe``; see probes.py), on their own port, so they never shadow a path of the
-    app."""
-
-    def body() -> dict[str, object]:
-        out: dict[str, object] = {"status": "stopping" if stopping.is_set() else "ok"}
-        if proxy is not None:
-            out.update(
-                state=proxy.gate.state.value,
-                daemon=proxy.daemon,
-                in_flight=proxy.gate.in_flight,
-                **vars(proxy.counters),
-            )
-        out.update(probe_wakes=prober.wakes, probes_from_last_result=prober.from_last)
-        return out
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            try:
-                async with asyncio.timeout(HEALTH_TIMEOUT):
-                    head = await reader.readuntil(http1.END_OF_HEAD)
-            except TimeoutError:
-                writer.write(http1.json_response(408, b'{"error": "no complete request in time"}'))
-                return
-            await answer(head, writer)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            writer.close()
-
-    async def answer(head: bytes, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = http1.parse_request(head[: -len(http1.END_OF_HEAD)])
-            target = request.target.decode("latin-1")
-            if target.partition("?")[0] == contract.HEALTH_PATH:
-                status = 503 if stopping.is_set() else 200
-                writer.write(http1.json_response(status, json.dumps(body()).encode()))
-            elif (parsed := _parse_probe(target)) is not None:
-                whole_path, kind, port, app_target = parsed
-                local = writer.get_extra_info("sockname")
-                # The original probe reached the app where this one reached us: the pod's IP
-                # (kubelet) or 127.0.0.1 (queue-proxy).
-                host = app[0] if port == 0 else (local[0] if local else app[0])
-                probe = Probe(
-                    kind,
-                    host,
-                    port or app[1],
-                    app_target,
-                    whole_path=whole_path,
-                    timeout=probe_timeout(request.headers),
-                    headers=tuple(
-                        (name, value)
-                        for name, value in http1.end_to_end(request)
-                        if name.lower() != timeout_header
-                    ),
-                )
-                verdict = await prober.answer(probe)
-                out: dict[str, object] = {"ready": verdict.ready, "cause": verdict.cause}
-                if proxy is not None:
-                    out["state"] = proxy.gate.state.value
-                writer.write(http1.json_response(verdict.status, json.dumps(out).encode()))
-            elif target.partition("?")[0] == contract.METRICS_PATH:
-                text = proxy.metrics.render() if proxy is not None else ""
-                writer.write(http1.own_response(200, text.encode(), CONTENT_TYPE.encode()))
-            else:
-                served = (
-                    f"{contract.HEALTH_PATH}, {contract.METRICS_PATH}, {contract.READY_PATH} and "
-                    f"{contract.PROBE_PATH}/"
-                )
-                only = json.dumps({"error": f"only {served}... are served"})
-                writer.write(http1.json_response(404, only.encode()))
-            await writer.drain()
-        except http1.HttpError as exc:
-            writer.write(http1.json_response(exc.status, json.dumps({"error": str(exc)}).encode()))
-
-    def _parse_probe(target: str) -> tuple[bool, str, int, str] | None:
-        try:
-            parsed = contract.parse_probe_path(target)
-        except ValueError as exc:
-            raise http1.HttpError(400, str(exc)) from None
-        if parsed is not None and parsed[2] in own_ports:
-            raise http1.HttpError(400, f"port {parsed[2]} is freeze-proxy's own, not the app's")
-        return parsed
-
-    timeout_header = contract.PROBE_TIMEOUT_HEADER.lower().encode()
-    return handle
-
-
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Run the proxy until SIGTERM/SIGINT (or ``stop`` is set), then shut down gracefully."""
     loop = asyncio.get_running_loop()
@@ -444,11 +342,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         }
     host, health_port = parse_listen(settings.health_listen, "--health-listen")
     own = frozenset({port, health_port})
-    health = await asyncio.start_server(
-        health_handler(proxy, stopping, prober, app_address, own),
-        bind_host(host),
-        health_port,
-        reuse_address=True,
+    health_answers = HealthPort(proxy, stopping, prober, app_address, own)
+    health = await loop.create_server(
+        health_answers.protocol, bind_host(host), health_port, reuse_address=True
     )
     log.info(
         "listening",
@@ -484,5 +380,6 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         server.close()  # stop accepting; then let in-flight requests finish (drain_timeout)
         await relay.drain(settings.drain_timeout)
         health.close()
+        health_answers.close()
         await client.close()
         log.info("stopped")

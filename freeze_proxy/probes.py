@@ -204,6 +204,12 @@ class Prober:
         self.record((contract.PROBE_TCP, port, ""), Verdict(True, "the app accepts connections"))
 
     async def answer(self, probe: Probe) -> Verdict:
+        """``answer_now``, else ``check``."""
+        verdict = self.answer_now(probe)
+        return verdict if verdict is not None else await self.check(probe)
+
+    def answer_now(self, probe: Probe) -> Verdict | None:
+        """The answer when it needs no check of the app (``decide``); None: ``check`` it."""
         decided = decide(
             whole_path=probe.whole_path,
             stopping=self._stopping(),
@@ -212,18 +218,21 @@ class Prober:
             last=self.last(probe),
             started=self._started,
         )
-        if decided is not None:
-            if self._state() not in (None, AppState.AWAKE) and self.last(probe) is not None:
+        if decided is not None and self._state() not in (None, AppState.AWAKE):
+            if self.last(probe) is not None:
                 self.from_last += 1
-            return decided
+        return decided
+
+    async def check(self, probe: Probe) -> Verdict:
+        """Check the app (one check at a time per probe target), bounded by the probe's
+        timeout; the check itself goes on (holding the gate) if this prober gives up, and its
+        result is kept."""
         pending = self._pending.get(probe.key)
         if pending is None:
             pending = self._pending[probe.key] = asyncio.ensure_future(self._check(probe))
             pending.add_done_callback(self._forget)
         try:
             async with asyncio.timeout(probe.timeout):
-                # Shielded: the check goes on (holding the gate) if this prober gives up, and
-                # its result is kept.
                 return await asyncio.shield(pending)
         except TimeoutError:
             return Verdict(False, f"no answer to the {probe.describe()} within {probe.timeout:g} s")

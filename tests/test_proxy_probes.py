@@ -371,3 +371,16 @@ async def test_a_probe_of_the_proxys_own_ports_is_refused(harness: Harness) -> N
     for port in (health_port, int(harness.proxy_url.rsplit(":", 1)[1])):
         got, body = await get(harness, contract.probe_path("http", port, "/", whole_path=False))
         assert got == 400 and "own" in str(body["error"]), body
+
+
+async def test_an_oversized_head_on_the_health_port_is_refused_and_closed(
+    harness: Harness,
+) -> None:
+    health_port = int(harness.health_url.rsplit(":", 1)[1].split("/")[0])
+    reader, writer = await asyncio.open_connection("127.0.0.1", health_port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nX-Big: " + b"x" * 20000)  # the head never ends
+    answer = await asyncio.wait_for(reader.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer
+    writer.close()
+    got, body = await get(harness, contract.HEALTH_PATH)
+    assert got == 200, body  # and it still serves
