@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from freeze_proxy import contract
+from webhook.containers import BadContainerList, freeze_list
 from webhook.sidecar import (
     ANNOTATION_PREFIX,
     SidecarConfig,
@@ -60,14 +61,17 @@ from webhook.sidecar import DEFAULTS as DEFAULT_SIDECAR
 
 LABEL_ADDED = "freeze-pod-added"
 LABEL_VERSION = "freeze-pod-version"
-# 5: queue-proxy's tcpSocket readiness probe of the app becomes an httpGet of freeze-proxy's
-# /ready (4: the sidecar's CPU limit, QoS-matched resources, issue #11).
-MUTATION_VERSION = "5"
+# 6: the sidecar gets one --container per container to freeze (the serving container and the
+# user's sidecars, webhook/containers.py) instead of env USER_CONTAINER (5: queue-proxy's
+# tcpSocket readiness probe of the app becomes an httpGet of freeze-proxy's /ready; 4: the
+# sidecar's CPU limit, QoS-matched resources, issue #11).
+MUTATION_VERSION = "6"
 ANNOTATION_ENABLED = ANNOTATION_PREFIX + "enabled"
 ANNOTATION_GRACE = ANNOTATION_PREFIX + "grace"
 ANNOTATION_CONTAINER = ANNOTATION_PREFIX + "container"
-QUEUE_PROXY_NAME = "queue-proxy"
+QUEUE_PROXY_NAME = contract.QUEUE_PROXY_NAME
 PROXY_CONTAINER_NAME = contract.SIDECAR_NAME
+FLAG_CONTAINER = contract.FLAG_CONTAINER
 VOLUME_NAME = "freeze-projected"
 STATE_VOLUME_NAME = "freeze-proxy-state"
 TOKEN_EXPIRATION_SECONDS = 600
@@ -104,6 +108,7 @@ class MutationResult:
     warnings: list[str] = field(default_factory=list)
     user_container: str | None = None
     user_port: int | None = None
+    frozen: list[str] = field(default_factory=list)  # the containers the sidecar freezes
 
 
 class UndecidablePod(Exception):
@@ -282,6 +287,7 @@ def proxy_container(
     state_volume: str = STATE_VOLUME_NAME,
     *,
     guaranteed: bool = False,
+    frozen: list[str] | None = None,
 ) -> JsonObj:
     """The freeze-proxy container spec (least privilege, small requests, health probe).
 
@@ -289,13 +295,14 @@ def proxy_container(
     queue-proxy): with it kubelet holds our SIGTERM, like the app's, until queue-proxy has
     drained, so requests still arriving during the drain find the proxy listening.
     ``guaranteed``: every other container is Guaranteed, so requests equal the limits.
+    ``frozen``: the containers to freeze (webhook/containers.py), one ``--container`` each;
+    ``[user_container]`` when not given.
     """
     env: list[JsonObj] = [
         {
             "name": contract.ENV_HOST_IP,
             "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}},
         },
-        {"name": contract.ENV_USER_CONTAINER, "value": user_container},
     ]
     if config.grace is not None:
         env.append({"name": contract.ENV_GRACE, "value": config.grace})
@@ -320,6 +327,7 @@ def proxy_container(
             contract.FLAG_UPSTREAM,
             f"http://127.0.0.1:{user_port}",
             *timeouts,
+            *(arg for name in frozen or [user_container] for arg in (FLAG_CONTAINER, name)),
         ],
         "env": env,
         "resources": resources(config, guaranteed),
@@ -453,12 +461,18 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
             f'have it frozen, or set {ANNOTATION_ENABLED}: "false" to silence this warning',
         )
 
+    try:
+        to_freeze = freeze_list(pod, user_name, str(queue.get("name")), exec_probes)
+    except BadContainerList as err:
+        return _skip(str(err), f"freeze-proxy not injected: {err}")
+
     config, warnings = apply_overrides(
         settings.defaults,
         overrides_from_annotations(annotations),
         ANNOTATION_PREFIX + "{key}",
         "the cluster default is used instead",
     )
+    warnings = [*to_freeze.warnings, *warnings]
     others = [c for c in containers if c is not None] + list(
         pod["spec"].get("initContainers") or []
     )
@@ -542,6 +556,7 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
                 drain_hook(user, user_port),
                 state_volume,
                 guaranteed=is_guaranteed(others),
+                frozen=to_freeze.containers,
             ),
         }
     )
@@ -552,4 +567,5 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
         warnings,
         user_container=user_name,
         user_port=user_port,
+        frozen=to_freeze.containers,
     )
