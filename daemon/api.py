@@ -36,6 +36,7 @@ from daemon.ordering import CallOrder, parse_sequence
 from daemon.runtimes import (
     NEVER_FROZEN,
     ContainerNotFound,
+    ContainersFailed,
     Runtime,
     RuntimeBackendError,
 )
@@ -331,6 +332,19 @@ async def _answer(request: web.Request, action: Action | None) -> web.Response:
         )
     except ContainerNotFound as e:
         return _failed(404, action, who, containers, started, f"not found on this node: {e}")
+    except ContainersFailed as e:  # a list frozen all-or-none, thawed best effort
+        return _failed(
+            502,
+            action,
+            who,
+            containers,
+            started,
+            f"the container runtime failed: {e}",
+            container=e.container,
+            failed=e.failed,
+            **({"thawed_back": e.thawed_back} if action == "freeze" else {}),
+            **({"not_thawed_back": e.not_thawed_back} if e.not_thawed_back else {}),
+        )
     except RuntimeBackendError as e:  # RuntimeFailure, or any other backend error
         return _failed(502, action, who, containers, started, f"the container runtime failed: {e}")
     except Exception as e:
@@ -567,10 +581,13 @@ def _failed(
     containers: list[str],
     started: float,
     message: str,
+    **fields: Any,
 ) -> web.Response:
+    """Log and answer a failed call; ``fields`` (which container failed...) go into both."""
     took_ms = _ms(started)
     outcome = "not_found" if status == 404 else "runtime_error"
-    log.warning(
+    log.log(
+        logging.ERROR if fields.get("not_thawed_back") else logging.WARNING,
         f"{action} failed",
         extra={
             "action": action,
@@ -579,9 +596,10 @@ def _failed(
             "took_ms": took_ms,
             "outcome": outcome,
             "error": message,
+            **fields,
         },
     )
-    return _error(status, message, pod_uid=who["pod_uid"], containers=containers)
+    return _error(status, message, pod_uid=who["pod_uid"], containers=containers, **fields)
 
 
 async def _freeze(request: web.Request) -> web.Response:

@@ -71,11 +71,12 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         "directory should survive container restarts (the webhook mounts an emptyDir)",
     )
     p.add_argument(
-        "--container",
+        contract.FLAG_CONTAINER,
         action="append",
         default=None,
-        help="container to freeze (repeatable; env USER_CONTAINER; default: every container "
-        "of the pod except queue-proxy and freeze-proxy)",
+        help="container to freeze (repeatable; the webhook passes one per container; env "
+        "USER_CONTAINER: one name; default: every container of the pod except queue-proxy, "
+        "freeze-proxy and mesh proxies)",
     )
     p.add_argument(
         "--grace",

@@ -13,6 +13,12 @@ from __future__ import annotations
 # The sidecar's container name: the webhook injects it, the daemon never freezes it and, at its
 # start, thaws what a previous instance left paused in pods that carry it (and only those).
 SIDECAR_NAME = "freeze-proxy"
+# Containers in a pod's request path, never frozen (a frozen one would leave the pod unwakeable):
+# Knative's queue-proxy and the service-mesh proxies that intercept the pod's traffic. The
+# webhook leaves them out of the sidecar's --container list (webhook/containers.py), the daemon
+# refuses to freeze them (daemon.runtimes.NEVER_FROZEN).
+QUEUE_PROXY_NAME = "queue-proxy"
+MESH_PROXIES = ("istio-proxy", "linkerd-proxy")
 
 # Listeners: queue-proxy's USER_PORT is pointed at PROXY_PORT; kubelet probes HEALTH_PATH on
 # HEALTH_PORT (the proxy itself). Every probe of the user container (queue-proxy's
@@ -102,6 +108,9 @@ FLAG_HEALTH_LISTEN = "--health-listen"
 FLAG_UPSTREAM = "--upstream"
 FLAG_RESUME_TIMEOUT = "--resume-timeout"
 FLAG_DRAIN_TIMEOUT = "--drain-timeout"
+# One per container to freeze (webhook/containers.py decides the list); the proxy sends each as
+# the daemon's ?container= (repeatable), and the daemon freezes the list all-or-none.
+FLAG_CONTAINER = "--container"
 
 # Defaults, in Go's duration format. The grace was chosen from measurement on real containerd
 # (README, "Idle grace"): long enough that a client calling in a loop or at >= 10 req/s never

@@ -193,3 +193,59 @@ def knative_pod(
     if volumes is not None:
         pod["spec"]["volumes"] = volumes
     return pod
+
+
+ISTIO_PROXY_IMAGE = "registry.invalid/istio/proxyv2@sha256:" + "c" * 64
+
+
+def istio_injected(pod: dict[str, Any], *, native: bool = False) -> dict[str, Any]:
+    """``pod`` as Istio's sidecar injector leaves it, built by hand (no Istio here) from the
+    shape of Istio's injection template (manifests/charts/istio-control/istio-discovery/files/
+    injection-template.yaml): an ``istio-init`` init container that writes the iptables rules
+    redirecting the pod's traffic through the proxy (``istio-iptables``, NET_ADMIN/NET_RAW), and
+    ``istio-proxy`` (envoy, user 1337, Prometheus port 15090, readiness ``/healthz/ready`` on
+    15021) appended to the containers; the ``sidecar.istio.io/status`` annotation naming them.
+    ``native``: with native sidecars on (ENABLE_NATIVE_SIDECARS), ``istio-proxy`` is an init
+    container with ``restartPolicy: Always`` instead, after ``istio-init``.
+
+    Every request to this pod (queue-proxy's included) passes through ``istio-proxy`` first:
+    freeze it and nothing reaches queue-proxy or freeze-proxy again.
+    """
+    pod = json.loads(json.dumps(pod))
+    init = {
+        "name": "istio-init",
+        "image": ISTIO_PROXY_IMAGE,
+        "args": ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT",
+                 "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"],
+        "securityContext": {
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+            "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False,
+        },
+    }  # fmt: skip
+    proxy: dict[str, Any] = {
+        "name": "istio-proxy",
+        "image": ISTIO_PROXY_IMAGE,
+        "args": ["proxy", "sidecar", "--domain", "$(POD_NAMESPACE).svc.cluster.local"],
+        "ports": [{"name": "http-envoy-prom", "containerPort": 15090, "protocol": "TCP"}],
+        "readinessProbe": {
+            "httpGet": {"path": "/healthz/ready", "port": 15021},
+            "periodSeconds": 15,
+            "failureThreshold": 4,
+        },
+        "securityContext": {"runAsUser": 1337, "runAsGroup": 1337, "runAsNonRoot": True},
+    }
+    spec = pod["spec"]
+    if native:
+        proxy["restartPolicy"] = "Always"
+        spec["initContainers"] = [*spec.get("initContainers", []), init, proxy]
+    else:
+        spec["initContainers"] = [*spec.get("initContainers", []), init]
+        spec["containers"] = [*spec["containers"], proxy]
+    status = {
+        "initContainers": ["istio-init", *(["istio-proxy"] if native else [])],
+        "containers": [] if native else ["istio-proxy"],
+        "volumes": ["istio-envoy", "istio-data", "istio-podinfo", "istio-token", "istiod-ca-cert"],
+    }
+    pod["metadata"]["annotations"]["sidecar.istio.io/status"] = json.dumps(status)
+    pod["metadata"]["labels"]["security.istio.io/tlsMode"] = "istio"
+    return pod

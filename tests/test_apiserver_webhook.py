@@ -799,10 +799,10 @@ def test_knative_pod_is_mutated_exactly_as_intended(webhook: Webhook, ns: str) -
         "--listen", "0.0.0.0:9999",
         "--health-listen", "0.0.0.0:9998",
         "--upstream", "http://127.0.0.1:8080",
+        "--container", "user-container",
     ]  # fmt: skip
     assert env(proxy) == {
         "HOST_IP": {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.hostIP"}},
-        "USER_CONTAINER": "user-container",
     }
     assert proxy["readinessProbe"]["httpGet"] == {
         "path": "/healthz",

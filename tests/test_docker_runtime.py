@@ -88,7 +88,7 @@ def test_a_container_without_the_name_label_goes_by_its_docker_name() -> None:
 def test_choose_leaves_out_what_is_never_frozen() -> None:
     running = {"user-container": "u", "queue-proxy": "q", SIDECAR_NAME: "f", "worker": "w"}
     assert choose(UID, running, []) == {"user-container": "u", "worker": "w"}
-    assert NEVER_FROZEN == {"queue-proxy", SIDECAR_NAME}
+    assert NEVER_FROZEN == {"queue-proxy", SIDECAR_NAME, "istio-proxy", "linkerd-proxy"}
 
 
 def test_choose_names_what_is_missing() -> None:

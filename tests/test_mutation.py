@@ -108,7 +108,7 @@ def test_default_knative_pod_is_fully_mutated() -> None:
     validate(out)
     labels = out["metadata"]["labels"]
     assert labels["freeze-pod-added"] == "true"
-    assert labels["freeze-pod-version"] == "6"
+    assert labels["freeze-pod-version"] == "7"
     assert labels["serving.knative.dev/revision"] == "hello-00001"  # untouched
     volume, state = out["spec"]["volumes"]
     assert state == {
@@ -133,10 +133,12 @@ def test_default_knative_pod_is_fully_mutated() -> None:
     proxy = out["spec"]["containers"][-1]
     assert proxy["name"] == "freeze-proxy"
     assert proxy["image"] == SETTINGS.proxy_image
-    assert proxy["args"][-2:] == ["--upstream", "http://127.0.0.1:8080"]
+    assert proxy["args"][-4:] == [
+        "--upstream", "http://127.0.0.1:8080", "--container", "user-container"
+    ]  # fmt: skip
     proxy_env = env(proxy)
     assert proxy_env["HOST_IP"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
-    assert proxy_env["USER_CONTAINER"] == "user-container"
+    assert "USER_CONTAINER" not in proxy_env  # the --container flags say it (version 7)
     assert "FREEZE_GRACE" not in proxy_env
     assert proxy["volumeMounts"] == [
         {"name": "freeze-projected", "mountPath": "/var/run/projected", "readOnly": True},
@@ -166,8 +168,7 @@ def test_custom_user_port_and_container_name() -> None:
     out = mutated(pod)
     validate(out)
     proxy = container(out, "freeze-proxy")
-    assert env(proxy)["USER_CONTAINER"] == "api"
-    assert proxy["args"][-1] == "http://127.0.0.1:3000"
+    assert proxy["args"][-3:] == ["http://127.0.0.1:3000", "--container", "api"]
     assert env(container(out, "queue-proxy"))["USER_PORT"] == "9999"
 
 
@@ -267,7 +268,7 @@ def test_missing_labels_map_is_created() -> None:
     pod = knative_pod()
     del pod["metadata"]["labels"]
     out = mutated(pod)
-    assert out["metadata"]["labels"] == {"freeze-pod-added": "true", "freeze-pod-version": "6"}
+    assert out["metadata"]["labels"] == {"freeze-pod-added": "true", "freeze-pod-version": "7"}
 
 
 def qp_probe(pod: dict[str, Any]) -> Any:
@@ -529,10 +530,11 @@ def test_h2c_multi_container_revision_is_not_mutated() -> None:
     assert mutate(pod, SETTINGS).action == "skipped"
 
 
-def test_http1_multi_container_revision_freezes_the_serving_container() -> None:
+def test_http1_multi_container_revision_freezes_the_serving_container_and_sidecar() -> None:
     pod = knative_pod([*multi_container(), queue_proxy()])
     result = mutate(pod, SETTINGS)
     assert result.user_container == "user-container-0"
+    assert result.frozen == ["user-container-0", "user-container-1"]  # its sidecar too
     out = apply_patch(pod, result.patch)
     validate(out)
     assert (
@@ -560,12 +562,16 @@ def test_exec_probe_on_the_frozen_container_is_not_mutated(probe_field: str) -> 
     assert probe_field in result.reason
 
 
-def test_exec_probe_on_a_container_that_is_not_frozen_is_fine() -> None:
-    """Only the serving container is frozen (USER_CONTAINER); another one may exec-probe."""
+def test_exec_probe_on_a_sidecar_keeps_that_sidecar_awake() -> None:
+    """A sidecar kubelet exec-probes is left out of the list (with a warning), so its probe
+    keeps working; the serving container is still frozen."""
     serving, other = multi_container()
     other["livenessProbe"] = copy.deepcopy(EXEC_PROBE)
     result = mutate(knative_pod([serving, other, queue_proxy()]), SETTINGS)
     assert result.action == "mutated" and result.user_container == "user-container-0"
+    assert result.frozen == ["user-container-0"]
+    (warning,) = result.warnings
+    assert "user-container-1" in warning and "exec livenessProbe" in warning
 
 
 def guaranteed(c: dict[str, Any], cpu: str = "500m", memory: str = "256Mi") -> dict[str, Any]:

@@ -141,7 +141,7 @@ def test_2c_a_multi_container_service_freezes_its_serving_container(
     cluster: Cluster, installed: Path, built: Built
 ) -> None:
     """Knative's multi-container shape (user-container-0 has the port): the webhook finds the
-    serving container through queue-proxy's USER_PORT, and that container is what freezes."""
+    serving container through queue-proxy's USER_PORT; it freezes with its sidecar."""
     ksvc = install.service("multi", built.refs["sleeptalker"], {})
     serving = ksvc["spec"]["template"]["spec"]["containers"][0]
     serving["ports"] = [{"containerPort": 8080}]
@@ -154,11 +154,12 @@ def test_2c_a_multi_container_service_freezes_its_serving_container(
     names = [c["name"] for c in pod["spec"]["containers"]]
     assert "user-container-0" in names and "user-container-1" in names, names
     proxy = next(c for c in pod["spec"]["containers"] if c["name"] == contract.SIDECAR_NAME)
-    env = {e["name"]: e.get("value") for e in proxy["env"]}
-    assert env[contract.ENV_USER_CONTAINER] == "user-container-0"
+    both = ("user-container-0", "user-container-1")
+    flags = proxy["args"][proxy["args"].index(contract.FLAG_CONTAINER) :]
+    assert flags == [arg for c in both for arg in (contract.FLAG_CONTAINER, c)]
     until(
-        "the serving container frozen",
-        lambda: install.freezer_state(pod, "user-container-0") == "FROZEN",
+        "the serving container and its sidecar frozen",
+        lambda: all(install.freezer_state(pod, c) == "FROZEN" for c in both),
         30,
     )
     status, body = get(queue_proxy_url(pod))

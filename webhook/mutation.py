@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from freeze_proxy import contract
+from webhook.containers import BadContainerList, freeze_list
 from webhook.sidecar import (
     ANNOTATION_PREFIX,
     SidecarConfig,
@@ -55,15 +56,18 @@ from webhook.sidecar import DEFAULTS as DEFAULT_SIDECAR
 
 LABEL_ADDED = "freeze-pod-added"
 LABEL_VERSION = "freeze-pod-version"
-# 6: every tcpSocket/httpGet probe of the user container becomes an httpGet of freeze-proxy's
-# probe paths, answered without waking a frozen app; grpc/HTTPS probes skip the pod (5:
-# queue-proxy's tcpSocket readiness probe becomes /ready; 4: the sidecar's CPU limit).
-MUTATION_VERSION = "6"
+# 7: the sidecar gets one --container per container to freeze (the serving container and the
+# user's sidecars, webhook/containers.py) instead of env USER_CONTAINER (6: every tcpSocket/
+# httpGet probe of the user container becomes an httpGet of freeze-proxy's probe paths, answered
+# without waking a frozen app; grpc/HTTPS probes skip the pod; 5: queue-proxy's tcpSocket
+# readiness probe becomes /ready; 4: the sidecar's CPU limit).
+MUTATION_VERSION = "7"
 ANNOTATION_ENABLED = ANNOTATION_PREFIX + "enabled"
 ANNOTATION_GRACE = ANNOTATION_PREFIX + "grace"
 ANNOTATION_CONTAINER = ANNOTATION_PREFIX + "container"
-QUEUE_PROXY_NAME = "queue-proxy"
+QUEUE_PROXY_NAME = contract.QUEUE_PROXY_NAME
 PROXY_CONTAINER_NAME = contract.SIDECAR_NAME
+FLAG_CONTAINER = contract.FLAG_CONTAINER
 VOLUME_NAME = "freeze-projected"
 STATE_VOLUME_NAME = "freeze-proxy-state"
 TOKEN_EXPIRATION_SECONDS = 600
@@ -100,6 +104,7 @@ class MutationResult:
     warnings: list[str] = field(default_factory=list)
     user_container: str | None = None
     user_port: int | None = None
+    frozen: list[str] = field(default_factory=list)  # the containers the sidecar freezes
 
 
 class UndecidablePod(Exception):
@@ -308,6 +313,7 @@ def proxy_container(
     state_volume: str = STATE_VOLUME_NAME,
     *,
     guaranteed: bool = False,
+    frozen: list[str] | None = None,
 ) -> JsonObj:
     """The freeze-proxy container spec (least privilege, small requests, health probe).
 
@@ -315,13 +321,14 @@ def proxy_container(
     queue-proxy): with it kubelet holds our SIGTERM, like the app's, until queue-proxy has
     drained, so requests still arriving during the drain find the proxy listening.
     ``guaranteed``: every other container is Guaranteed, so requests equal the limits.
+    ``frozen``: the containers to freeze (webhook/containers.py), one ``--container`` each;
+    ``[user_container]`` when not given.
     """
     env: list[JsonObj] = [
         {
             "name": contract.ENV_HOST_IP,
             "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}},
         },
-        {"name": contract.ENV_USER_CONTAINER, "value": user_container},
     ]
     if config.grace is not None:
         env.append({"name": contract.ENV_GRACE, "value": config.grace})
@@ -346,6 +353,7 @@ def proxy_container(
             contract.FLAG_UPSTREAM,
             f"http://127.0.0.1:{user_port}",
             *timeouts,
+            *(arg for name in frozen or [user_container] for arg in (FLAG_CONTAINER, name)),
         ],
         "env": env,
         "resources": resources(config, guaranteed),
@@ -521,12 +529,18 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
             f'frozen, or set {ANNOTATION_ENABLED}: "false" to silence this warning',
         )
 
+    try:
+        to_freeze = freeze_list(pod, user_name, str(queue.get("name")), exec_probes)
+    except BadContainerList as err:
+        return _skip(str(err), f"freeze-proxy not injected: {err}")
+
     config, warnings = apply_overrides(
         settings.defaults,
         overrides_from_annotations(annotations),
         ANNOTATION_PREFIX + "{key}",
         "the cluster default is used instead",
     )
+    warnings = [*to_freeze.warnings, *warnings]
     others = [c for c in containers if c is not None] + list(
         pod["spec"].get("initContainers") or []
     )
@@ -576,6 +590,7 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
                 drain_hook(user, user_port),
                 state_volume,
                 guaranteed=is_guaranteed(others),
+                frozen=to_freeze.containers,
             ),
         }
     )
@@ -586,4 +601,5 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
         warnings,
         user_container=user_name,
         user_port=user_port,
+        frozen=to_freeze.containers,
     )

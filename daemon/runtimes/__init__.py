@@ -8,10 +8,11 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from freeze_proxy.contract import SIDECAR_NAME
+from freeze_proxy.contract import MESH_PROXIES, QUEUE_PROXY_NAME, SIDECAR_NAME
 
-# Containers of a Knative pod that must never be frozen: freezing them would cut the pod off.
-NEVER_FROZEN = frozenset({"queue-proxy", SIDECAR_NAME})
+# Containers of a Knative pod that must never be frozen: they are its request path (queue-proxy,
+# the sidecar, a mesh proxy), and freezing one would cut the pod off for good.
+NEVER_FROZEN = frozenset({QUEUE_PROXY_NAME, SIDECAR_NAME, *MESH_PROXIES})
 
 
 class RuntimeBackendError(Exception):
@@ -24,6 +25,40 @@ class ContainerNotFound(RuntimeBackendError):
 
 class RuntimeFailure(RuntimeBackendError):
     """The runtime refused or failed the call: answered 502 with this message."""
+
+
+class ContainersFailed(RuntimeFailure):
+    """Some containers of the pod's list failed (``failed``: name -> why, in list order) while
+    others succeeded: a freeze was undone (``thawed_back``; ``not_thawed_back`` when even that
+    failed), a thaw went on with the rest. Answered 502 naming the first failed container."""
+
+    def __init__(
+        self,
+        action: str,
+        pod_uid: str,
+        failed: dict[str, str],
+        thawed_back: list[str],
+        not_thawed_back: dict[str, str],
+    ) -> None:
+        first, why = next(iter(failed.items()))
+        others = [n for n in failed if n != first]
+        message = f"{action} of container {first!r} of pod {pod_uid} failed: {why}"
+        if others:
+            message += f"; also failed: {', '.join(map(repr, others))}"
+        if action == "freeze":
+            message += (
+                f"; thawed back {', '.join(map(repr, thawed_back))}" if thawed_back else ""
+            ) + (
+                f"; could NOT thaw back {', '.join(map(repr, not_thawed_back))}: "
+                f"{'; '.join(not_thawed_back.values())}"
+                if not_thawed_back
+                else ""
+            )
+        super().__init__(message)
+        self.container = first
+        self.failed = failed
+        self.thawed_back = thawed_back
+        self.not_thawed_back = not_thawed_back
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,22 +184,54 @@ class PodCache:
         return choose(pod_uid, running, containers)
 
 
-async def _on_each(targets: Mapping[str, str], call: Callable[[str, str], Awaitable[None]]) -> None:
-    """``call(name, id)`` on every container at once; let all finish before raising (a runtime
-    failure before a Stale one)."""
+Call = Callable[[str, str], Awaitable[None]]
+
+
+async def _on_each(targets: Mapping[str, str], call: Call) -> dict[str, Exception]:
+    """``call(name, id)`` on every container at once, all let finish; name -> what it raised."""
     results = await asyncio.gather(
         *(call(n, cid) for n, cid in targets.items()), return_exceptions=True
     )
-    errors = [r for r in results if isinstance(r, BaseException)]
-    for e in errors:
-        if not isinstance(e, Exception):
-            raise e  # cancellation and the like
-    stale = [e for e in errors if isinstance(e, Stale)]
-    others = [e for e in errors if not isinstance(e, Stale)]
-    if others:
-        raise others[0]
-    if stale:
-        raise stale[0]
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, Exception):
+            raise r  # cancellation and the like
+    return {n: r for n, r in zip(targets, results, strict=True) if isinstance(r, Exception)}
+
+
+async def _resolve(
+    pod_uid: str,
+    containers: Sequence[str],
+    lookup: Callable[[str, Sequence[str], bool], Awaitable[dict[str, str]]],
+    *,
+    best_effort: bool,
+) -> tuple[dict[str, str], dict[str, Exception]]:
+    """Name -> id of the containers, and name -> ContainerNotFound for those not running.
+
+    Not best effort (a freeze), any named container missing fails the whole lookup: nothing
+    is frozen. Best effort (a thaw), the others are still found: a sidecar that crashed while
+    the pod was frozen must not keep the app frozen.
+    """
+    try:
+        return await lookup(pod_uid, containers, False), {}
+    except ContainerNotFound:
+        if not best_effort or len(containers) < 2:
+            raise
+    found: dict[str, str] = {}
+    gone: dict[str, Exception] = {}
+    for name in dict.fromkeys(containers):
+        try:
+            found[name] = (await lookup(pod_uid, [name], False))[name]
+        except ContainerNotFound as e:
+            gone[name] = e
+    if not found:
+        raise next(iter(gone.values()))
+    return found, gone
+
+
+def _why(error: Exception) -> str:
+    if isinstance(error, RuntimeBackendError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 async def apply_to_pod(
@@ -172,20 +239,56 @@ async def apply_to_pod(
     containers: Sequence[str],
     lookup: Callable[[str, Sequence[str], bool], Awaitable[dict[str, str]]],
     forget: Callable[[str], None],
-    call: Callable[[str, str], Awaitable[None]],
+    call: Call,
+    undo: Call | None = None,
 ) -> list[str]:
-    """Look the pod's containers up and ``call`` each; when one was replaced since the lookup
-    (Stale), look again once, then give up with ContainerNotFound. Returns the names."""
-    targets = await lookup(pod_uid, containers, False)
-    try:
-        await _on_each(targets, call)
-    except Stale:
-        targets = await lookup(pod_uid, containers, True)
-        try:
-            await _on_each(targets, call)
-        except Stale as stale:
+    """Look the pod's containers up and ``call`` each (all at once); returns the names.
+
+    A container replaced since the lookup (Stale) is looked up again once and called again;
+    gone for good, it fails like any other. ``undo`` given (a freeze: the thaw), the list is
+    all-or-none: when any container fails, the ones that succeeded are undone and
+    ContainersFailed names the failures. Without it (a thaw: best effort), every container is
+    still called and ContainersFailed names the ones that failed — except containers merely
+    gone, which cannot be frozen either: the thaw succeeds with the rest. Nothing done at all
+    (every container gone) is ContainerNotFound, as when the first lookup finds none.
+    """
+    targets, failed = await _resolve(pod_uid, containers, lookup, best_effort=undo is None)
+    failed.update(await _on_each(targets, call))
+    stale = [n for n, e in failed.items() if isinstance(e, Stale)]
+    if stale:
+        retry: dict[str, str] = {}
+        for i, name in enumerate(stale):
+            try:
+                retry[name] = (await lookup(pod_uid, [name], i == 0))[name]
+            except ContainerNotFound as gone:
+                failed[name] = gone
+        for name in retry:
+            del failed[name]
+        targets = {**targets, **retry}  # the undo must reach the new ids
+        failed.update(await _on_each(retry, call))
+        for name, error in failed.items():
+            if isinstance(error, Stale):
+                failed[name] = ContainerNotFound(
+                    f"container {error.name} of pod {pod_uid} is gone: {error.detail}"
+                )
+        if any(isinstance(e, ContainerNotFound) for e in failed.values()):
             forget(pod_uid)
-            raise ContainerNotFound(
-                f"container {stale.name} of pod {pod_uid} is gone: {stale.detail}"
-            ) from None
-    return list(targets)
+    done = [n for n in targets if n not in failed]
+    if not failed:
+        return done
+    if not done and all(isinstance(e, ContainerNotFound) for e in failed.values()):
+        raise next(iter(failed.values()))
+    ordered = {n: _why(failed[n]) for n in targets if n in failed}
+    if undo is None:
+        real = {n: w for n, w in ordered.items() if not isinstance(failed[n], ContainerNotFound)}
+        if not real:
+            return done
+        raise ContainersFailed("thaw", pod_uid, real, [], {})
+    not_undone = await _on_each({n: targets[n] for n in done}, undo)
+    raise ContainersFailed(
+        "freeze",
+        pod_uid,
+        ordered,
+        [n for n in done if n not in not_undone],
+        {n: _why(e) for n, e in not_undone.items()},
+    )

@@ -22,7 +22,7 @@ import asyncio
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -253,13 +253,23 @@ class CgroupRuntime:
                 self._set(name, container_id, cgroup, True)
 
     async def _apply(self, pod_uid: str, containers: Sequence[str], frozen: bool) -> list[str]:
-        async def call(name: str, container_id: str) -> None:
-            try:
-                await self._change(name, container_id, frozen)
-            except ContainerNotFound as gone:  # CRI no longer knows it: removed or replaced
-                raise Stale(name, str(gone)) from None
+        def setting(to_frozen: bool) -> Callable[[str, str], Awaitable[None]]:
+            async def call(name: str, container_id: str) -> None:
+                try:
+                    await self._change(name, container_id, to_frozen)
+                except ContainerNotFound as gone:  # CRI no longer knows it: removed or replaced
+                    raise Stale(name, str(gone)) from None
 
-        return await apply_to_pod(pod_uid, containers, self.cri.lookup, self.cri.forget, call)
+            return call
+
+        return await apply_to_pod(
+            pod_uid,
+            containers,
+            self.cri.lookup,
+            self.cri.forget,
+            setting(frozen),
+            setting(False) if frozen else None,
+        )
 
     async def pause(self, pod_uid: str, containers: Sequence[str]) -> list[str]:
         """Freeze the named containers (all but NEVER_FROZEN when empty); return their names."""

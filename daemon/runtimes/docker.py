@@ -252,7 +252,12 @@ class DockerRuntime:
         async def call(name: str, container_id: str) -> None:
             await self._container_call(verb, name, container_id, ok_when)
 
-        return await apply_to_pod(pod_uid, containers, self.lookup, self.forget, call)
+        async def undo(name: str, container_id: str) -> None:
+            await self._container_call("resume", name, container_id, _ALREADY_RUNNING)
+
+        return await apply_to_pod(
+            pod_uid, containers, self.lookup, self.forget, call, undo if verb == "pause" else None
+        )
 
     async def pause(self, pod_uid: str, containers: Sequence[str]) -> list[str]:
         """Freeze the named containers (all but NEVER_FROZEN when empty); return their names."""
