@@ -12,6 +12,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,6 +321,24 @@ async def test_reviews_bigger_than_the_api_server_sends_are_refused(
     status, _ = await post(webhook_process, session, review_of_size(3 * MiB + 1))
     assert status == 413
     assert webhook_process.proc.poll() is None
+
+
+async def test_a_refused_oversized_review_closes_its_connection_and_sigterm_exits_at_once(
+    webhook_process: Webhook, session: aiohttp.ClientSession
+) -> None:
+    """The 413 comes before the body is read, so the connection still carries megabytes the
+    webhook will not read: it closes it. Kept open, its handler lingered and SIGTERM waited the
+    whole --shutdown-timeout (10 s) for it."""
+    reader, writer = await _request(webhook_process, _post_head(3 * MiB + 1), b"{" * 65536)
+    status, headers, _ = await _answer(reader)
+    assert status == 413
+    assert headers.get("connection", "").lower() == "close", headers
+    assert await asyncio.wait_for(reader.read(), 5) == b"", "the connection stayed open"
+    writer.close()
+    webhook_process.proc.terminate()
+    started = time.monotonic()
+    assert webhook_process.proc.wait(timeout=20) == 0
+    assert time.monotonic() - started < 5, "SIGTERM waited for a connection left open"
 
 
 async def test_many_big_reviews_at_once_stay_within_the_memory_limit(
