@@ -6,11 +6,13 @@ Frozen, it should use no CPU at all; the proxy that froze it has a cost of its o
 reported beside the app. The two phases alternate (without, with, without, with) so a noisy
 neighbour hits both alike; rates are per idle minute.
 
-Density: ``DENSITY_PODS`` frozen pods, each behind its own proxy, each probed every
-``PROBE_PERIOD`` seconds the way the webhook re-aims the probes (queue-proxy's readiness
-``/ready/tcp/PORT``, a kubelet tcpSocket and an httpGet liveness probe ``/probe/...``) — what
-a quiet node with many scaled-up-but-idle revisions sees. Reported: the proxies' CPU per pod
-per idle minute, and the wakes the probes caused (resumes while idle, per hour).
+Density: ``DENSITY_PODS`` idle sleeptalker pods on one node, each probed every
+``PROBE_PERIOD`` seconds — what a quiet node with many scaled-up-but-idle revisions sees: first
+without freeze-proxy (the probes at the apps), then each pod frozen behind its own proxy (the
+probes re-aimed as the webhook does: queue-proxy's readiness ``/ready/tcp/PORT``, kubelet's
+tcpSocket and httpGet liveness ``/probe/...``). Reported: node CPU per idle minute (apps +
+proxies + daemon + containerd and shims), the proxies' share per pod, the wakes the probes
+caused, and memory per pod (the app's cgroup, the proxy's RSS).
 """
 
 from __future__ import annotations
@@ -18,21 +20,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import socket
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import Table, proxy_python
+from bench.common import Table, before_tree, proxy_python
+from bench.footprint import memory_mib
 from freeze_proxy import contract
-from testbed.containerd import missing_prerequisites
+from testbed.containerd import missing_prerequisites, shim_pids
 from testbed.pods import Pod
-from testbed.stack import stack
+from testbed.stack import Stack, stack
 
 BENCH = "idle_cpu"
 CONTAINER = "user-container"
-DENSITY_PODS = 10
+DENSITY_PODS = 50
 PROBE_PERIOD = 10.0  # kubelet's default periodSeconds (queue-proxy's readiness probe, liveness)
 
 
@@ -137,16 +142,93 @@ def _get(url: str) -> tuple[int, dict[str, object]]:
         return exc.code, json.loads(exc.read())
 
 
-async def _density(table: Table, pods: int, seconds: float) -> None:
-    """``pods`` frozen pods, each probed every PROBE_PERIOD s through its proxy's probe paths."""
-    async with stack() as st, contextlib.AsyncExitStack() as proxies:
-        st.sleeptalker_image()
-        chains = []
-        for i in range(pods):
-            pod, app_port = await st.sleeptalker_pod(name=f"dense-{i}")
+def _probe(url: str) -> bool:
+    """One probe as kubelet sends it: a new connection, closed after the answer; ``tcp://``
+    URLs are tcpSocket probes (connect, close)."""
+    if url.startswith("tcp://"):
+        host, _, port = url.removeprefix("tcp://").rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+            return True
+        except OSError:
+            return False
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            r.read()
+            status: int = r.status
+            return 200 <= status < 400
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@dataclass
+class Density:
+    """One variant of the density row, measured over the same idle window length."""
+
+    label: str
+    seconds: float = 0.0
+    cpu: dict[str, float] = field(default_factory=dict)  # process group -> CPU seconds
+    probes: int = 0
+    failed: int = 0
+    wakes: int = 0
+    memory_mib: dict[str, float] = field(default_factory=dict)  # per pod
+
+
+def _node_cpu(st: Stack, pods: list[Pod], proxies: list[int]) -> dict[str, float]:
+    """CPU seconds so far: the apps (cgroup), the proxies, the daemon, containerd and shims."""
+    assert st.containerd.proc is not None and st.daemon_proc is not None
+    return {
+        "apps": sum(p.cpu_usage_seconds(CONTAINER) for p in pods),
+        "proxies": sum(process_cpu_seconds(pid) for pid in proxies),
+        "daemon": process_cpu_seconds(st.daemon_proc.pid),
+        "containerd": process_cpu_seconds(st.containerd.proc.pid)
+        + sum(process_cpu_seconds(pid) for pid in shim_pids(st.containerd.socket)),
+    }
+
+
+def _app_memory_mib(pod: Pod) -> float:
+    usage = pod.cgroup_dir(CONTAINER, "memory") / "memory.usage_in_bytes"
+    return int(usage.read_text()) / 2**20
+
+
+async def _idle_window(
+    st: Stack, pods: list[Pod], proxies: list[int], urls: list[str], seconds: float, d: Density
+) -> None:
+    """``seconds`` idle, each URL probed every PROBE_PERIOD s; CPU per process group."""
+    before = _node_cpu(st, pods, proxies)
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        tick = time.monotonic()
+        results = await asyncio.gather(*(asyncio.to_thread(_probe, u) for u in urls))
+        d.probes += len(results)
+        d.failed += results.count(False)
+        await asyncio.sleep(max(0.0, PROBE_PERIOD - (time.monotonic() - tick)))
+    d.seconds = time.monotonic() - started
+    after = _node_cpu(st, pods, proxies)
+    d.cpu = {k: after[k] - before[k] for k in before}
+
+
+async def _frozen_variant(
+    st: Stack,
+    chains: list[tuple[Pod, int]],
+    seconds: float,
+    label: str,
+    tree: Path | None = None,
+) -> Density:
+    """Every pod behind a freeze-proxy (the code in ``tree`` if given), frozen; the probes
+    re-aimed as the webhook does (queue-proxy's /ready/tcp, kubelet's tcpSocket + httpGet
+    liveness at /probe/...)."""
+    d = Density(label)
+    python = proxy_python() if tree is None else proxy_python(root=tree)
+    async with contextlib.AsyncExitStack() as proxies:
+        started = []
+        for pod, app_port in chains:
             proxy = await proxies.enter_async_context(
-                st.proxy(pod, app_port, "--grace=0", python=proxy_python())
+                st.proxy(pod, app_port, "--grace=0", python=python, cwd=tree)
             )
+            started.append((pod, app_port, proxy))
+        urls: list[str] = []
+        for pod, app_port, proxy in started:
             base = proxy.health_url.removesuffix(contract.HEALTH_PATH)
             paths = [
                 contract.probe_path(contract.PROBE_TCP, app_port, whole_path=True),
@@ -155,41 +237,62 @@ async def _density(table: Table, pods: int, seconds: float) -> None:
                     contract.PROBE_HTTP, app_port, "/healthz?sleep=0", whole_path=False
                 ),
             ]
-            chains.append((pod, proxy, [base + p for p in paths]))
-        for pod, _, urls in chains:
             await pod.wait_frozen(CONTAINER)
-            for url in urls:  # a first result each (wakes the app at most once per probe)
-                await asyncio.to_thread(_get, url)
-        for pod, _, _ in chains:
+            for path in paths:  # a first result each (wakes the app at most once per probe)
+                await asyncio.to_thread(_probe, base + path)
+            urls += [base + path for path in paths]
+        for pod, _, _ in started:
             await pod.wait_frozen(CONTAINER)
-        before = [_get(proxy.health_url)[1] for _, proxy, _ in chains]
-        cpu0 = [process_cpu_seconds(proxy.proc.pid) for _, proxy, _ in chains]
-        started = time.monotonic()
-        failed = probes = 0
-        while time.monotonic() - started < seconds:
-            tick = time.monotonic()
-            for _, _, urls in chains:
-                for url in urls:
-                    status, _ = await asyncio.to_thread(_get, url)
-                    probes += 1
-                    failed += status != 200
-            await asyncio.sleep(max(0.0, PROBE_PERIOD - (time.monotonic() - tick)))
-        elapsed = time.monotonic() - started
-        cpu = sum(process_cpu_seconds(p.proc.pid) for _, p, _ in chains) - sum(cpu0)
-        after = [_get(proxy.health_url)[1] for _, proxy, _ in chains]
-        wakes = sum(
-            int(str(a["resumes"])) - int(str(b["resumes"]))
-            for a, b in zip(after, before, strict=True)
+        resumes0 = [int(str(_get(p.health_url)[1]["resumes"])) for _, _, p in started]
+        pids = [proxy.proc.pid for _, _, proxy in started]
+        await _idle_window(st, [c[0] for c in chains], pids, urls, seconds, d)
+        resumes1 = [int(str(_get(p.health_url)[1]["resumes"])) for _, _, p in started]
+        d.wakes = sum(resumes1) - sum(resumes0)
+        frozen = sum(pod.freezer_state(CONTAINER) == "FROZEN" for pod, _ in chains)
+        if frozen != len(chains):
+            raise RuntimeError(f"{label}: {frozen}/{len(chains)} pods frozen after the window")
+        d.memory_mib = {
+            "app": sum(_app_memory_mib(p) for p, _ in chains) / len(chains),
+            "proxy_rss": sum(memory_mib(pid)["rss_mib"] for pid in pids) / len(pids),
+        }
+    return d
+
+
+async def _density(table: Table, pods: int, seconds: float) -> None:
+    """``pods`` idle sleeptalker pods on one node, probed as kubelet would: without freeze-proxy
+    (probes at the apps) and frozen behind freeze-proxy (probes at the proxies' re-aimed paths;
+    with ``--before``, also behind that ref's proxy), one after the other on the same pods."""
+    async with stack() as st:
+        st.sleeptalker_image()
+        chains = [await st.sleeptalker_pod(name=f"dense-{i}") for i in range(pods)]
+        variants: list[Density] = []
+        plain = Density("without freeze-proxy")
+        urls = [
+            u
+            for _, port in chains
+            for u in (f"tcp://127.0.0.1:{port}", f"http://127.0.0.1:{port}/healthz?sleep=0")
+        ]
+        await _idle_window(st, [c[0] for c in chains], [], urls, seconds, plain)
+        plain.memory_mib = {"app": sum(_app_memory_mib(p) for p, _ in chains) / len(chains)}
+        variants.append(plain)
+        variants.append(await _frozen_variant(st, chains, seconds, "frozen, freeze-proxy"))
+        before_ref = os.environ.get("BENCH_BEFORE_REF")
+        if before_ref:
+            with before_tree(before_ref) as tree:
+                label = f"frozen, freeze-proxy @{before_ref}"
+                variants.append(await _frozen_variant(st, chains, seconds, label, tree))
+    for d in variants:
+        per_min = {k: v * 60 / d.seconds for k, v in d.cpu.items()}
+        table.add(
+            BENCH,
+            f"density: {pods} idle pods, {d.label}",
+            node_cpu_s_per_min=round(sum(per_min.values()), 4),
+            **{f"{k}_cpu_s_per_min": round(v, 4) for k, v in per_min.items()},
+            proxy_cpu_s_per_pod_per_min=round(per_min.get("proxies", 0.0) / pods, 5),
+            probe_wakes_per_pod_per_hour=round(d.wakes * 3600 / d.seconds / pods, 2),
+            probes=d.probes,
+            failed=d.failed,
+            **{f"{k}_mib_per_pod": round(v, 1) for k, v in d.memory_mib.items()},
+            seconds=round(d.seconds, 1),
+            note="probed every 10 s: tcpSocket + httpGet (and queue-proxy's /ready when frozen)",
         )
-        frozen = sum(pod.freezer_state(CONTAINER) == "FROZEN" for pod, _, _ in chains)
-    table.add(
-        BENCH,
-        f"density: {pods} frozen pods, each probed 3x every {PROBE_PERIOD:g} s",
-        proxy_cpu_s_per_pod_per_min=round(cpu * 60 / elapsed / pods, 4),
-        probe_wakes_per_pod_per_hour=round(wakes * 3600 / elapsed / pods, 2),
-        probes=probes,
-        failed=failed,
-        frozen_at_end=f"{frozen}/{pods}",
-        seconds=round(elapsed, 1),
-        note="queue-proxy's /ready/tcp and kubelet's tcpSocket + httpGet liveness, re-aimed",
-    )
