@@ -400,7 +400,7 @@ async def _answer(request: web.Request, action: Action | None) -> web.Response:
             "pod_uid": identity.pod_uid,
             "containers": done,
             "state": state,
-            "mode": mode,
+            **({"mode": mode} if mode != contract.MODE_FREEZE else {}),
             "took_ms": took_ms,
         }
     )
