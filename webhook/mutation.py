@@ -58,7 +58,8 @@ LABEL_VERSION = "freeze-pod-version"
 # 6: every tcpSocket/httpGet probe of the user container becomes an httpGet of freeze-proxy's
 # probe paths, answered without waking a frozen app; grpc/HTTPS probes skip the pod (5:
 # queue-proxy's tcpSocket readiness probe becomes /ready; 4: the sidecar's CPU limit).
-MUTATION_VERSION = "6"
+# 7: --mode / --throttle-cpu from the mode and throttle-cpu annotations (throttle, dry-run).
+MUTATION_VERSION = "7"
 ANNOTATION_ENABLED = ANNOTATION_PREFIX + "enabled"
 ANNOTATION_GRACE = ANNOTATION_PREFIX + "grace"
 ANNOTATION_CONTAINER = ANNOTATION_PREFIX + "container"
@@ -330,6 +331,8 @@ def proxy_container(
         for flag, value in (
             (contract.FLAG_RESUME_TIMEOUT, config.resume_timeout),
             (contract.FLAG_DRAIN_TIMEOUT, config.drain_timeout),
+            (contract.FLAG_MODE, config.mode),
+            (contract.FLAG_THROTTLE_CPU, config.throttle_cpu),
         )
         if value is not None
         for arg in (flag, value)
