@@ -18,6 +18,7 @@ ROWS = {
     "capacity": "bench.capacity",
     "idle_cpu": "bench.idle_cpu",
     "daemon_flood": "bench.daemon_flood",
+    "throttle": "bench.throttle",
 }
 
 

@@ -20,7 +20,7 @@ require_extra(
 import aiohttp
 from aiohttp import web
 
-from daemon.api import METRICS, RUNTIME, make_app, thaw_on_stop
+from daemon.api import METRICS, RUNTIME, THROTTLER, make_app, thaw_on_stop
 from daemon.auth import (
     ApiServerJwks,
     AuthUnavailable,
@@ -37,6 +37,7 @@ from daemon.auth import (
 from daemon.lifecycle import thaw_left_frozen
 from daemon.limits import LimitSettings
 from daemon.runtimes import Runtime
+from daemon.runtimes.throttle import Throttler, restore_left_throttled
 from daemon.server import ServerLimits, files_needed, raise_open_files_limit, serve
 from freeze_proxy import jsonlog
 from freeze_proxy.addresses import bind_host, parse_listen
@@ -318,6 +319,19 @@ def make_runtime(settings: Settings) -> Runtime:
     raise ValueError(f"unknown runtime {settings.runtime!r}: supported: {', '.join(RUNTIMES)}")
 
 
+def make_throttler(settings: Settings) -> Throttler | None:
+    """Throttle mode's CRI client on the backend's CRI socket; None for docker (no CRI)."""
+    if settings.runtime == "docker":
+        return None
+    from daemon.runtimes.cri import CriLookup
+
+    if settings.runtime == "containerd":
+        socket, flag = settings.containerd_socket, "--containerd-socket"
+    else:
+        socket, flag = settings.cri_socket, "--cri-socket"
+    return Throttler(CriLookup(socket, runtime=settings.runtime, socket_flag=flag))
+
+
 class StartupError(Exception):
     """The daemon cannot start as configured; the message says what to fix."""
 
@@ -327,10 +341,13 @@ async def build_app(settings: Settings) -> web.Application:
     kube: KubeAccess | None = None
     session: aiohttp.ClientSession | None = None
     runtime: Runtime | None = None
+    throttler: Throttler | None = None
 
     async def close(_: web.Application | None = None) -> None:
         if runtime is not None:
             await runtime.close()
+        if throttler is not None:
+            await throttler.close()
         if session is not None:
             await session.close()
         if kube is not None:
@@ -374,13 +391,14 @@ async def build_app(settings: Settings) -> web.Application:
         )
         try:
             runtime = make_runtime(settings)
+            throttler = make_throttler(settings)
         except (ImportError, ValueError) as e:  # ValueError: e.g. no cgroup freezer found
             raise StartupError(f"the {settings.runtime} backend cannot be loaded: {e}") from e
     except BaseException:
         await close()
         raise
 
-    app = make_app(authenticator, runtime, settings.limits)
+    app = make_app(authenticator, runtime, settings.limits, throttler)
     if reviewer is not None:
         made = reviewer
         app[METRICS].count_reviews(lambda: (made.answered_calls, made.failed_calls))
@@ -429,6 +447,8 @@ async def run(settings: Settings) -> None:
     then thaw what this daemon froze before exiting."""
     app = await build_app(settings)
     await thaw_left_frozen(app[RUNTIME])
+    if (throttler := app[THROTTLER]) is not None:
+        await restore_left_throttled(throttler)
     # A wildcard host listens on every address family (IPv4, and IPv6 where the node has it).
     await serve(
         app,

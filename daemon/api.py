@@ -40,6 +40,8 @@ from daemon.runtimes import (
     Runtime,
     RuntimeBackendError,
 )
+from daemon.runtimes.throttle import Throttler
+from freeze_proxy import contract
 from freeze_proxy.contract import SEQUENCE_HEADER
 
 log = logging.getLogger("daemon.api")
@@ -47,7 +49,7 @@ log = logging.getLogger("daemon.api")
 _STATE: dict[Action, str] = {"freeze": "frozen", "thaw": "thawed"}
 _KNATIVE_ACTIONS: dict[str, Action] = {"pause": "freeze", "resume": "thaw"}
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_ALLOWED_QUERY = frozenset({"container"})
+_ALLOWED_QUERY = frozenset({"container", contract.QUERY_MODE, contract.QUERY_CPU})
 MAX_BODY = 4096  # the only body is {"action": "..."}
 
 
@@ -150,6 +152,7 @@ _LIMITED_LOG = web.AppKey("limited_log", _Throttled)
 _TARPIT = web.AppKey("tarpit", _Tarpit)
 CALL_ORDER = web.AppKey("call_order", CallOrder)
 HELD_FROZEN = web.AppKey("held_frozen", HeldFrozen)
+THROTTLER: web.AppKey[Throttler | None] = web.AppKey("throttler")
 METRICS = web.AppKey("metrics", DaemonMetrics)
 _ACTION = "freeze.action"  # the request's action once known (for the calls counter)
 
@@ -183,7 +186,8 @@ def _containers(request: web.Request) -> list[str]:
     if unknown:
         raise _BadRequest(
             f"unknown query parameter(s) {sorted(unknown)}: "
-            "only 'container' (repeatable) is allowed"
+            f"only 'container' (repeatable), '{contract.QUERY_MODE}' and '{contract.QUERY_CPU}' "
+            "are allowed"
         )
     names: list[str] = []
     for name in request.query.getall("container", []):
@@ -197,6 +201,34 @@ def _containers(request: web.Request) -> list[str]:
         if name not in names:
             names.append(name)
     return names
+
+
+def _mode(request: web.Request) -> tuple[str, int]:
+    """``?mode=freeze|throttle`` (default freeze) and, for throttle, ``&cpu=`` (the floor in
+    millicores, default 10m): validated, so junk is a 400 naming the fix."""
+    modes = request.query.getall(contract.QUERY_MODE, [contract.MODE_FREEZE])
+    cpus = request.query.getall(contract.QUERY_CPU, [contract.DEFAULT_THROTTLE_CPU])
+    if len(modes) > 1 or len(cpus) > 1:
+        raise _BadRequest(f"'{contract.QUERY_MODE}' and '{contract.QUERY_CPU}' may appear once")
+    mode = modes[0]
+    if mode not in contract.DAEMON_MODES:
+        raise _BadRequest(
+            f"unknown mode {mode!r}: {' or '.join(contract.DAEMON_MODES)} (dry-run never calls "
+            "the daemon)"
+        )
+    if mode == contract.MODE_FREEZE:
+        if contract.QUERY_CPU in request.query:
+            raise _BadRequest(f"'{contract.QUERY_CPU}' is for mode={contract.MODE_THROTTLE} only")
+        return mode, 0
+    if request.app.get(THROTTLER) is None:
+        raise _BadRequest(
+            "mode=throttle needs a CRI runtime backend: this daemon runs --runtime docker; use "
+            "mode freeze on this node, or a containerd/cgroup daemon"
+        )
+    try:
+        return mode, contract.parse_millicores(cpus[0])
+    except ValueError as e:
+        raise _BadRequest(str(e)) from None
 
 
 def _token(request: web.Request) -> str:
@@ -245,6 +277,7 @@ async def _answer(request: web.Request, action: Action | None) -> web.Response:
             action = request[_ACTION] = await _knative_action(request)
         token = _token(request)
         containers = _containers(request)
+        mode, millicores = _mode(request)
         try:
             sequence = parse_sequence(request.headers.get(SEQUENCE_HEADER))
         except ValueError as e:
@@ -282,7 +315,9 @@ async def _answer(request: web.Request, action: Action | None) -> web.Response:
     runtime_started = time.perf_counter()
 
     try:
-        done = await _carry_out(request.app, action, identity.pod_uid, containers, who, sequence)
+        done = await _carry_out(
+            request.app, action, identity.pod_uid, containers, who, sequence, mode, millicores
+        )
     except _Stopping:
         return _stopping_answer(identity.pod_uid)
     except _OutOfOrder as e:
@@ -361,25 +396,34 @@ async def _answer(request: web.Request, action: Action | None) -> web.Response:
         # Never 200 when nothing happened.
         return _failed(404, action, who, containers, started, "no container of this pod to act on")
     took_ms = _ms(started)
+    state = _state(action, mode)
     log.info(
-        f"{_STATE[action]} pod",
+        f"{state} pod",
         extra={
             "action": action,
+            "mode": mode,
             **who,
             "containers": done,
             "took_ms": took_ms,
             "runtime_ms": _ms(runtime_started),
-            "outcome": _STATE[action],
+            "outcome": state,
         },
     )
     return web.json_response(
         {
             "pod_uid": identity.pod_uid,
             "containers": done,
-            "state": _STATE[action],
+            "state": state,
+            **({"mode": mode} if mode != contract.MODE_FREEZE else {}),
             "took_ms": took_ms,
         }
     )
+
+
+def _state(action: Action, mode: str) -> str:
+    if mode == contract.MODE_THROTTLE:
+        return "throttled" if action == "freeze" else "restored"
+    return _STATE[action]
 
 
 async def _authenticate(
@@ -451,12 +495,26 @@ async def _carry_out(
     containers: list[str],
     who: dict[str, Any],
     sequence: int | None,
+    mode: str = contract.MODE_FREEZE,
+    millicores: int = 0,
 ) -> list[str]:
-    """The runtime call for one pod, under that pod's lock (see :func:`_apply`)."""
+    """The runtime call for one pod, under that pod's lock (see :func:`_apply`); in throttle
+    mode the Throttler's (daemon/runtimes/throttle.py) instead of the runtime's."""
     runtime = app[RUNTIME]
+    call: Callable[[str, list[str]], Awaitable[list[str]]]
     call = runtime.pause if action == "freeze" else runtime.resume
+    if mode == contract.MODE_THROTTLE:
+        throttler = app[THROTTLER]
+        assert throttler is not None  # _mode refused the call otherwise
+        verb = throttler.throttle if action == "freeze" else throttler.restore
+
+        async def throttle_call(pod: str, names: list[str]) -> list[str]:
+            return await verb(pod, names, millicores)
+
+        call = throttle_call
+
     return await app[POD_LOCKS].run(
-        pod_uid, lambda: _apply(app, action, pod_uid, containers, call, sequence, who)
+        pod_uid, lambda: _apply(app, action, pod_uid, containers, call, sequence, who, mode)
     )
 
 
@@ -468,12 +526,14 @@ async def _apply(
     call: Callable[[str, list[str]], Awaitable[list[str]]],
     sequence: int | None,
     who: dict[str, Any],
+    mode: str = contract.MODE_FREEZE,
 ) -> list[str]:
     """Under the pod's lock: refuse a freeze once the daemon is stopping (checked here, so none
     slips in behind the stop's thaw of this pod), refuse a call a later one overtook (while it
     authenticated, say), skip what is already so, limit freezes, call the runtime, and remember
     the state only when the call fully succeeded; a freeze marks the pod held frozen before it
-    starts, a successful thaw clears it."""
+    starts, a successful thaw clears it. Throttle mode keeps its own record of what it holds
+    (the Throttler) and is never a no-op: each call asks the runtime."""
     if action == "freeze" and app[LIFECYCLE].stopping:
         raise _Stopping
     if sequence is not None:
@@ -481,7 +541,8 @@ async def _apply(
         if newer is not None:
             raise _OutOfOrder(newer)
     states = app[POD_STATES]
-    unchanged = states.noop(pod_uid, containers, action)
+    throttle = mode == contract.MODE_THROTTLE
+    unchanged = None if throttle else states.noop(pod_uid, containers, action)
     if unchanged is not None:
         raise _Unchanged(unchanged)
     if action == "freeze":
@@ -489,14 +550,14 @@ async def _apply(
         if not allowed:
             raise _FreezeLimited(retry_after)
     states.forget(pod_uid)  # until the call returns, the state is unknown
-    if action == "freeze":
+    if action == "freeze" and not throttle:
         app[HELD_FROZEN].freezing(pod_uid, who, containers)  # even a failed freeze may freeze
     started = time.perf_counter()
     try:
         done = await call(pod_uid, containers)
     finally:
         app[METRICS].runtime_call(action, time.perf_counter() - started)
-    if done:
+    if done and not throttle:
         states.record(pod_uid, containers, action, done)
         if action == "thaw":
             app[HELD_FROZEN].thawed(pod_uid, containers)
@@ -544,13 +605,39 @@ async def thaw_on_stop(app: web.Application, budget: float = STOP_THAW_BUDGET) -
                 extra={**who, "outcome": "stop_thawed", "took_ms": _ms(started)},
             )
 
+    throttler = app[THROTTLER]
+    throttled = [] if throttler is None else throttler.held_pods()
+
+    async def restore(pod_uid: str) -> None:
+        assert throttler is not None
+        try:
+            await app[POD_LOCKS].run(pod_uid, lambda: throttler.restore_pod(pod_uid))
+        except ContainerNotFound:
+            outcomes.setdefault(pod_uid, "stop_restored")  # restored meanwhile by its proxy
+        except Exception as e:
+            outcomes[pod_uid] = "stop_restore_failed"
+            log.error(
+                "stopping: cannot restore the CPU limits of a pod this daemon throttled; a "
+                "daemon starting on this node restores them",
+                extra={"pod_uid": pod_uid, "outcome": "stop_restore_failed", "error": str(e)},
+            )
+        else:
+            outcomes.setdefault(pod_uid, "stop_restored")
+            log.info(
+                "stopping: restored the CPU limits of a pod this daemon throttled",
+                extra={"pod_uid": pod_uid, "outcome": "stop_restored"},
+            )
+
     log.info(
-        "stopping: freezes are refused; thawing the pods held frozen", extra={"pods": len(held)}
+        "stopping: freezes are refused; thawing the pods held frozen",
+        extra={"pods": len(held), "throttled_pods": len(throttled)},
     )
     try:
         async with asyncio.timeout(budget):
-            await asyncio.gather(*(thaw(pod) for pod in held))
+            await asyncio.gather(*(thaw(pod) for pod in held), *(restore(uid) for uid in throttled))
     except TimeoutError:
+        for uid in throttled:
+            outcomes.setdefault(uid, "stop_restore_timeout")
         for pod in held:
             if pod.pod_uid not in outcomes:
                 outcomes[pod.pod_uid] = "stop_thaw_timeout"
@@ -649,9 +736,13 @@ async def _json_errors(
 
 
 def make_app(
-    authenticator: Authenticator, runtime: Runtime, limits: LimitSettings | None = None
+    authenticator: Authenticator,
+    runtime: Runtime,
+    limits: LimitSettings | None = None,
+    throttler: Throttler | None = None,
 ) -> web.Application:
-    """The daemon's aiohttp application; closes nothing it was given (the caller owns both)."""
+    """The daemon's aiohttp application; closes nothing it was given (the caller owns them).
+    Without a ``throttler``, ``mode=throttle`` is refused (400)."""
     app = web.Application(middlewares=[_json_errors], client_max_size=MAX_BODY)
     app[AUTHENTICATOR] = authenticator
     app[RUNTIME] = runtime
@@ -662,6 +753,7 @@ def make_app(
     app[_TARPIT] = _Tarpit(app[ADMISSION].settings.refusal_delay)
     app[CALL_ORDER] = CallOrder()
     app[HELD_FROZEN] = HeldFrozen()
+    app[THROTTLER] = throttler
     app[LIFECYCLE] = Lifecycle()
     app[METRICS] = DaemonMetrics(backend_name(runtime))
     app.router.add_post("/freeze", _freeze)

@@ -33,6 +33,14 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _millicores(text: str) -> str:
+    try:
+        contract.parse_millicores(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text.strip()
+
+
 def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ) if env is None else env
     host_ip = env.get(contract.ENV_HOST_IP, "127.0.0.1")
@@ -102,6 +110,20 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         action="store_true",
         help="only proxy; never pause (a kill switch, and the benchmarks' baseline)",
     )
+    p.add_argument(
+        contract.FLAG_MODE,
+        choices=contract.MODES,
+        default=contract.MODE_FREEZE,
+        help="what an idle app gets: freeze (the cgroup freezer), throttle (its CPU quota "
+        "lowered to --throttle-cpu, restored on wake) or dry-run (nothing: /metrics and the "
+        "log count the pauses and resumes it would make; the daemon is never called)",
+    )
+    p.add_argument(
+        contract.FLAG_THROTTLE_CPU,
+        type=_millicores,
+        default=contract.DEFAULT_THROTTLE_CPU,
+        help="--mode throttle: the CPU floor, a Kubernetes quantity from 10m to 999m",
+    )
     p.add_argument("--log-level", default=env.get("LOG_LEVEL", "info"))
     args = p.parse_args(argv)
     for flag, value in (("--listen", args.listen), ("--health-listen", args.health_listen)):
@@ -126,6 +148,8 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         resume_timeout=args.resume_timeout,
         drain_timeout=args.drain_timeout,
         freeze=not args.no_freeze,
+        mode=args.mode,
+        throttle_cpu=args.throttle_cpu,
     )
 
 

@@ -18,7 +18,13 @@ from urllib.parse import urlsplit
 
 from freeze_proxy import contract
 from freeze_proxy.addresses import bind_host, host_port, parse_listen
-from freeze_proxy.daemon_client import DaemonError, FreezeClient, HttpDaemonClient, TokenFile
+from freeze_proxy.daemon_client import (
+    DaemonError,
+    DryRunClient,
+    FreezeClient,
+    HttpDaemonClient,
+    TokenFile,
+)
 from freeze_proxy.durations import parse_duration
 from freeze_proxy.gate import AppState, Decision, Gate, PauseOutcome, ResumeOutcome
 from freeze_proxy.health import HealthPort
@@ -45,6 +51,8 @@ class Settings:
     resume_timeout: float = parse_duration(contract.DEFAULT_RESUME_TIMEOUT)
     drain_timeout: float = parse_duration(contract.DEFAULT_DRAIN_TIMEOUT)
     freeze: bool = True  # False: a plain proxy (benchmarks, and a kill switch)
+    mode: str = contract.MODE_FREEZE  # freeze, throttle or dry-run (contract.MODES)
+    throttle_cpu: str = contract.DEFAULT_THROTTLE_CPU  # throttle mode's floor
 
 
 @dataclass
@@ -54,6 +62,9 @@ class Counters:
     pause_failures: int = 0
     resume_failures: int = 0
     refused: int = 0
+    # --mode dry-run: what the gate decided, not carried out (pauses/resumes stay 0).
+    would_pause: int = 0
+    would_resume: int = 0
 
 
 class FreezeProxy:
@@ -67,8 +78,12 @@ class FreezeProxy:
         resume_timeout: float,
         marker: FrozenMarker,
         daemon_url: str = "the daemon",
+        *,
+        mode: str = contract.MODE_FREEZE,
     ) -> None:
         self.gate = gate
+        self.mode = mode
+        self._dry_run = mode == contract.MODE_DRY_RUN
         self._daemon_url = daemon_url
         self._marker = marker
         self.counters = Counters()
@@ -156,6 +171,12 @@ class FreezeProxy:
             )
             self._apply(self.gate.pause_done(PauseOutcome.NOT_FROZEN, self._loop.time()))
             return
+        if self._dry_run:
+            self.counters.would_pause += 1
+            self.metrics.pauses.inc(result="dry_run")
+            log.info("would pause (dry run: the daemon is not called)")
+            self._apply(self.gate.pause_done(PauseOutcome.FROZEN, self._loop.time()))
+            return
         try:
             await self._client.pause()
             outcome = PauseOutcome.FROZEN
@@ -210,6 +231,13 @@ class FreezeProxy:
 
     async def _resume(self) -> None:
         started = time.perf_counter()
+        if self._dry_run:
+            self._marker.clear()
+            self.counters.would_resume += 1
+            self.metrics.resumes.inc(result="dry_run")
+            self._apply(self.gate.resume_done(ResumeOutcome.RESUMED, self._loop.time()))
+            log.info("would resume (dry run: the daemon is not called)")
+            return
         try:
             await self._client.resume(self._resume_timeout)
         except DaemonError as exc:
@@ -301,7 +329,17 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     proxy: FreezeProxy | None = None
     admission: Admission = AlwaysAwake()
     token = TokenFile(settings.token_file)
-    client = HttpDaemonClient(settings.daemon_url, token, settings.containers)
+    client: HttpDaemonClient | DryRunClient
+    if settings.mode == contract.MODE_DRY_RUN:
+        client = DryRunClient()
+    else:
+        client = HttpDaemonClient(
+            settings.daemon_url,
+            token,
+            settings.containers,
+            mode=settings.mode,
+            throttle_cpu=settings.throttle_cpu,
+        )
     if settings.freeze:
         marker = FrozenMarker(settings.state_file)
         left_frozen = marker.may_be_frozen()
@@ -313,7 +351,12 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             )
         gate = Gate(settings.grace, may_be_frozen=left_frozen)
         admission = proxy = FreezeProxy(
-            gate, client, settings.resume_timeout, marker, daemon_url=settings.daemon_url
+            gate,
+            client,
+            settings.resume_timeout,
+            marker,
+            daemon_url=settings.daemon_url,
+            mode=settings.mode,
         )
 
     relay = Relay(
@@ -354,6 +397,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             "upstream": settings.upstream,
             "daemon_url": settings.daemon_url if settings.freeze else None,
             "grace_s": settings.grace,
+            "mode": settings.mode if settings.freeze else None,
             "containers": settings.containers or "all",
         },
     )

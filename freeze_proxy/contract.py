@@ -118,3 +118,55 @@ FLAG_CONTAINER = "--container"
 DEFAULT_GRACE = "250ms"
 DEFAULT_RESUME_TIMEOUT = "5s"
 DEFAULT_DRAIN_TIMEOUT = "20s"
+
+# What the proxy does to an idle app (flag FLAG_MODE, annotation freeze-proxy.knative.dev/mode):
+# freeze it (the cgroup freezer), throttle it (its CPU quota lowered to FLAG_THROTTLE_CPU
+# through CRI UpdateContainerResources, for runtimes that dislike a full stop), or dry-run
+# (the gate runs and /metrics counts what it would do, the daemon is never called).
+MODE_FREEZE = "freeze"
+MODE_THROTTLE = "throttle"
+MODE_DRY_RUN = "dry-run"
+MODES = (MODE_FREEZE, MODE_THROTTLE, MODE_DRY_RUN)
+FLAG_MODE = "--mode"
+FLAG_THROTTLE_CPU = "--throttle-cpu"
+DEFAULT_THROTTLE_CPU = "10m"
+# The daemon's query parameters: POST /freeze?mode=throttle&cpu=10m (and /thaw?mode=throttle):
+# absent, the mode is freeze. Dry-run never reaches the daemon.
+QUERY_MODE = "mode"
+QUERY_CPU = "cpu"
+DAEMON_MODES = (MODE_FREEZE, MODE_THROTTLE)
+# The floor is a CFS quota: the kernel refuses a quota below 1 ms per period, so 1m (0.1 ms per
+# 100 ms period) would be refused; a floor of a whole CPU or more is no throttle at all.
+MIN_THROTTLE_MILLICORES = 10
+MAX_THROTTLE_MILLICORES = 999
+
+
+def parse_millicores(text: str) -> int:
+    """A CPU floor as a Kubernetes quantity in millicores ("10m", "50m", "0.1") -> 10, 50, 100.
+
+    Raises ValueError naming the allowed range (10m..999m, whole millicores)."""
+    raw = text.strip() if isinstance(text, str) else ""
+    whole, dot, fraction = (raw[:-1] if raw.endswith("m") else raw).partition(".")
+    digits = "0123456789"
+    if not (
+        whole + fraction
+        and all(c in digits for c in whole + fraction)
+        and (not dot or fraction)
+        and not (dot and raw.endswith("m") and fraction.strip("0"))
+    ):
+        raise ValueError(
+            f"throttle CPU {text!r} is not a CPU quantity in whole millicores (e.g. 10m, 50m, 0.1)"
+        )
+    if raw.endswith("m"):
+        millis = int(whole or "0")
+    else:  # cores: at most three decimals make whole millicores
+        if len(fraction.rstrip("0")) > 3:
+            raise ValueError(f"throttle CPU {text!r} is a fraction of a millicore: use e.g. 10m")
+        millis = int(whole or "0") * 1000 + int((fraction + "000")[:3])
+    if not MIN_THROTTLE_MILLICORES <= millis <= MAX_THROTTLE_MILLICORES:
+        raise ValueError(
+            f"throttle CPU {text!r} is out of range: {MIN_THROTTLE_MILLICORES}m to "
+            f"{MAX_THROTTLE_MILLICORES}m (below, the kernel refuses the quota; from 1 CPU up it "
+            "throttles nothing)"
+        )
+    return int(millis)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import quote, urlsplit
 
+from freeze_proxy import contract
 from freeze_proxy.addresses import host_port
 from freeze_proxy.contract import SEQUENCE_HEADER
 from freeze_proxy.http1 import (
@@ -63,6 +64,20 @@ class FreezeClient(Protocol):
         """Resume, retrying with backoff for at most ``budget`` seconds; raise DaemonError,
         ``unreachable`` only when no attempt found a daemon."""
         ...
+
+
+class DryRunClient:
+    """``--mode dry-run``: the gate decides as usual, but no call leaves the pod (the proxy
+    counts what would have happened)."""
+
+    async def pause(self) -> None:
+        return None
+
+    async def resume(self, budget: float) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
 
 
 class TokenFile:
@@ -135,6 +150,9 @@ class HttpDaemonClient:
         token: TokenFile,
         containers: list[str],
         call_timeout: float = 2.0,
+        *,
+        mode: str = contract.MODE_FREEZE,
+        throttle_cpu: str = contract.DEFAULT_THROTTLE_CPU,
     ) -> None:
         parts = urlsplit(daemon_url)
         if parts.scheme != "http" or not parts.hostname:
@@ -143,7 +161,15 @@ class HttpDaemonClient:
         self._port = parts.port or 80
         self._base = daemon_url.rstrip("/")
         base_path = parts.path.rstrip("/")
-        query = "&".join(f"container={quote(c)}" for c in containers)
+        params = [f"container={quote(c)}" for c in containers]
+        if mode == contract.MODE_THROTTLE:  # the same floor on both: a new daemon needs it
+            params += [
+                f"{contract.QUERY_MODE}={mode}",
+                f"{contract.QUERY_CPU}={quote(throttle_cpu)}",
+            ]
+        elif mode != contract.MODE_FREEZE:
+            raise ValueError(f"the daemon knows modes {contract.DAEMON_MODES}, not {mode!r}")
+        query = "&".join(params)
         suffix = f"?{query}" if query else ""
         self._paths = {action: f"{base_path}/{action}{suffix}" for action in ("freeze", "thaw")}
         self._token = token

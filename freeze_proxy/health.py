@@ -66,6 +66,7 @@ class HealthPort:
         if self.proxy is not None:
             out.update(
                 state=self.proxy.gate.state.value,
+                mode=self.proxy.mode,
                 daemon=self.proxy.daemon,
                 in_flight=self.proxy.gate.in_flight,
                 **vars(self.proxy.counters),

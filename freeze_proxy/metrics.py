@@ -308,7 +308,8 @@ class ProxyMetrics:
                 "freeze_proxy_pauses_total",
                 "Pause calls to the freeze-daemon by result (ok: frozen; unknown: no answer, "
                 "may be frozen; refused: the daemon answered an error; unreachable: no daemon; "
-                "state_file_error: the frozen marker could not be written, nothing called).",
+                "state_file_error: the frozen marker could not be written, nothing called; "
+                "dry_run: --mode dry-run, a pause it would have made, the daemon not called).",
                 ("result",),
                 initial=[{"result": x} for x in PAUSE_RESULTS],
             )
@@ -317,7 +318,8 @@ class ProxyMetrics:
             Counter(
                 "freeze_proxy_resumes_total",
                 "Resume calls to the freeze-daemon by result (ok; failed: waiting requests got "
-                "503; unreachable: no daemon for the whole budget, forwarded unfrozen).",
+                "503; unreachable: no daemon for the whole budget, forwarded unfrozen; dry_run: a "
+                "resume it would have made).",
                 ("result",),
                 initial=[{"result": x} for x in RESUME_RESULTS],
             )

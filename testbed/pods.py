@@ -56,6 +56,7 @@ class ContainerSpec:
     cpu_quota: int = 0
     cpu_period: int = 0
     cpu_shares: int = 0
+    memory_limit: int = 0  # bytes; 0: none
     # kubelet's default (shareProcessNamespace false): the container's own PID namespace.
     # Off, it joins the sandbox's, where a stop kills every process of the container.
     own_pid_namespace: bool = False
@@ -68,7 +69,7 @@ class ContainerSpec:
             raise ValueError(f"container {self.name!r}: image must not be empty")
         if any(not isinstance(a, str) for a in (*self.command, *self.args)):
             raise ValueError(f"container {self.name!r}: command and args must be strings")
-        if min(self.cpu_quota, self.cpu_period, self.cpu_shares) < 0:
+        if min(self.cpu_quota, self.cpu_period, self.cpu_shares, self.memory_limit) < 0:
             raise ValueError(f"container {self.name!r}: cpu settings must not be negative")
 
 
@@ -289,6 +290,7 @@ class PodClient:
                     cpu_quota=spec.cpu_quota,
                     cpu_period=spec.cpu_period,
                     cpu_shares=spec.cpu_shares,
+                    memory_limit_in_bytes=spec.memory_limit,
                 ),
                 security_context=cri_pb2.LinuxContainerSecurityContext(
                     namespace_options=cri_pb2.NamespaceOption(

@@ -28,6 +28,7 @@ class DaemonStub:
     fail_thaw: int = 0  # answer 502 to this many thaw calls
     fail_freeze: bool = False
     down: bool = False
+    queries: list[str] = field(default_factory=list)  # each call's query string, in order
 
     def count(self, action: str) -> int:
         return sum(1 for e in self.events if e[0] == action)
@@ -43,6 +44,7 @@ class DaemonStub:
         if action == "freeze" and self.fail_freeze:
             return web.json_response({"error": "runtime failed"}, status=502)
         self.events.append((action, time.monotonic(), token))
+        self.queries.append(request.query_string)
         self.frozen = action == "freeze"
         return web.json_response({"state": "frozen" if self.frozen else "thawed"})
 
@@ -160,6 +162,8 @@ async def start_harness(
     resume_timeout: float = 1.0,
     start_app: bool = True,
     state_file: Path | None = None,
+    mode: str = "freeze",
+    throttle_cpu: str = "10m",
 ) -> Harness:
     daemon = DaemonStub()
     app = AppStub(daemon)
@@ -181,6 +185,8 @@ async def start_harness(
         grace=grace,
         resume_timeout=resume_timeout,
         drain_timeout=2.0,
+        mode=mode,
+        throttle_cpu=throttle_cpu,
     )
     stop = asyncio.Event()
     task = asyncio.ensure_future(serve(settings, stop))

@@ -24,7 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 NO_CONTAINERD = frozenset({"overhead"})
 NEEDS_WRK = frozenset({"overhead", "footprint", "churn"})
 # Rows whose table rows carry the row's own name as their bench.
-OWN_NAME = frozenset({"overhead", "footprint", "wake", "wake_docker", "capacity", "idle_cpu"})
+OWN_NAME = frozenset(
+    {"overhead", "footprint", "wake", "wake_docker", "capacity", "idle_cpu", "throttle"}
+)
 TIMEOUT = 180.0  # each quick row takes well under a minute; this only catches a hang
 
 pytestmark = pytest.mark.bench

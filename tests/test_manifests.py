@@ -209,6 +209,8 @@ def test_sidecar_configmap_is_the_one_the_webhook_reads_and_documents_the_defaul
         grace=contract.DEFAULT_GRACE,
         resume_timeout=contract.DEFAULT_RESUME_TIMEOUT,
         drain_timeout=contract.DEFAULT_DRAIN_TIMEOUT,
+        mode=contract.MODE_FREEZE,
+        throttle_cpu=contract.DEFAULT_THROTTLE_CPU,
     )
     assert config == expected, "the example shows the built-in defaults"
     role = find("Role", "freezer-webhook")

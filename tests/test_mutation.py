@@ -108,7 +108,7 @@ def test_default_knative_pod_is_fully_mutated() -> None:
     validate(out)
     labels = out["metadata"]["labels"]
     assert labels["freeze-pod-added"] == "true"
-    assert labels["freeze-pod-version"] == "7"
+    assert labels["freeze-pod-version"] == "8"
     assert labels["serving.knative.dev/revision"] == "hello-00001"  # untouched
     volume, state = out["spec"]["volumes"]
     assert state == {
@@ -247,6 +247,26 @@ def test_invalid_grace_is_dropped_with_warning(grace: str) -> None:
     assert "invalid duration" in warning  # says why
 
 
+def test_mode_annotations_become_the_sidecars_flags_and_the_proxy_reads_them() -> None:
+    from freeze_proxy.__main__ import parse_args
+
+    prefix = "freeze-proxy.knative.dev/"
+    default_args = container(mutated(knative_pod()), "freeze-proxy")["args"]
+    assert "--mode" not in default_args  # freeze: the proxy's own default, nothing passed
+    pod = knative_pod(annotations={prefix + "mode": "throttle", prefix + "throttle-cpu": "20m"})
+    args = container(mutated(pod), "freeze-proxy")["args"]
+    mode_at = args.index("--mode")
+    assert args[mode_at : mode_at + 4] == ["--mode", "throttle", "--throttle-cpu", "20m"]
+    settings = parse_args(args, env={})
+    assert (settings.mode, settings.throttle_cpu) == ("throttle", "20m")
+    dry = container(mutated(knative_pod(annotations={prefix + "mode": "dry-run"})), "freeze-proxy")
+    assert parse_args(dry["args"], env={}).mode == "dry-run"
+    result = mutate(knative_pod(annotations={prefix + "throttle-cpu": "1"}), SETTINGS)
+    assert result.action == "mutated"
+    (warning,) = result.warnings
+    assert "throttle-cpu" in warning and "10m to 999m" in warning
+
+
 def test_volume_name_collision() -> None:
     users = [
         {"name": "freeze-projected", "emptyDir": {}},
@@ -268,7 +288,7 @@ def test_missing_labels_map_is_created() -> None:
     pod = knative_pod()
     del pod["metadata"]["labels"]
     out = mutated(pod)
-    assert out["metadata"]["labels"] == {"freeze-pod-added": "true", "freeze-pod-version": "7"}
+    assert out["metadata"]["labels"] == {"freeze-pod-added": "true", "freeze-pod-version": "8"}
 
 
 def qp_probe(pod: dict[str, Any]) -> Any:

@@ -57,7 +57,22 @@ def test_keys_are_the_documented_ones() -> None:
         "grace",
         "resume-timeout",
         "drain-timeout",
+        "mode",
+        "throttle-cpu",
     }
+
+
+def test_mode_and_throttle_cpu_are_checked_and_junk_is_refused_with_a_warning() -> None:
+    config, warnings = apply_overrides(
+        DEFAULTS, {"mode": "throttle", "throttle-cpu": "50m"}, "annotation {key}", "default"
+    )
+    assert (config.mode, config.throttle_cpu, warnings) == ("throttle", "50m", [])
+    config, warnings = apply_overrides(
+        DEFAULTS, {"mode": "nap", "throttle-cpu": "1m"}, "annotation {key}", "default used"
+    )
+    assert (config.mode, config.throttle_cpu) == (None, None)
+    assert len(warnings) == 2 and all("default used" in w for w in warnings)
+    assert "freeze, throttle, dry-run" in warnings[0] and "10m to 999m" in warnings[1]
 
 
 def test_defaults_are_valid_and_have_a_cpu_limit() -> None:

@@ -56,12 +56,13 @@ from webhook.sidecar import DEFAULTS as DEFAULT_SIDECAR
 
 LABEL_ADDED = "freeze-pod-added"
 LABEL_VERSION = "freeze-pod-version"
-# 7: the sidecar gets one --container per container to freeze (the serving container and the
-# user's sidecars, webhook/containers.py) instead of env USER_CONTAINER (6: every tcpSocket/
+# 8: --mode / --throttle-cpu from the mode and throttle-cpu annotations (throttle, dry-run)
+# (7: the sidecar gets one --container per container to freeze (the serving container and the
+# user's sidecars, webhook/containers.py) instead of env USER_CONTAINER; 6: every tcpSocket/
 # httpGet probe of the user container becomes an httpGet of freeze-proxy's probe paths, answered
 # without waking a frozen app; grpc/HTTPS probes skip the pod; 5: queue-proxy's tcpSocket
 # readiness probe becomes /ready; 4: the sidecar's CPU limit).
-MUTATION_VERSION = "7"
+MUTATION_VERSION = "8"
 ANNOTATION_ENABLED = ANNOTATION_PREFIX + "enabled"
 ANNOTATION_GRACE = ANNOTATION_PREFIX + "grace"
 ANNOTATION_CONTAINER = ANNOTATION_PREFIX + "container"
@@ -337,6 +338,8 @@ def proxy_container(
         for flag, value in (
             (contract.FLAG_RESUME_TIMEOUT, config.resume_timeout),
             (contract.FLAG_DRAIN_TIMEOUT, config.drain_timeout),
+            (contract.FLAG_MODE, config.mode),
+            (contract.FLAG_THROTTLE_CPU, config.throttle_cpu),
         )
         if value is not None
         for arg in (flag, value)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from freeze_proxy import contract
 from freeze_proxy.durations import parse_duration
 
 ANNOTATION_PREFIX = "freeze-proxy.knative.dev/"
@@ -64,6 +65,9 @@ class SidecarConfig:
     grace: str | None = None
     resume_timeout: str | None = None
     drain_timeout: str | None = None
+    # freeze, throttle or dry-run (freeze_proxy/contract.py MODES); throttle's CPU floor.
+    mode: str | None = None
+    throttle_cpu: str | None = None
 
 
 DEFAULTS = SidecarConfig()
@@ -77,6 +81,13 @@ def _check(field: str, raw: str) -> None:
     """Raise ValueError saying why ``raw`` is no value for ``field``."""
     if field in _DURATIONS:
         parse_duration(raw)
+        return
+    if field == "mode":
+        if raw.strip() not in contract.MODES:
+            raise ValueError(f"the mode is one of {', '.join(contract.MODES)}")
+        return
+    if field == "throttle_cpu":
+        contract.parse_millicores(raw)
         return
     value = parse_quantity(raw)
     if value < 0:
