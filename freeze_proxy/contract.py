@@ -26,6 +26,8 @@ MESH_PROXIES = ("istio-proxy", "linkerd-proxy")
 # a path ``probe_path`` builds and ``parse_probe_path`` reads (freeze_proxy/probes.py answers it).
 PROXY_PORT = 9999
 HEALTH_PORT = 9998
+# The sidecar declares HEALTH_PORT under this name (a PodMonitor selects it for /metrics).
+HEALTH_PORT_NAME = "freeze-health"
 HEALTH_PATH = "/healthz"
 # Prometheus scrapes METRICS_PATH on HEALTH_PORT (text format: freeze_proxy/metrics.py).
 METRICS_PATH = "/metrics"

@@ -108,7 +108,7 @@ def test_default_knative_pod_is_fully_mutated() -> None:
     validate(out)
     labels = out["metadata"]["labels"]
     assert labels["freeze-pod-added"] == "true"
-    assert labels["freeze-pod-version"] == "8"
+    assert labels["freeze-pod-version"] == "9"
     assert labels["serving.knative.dev/revision"] == "hello-00001"  # untouched
     volume, state = out["spec"]["volumes"]
     assert state == {
@@ -288,7 +288,7 @@ def test_missing_labels_map_is_created() -> None:
     pod = knative_pod()
     del pod["metadata"]["labels"]
     out = mutated(pod)
-    assert out["metadata"]["labels"] == {"freeze-pod-added": "true", "freeze-pod-version": "8"}
+    assert out["metadata"]["labels"] == {"freeze-pod-added": "true", "freeze-pod-version": "9"}
 
 
 def qp_probe(pod: dict[str, Any]) -> Any:

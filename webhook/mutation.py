@@ -56,13 +56,14 @@ from webhook.sidecar import DEFAULTS as DEFAULT_SIDECAR
 
 LABEL_ADDED = "freeze-pod-added"
 LABEL_VERSION = "freeze-pod-version"
-# 8: --mode / --throttle-cpu from the mode and throttle-cpu annotations (throttle, dry-run)
-# (7: the sidecar gets one --container per container to freeze (the serving container and the
+# 9: the sidecar's health port is declared, named freeze-health (/metrics for a PodMonitor)
+# (8: --mode / --throttle-cpu from the mode and throttle-cpu annotations (throttle, dry-run);
+# 7: the sidecar gets one --container per container to freeze (the serving container and the
 # user's sidecars, webhook/containers.py) instead of env USER_CONTAINER; 6: every tcpSocket/
 # httpGet probe of the user container becomes an httpGet of freeze-proxy's probe paths, answered
 # without waking a frozen app; grpc/HTTPS probes skip the pod; 5: queue-proxy's tcpSocket
 # readiness probe becomes /ready; 4: the sidecar's CPU limit).
-MUTATION_VERSION = "8"
+MUTATION_VERSION = "9"
 ANNOTATION_ENABLED = ANNOTATION_PREFIX + "enabled"
 ANNOTATION_GRACE = ANNOTATION_PREFIX + "grace"
 ANNOTATION_CONTAINER = ANNOTATION_PREFIX + "container"
@@ -359,6 +360,14 @@ def proxy_container(
             *(arg for name in frozen or [user_container] for arg in (FLAG_CONTAINER, name)),
         ],
         "env": env,
+        # Named, so a prometheus-operator PodMonitor can select it (port: freeze-health).
+        "ports": [
+            {
+                "name": contract.HEALTH_PORT_NAME,
+                "containerPort": settings.health_port,
+                "protocol": "TCP",
+            }
+        ],
         "resources": resources(config, guaranteed),
         "securityContext": {
             "runAsNonRoot": True,
