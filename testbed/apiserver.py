@@ -36,7 +36,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, TypeVar
@@ -289,6 +289,17 @@ class ApiServer:
     @property
     def running(self) -> bool:
         return self._apiserver is not None and self._apiserver.poll() is None
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """kube-apiserver stopped (SIGSTOP) and continued at exit: its port takes connections
+        and answers nothing, as a hung or partitioned API server (etcd runs on)."""
+        proc = self._need(self._apiserver)
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            proc.send_signal(signal.SIGCONT)
 
     def kubectl(
         self,

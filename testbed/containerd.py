@@ -347,6 +347,33 @@ class Containerd:
             raise
         return self
 
+    def restart(self, timeout: float = 20.0) -> None:
+        """Stop only the containerd process (SIGTERM) and start it again on the same dirs and
+        config, pods left running: what ``systemctl restart containerd`` does on a node. The
+        shims (and so the containers, paused or not) outlive it; containerd reconnects to them
+        at start. Returns once CRI answers again."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise TestbedError("containerd is not running: nothing to restart")
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        bins = flavor_binaries(self.flavor)
+        with open(self.log_file, "ab") as log:
+            self.proc = subprocess.Popen(
+                [bins.containerd, "--config", str(self.base / "config.toml")],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._wait_ready(timeout)
+
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         last = "socket not there yet"
