@@ -10,6 +10,7 @@ that differs from the app's is request smuggling.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # RFC 9110 §7.6.1 plus the legacy ones Go's httputil strips too (lower case, as bytes).
@@ -32,6 +33,17 @@ END_OF_HEAD = b"\r\n\r\n"
 _TOKEN_CHARS = frozenset(
     b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 )
+# Control characters but HTAB: llhttp and Go's net/http refuse them in a field value; a vertical
+# tab or a bare CR is whitespace or a line end to some parsers (tests/test_http1_differential).
+_VALUE_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# A request target is visible ASCII (RFC 9112 §3.2, RFC 3986); Go's client percent-encodes the rest.
+_NOT_IN_TARGET = re.compile(rb"[^\x21-\x7e]")
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+# chunk-size [ chunk-ext ], without the optional whitespace around ";" and "=" (llhttp refuses
+# it too): a size line the app may read otherwise is refused, since its bytes are relayed as
+# they are.
+_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:;%s(?:=(?:%s|%s))?)*" % (_TOKEN, _TOKEN, _QUOTED))
 
 
 class HttpError(Exception):
@@ -87,29 +99,35 @@ class ResponseHead(Head):
     status: int
 
 
+def _field(line: bytes) -> tuple[bytes, bytes]:
+    """One ``name: value`` line (a header or a trailer), the value without surrounding blanks."""
+    name, colon, value = line.partition(b":")
+    if not colon or not name or not _TOKEN_CHARS.issuperset(name):
+        raise HttpError(400, f"malformed header line {line[:80]!r}")
+    if _VALUE_CTL.search(value):
+        raise HttpError(400, f"a control character in the value of {name[:40]!r}")
+    return name, value.strip(b" \t")
+
+
 def _split_headers(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
-    headers = []
-    for line in lines:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or not _TOKEN_CHARS.issuperset(name):
-            raise HttpError(400, f"malformed header line {line[:80]!r}")
-        headers.append((name, value.strip(b" \t")))
-    return headers
+    return [_field(line) for line in lines]
 
 
 def _framing(headers: list[tuple[bytes, bytes]], version: bytes) -> tuple[int, int, bool, bool]:
     """(framing, length, keep_alive, upgrade) from the headers; framing and length -1: none
     stated."""
     length = -1
+    length_text = b""
     chunked = False
     connection = b""
     upgrade = b""
     for name, value in headers:
         lname = name.lower()
         if lname == b"content-length":
-            if not value.isdigit() or (length >= 0 and int(value) != length):
+            # A repeat must be the same text (as Go and h11 compare): 5 and 05 conflict.
+            if not value.isdigit() or (length >= 0 and value != length_text):
                 raise HttpError(400, f"invalid Content-Length {value[:40]!r}")
-            length = int(value)
+            length, length_text = int(value), value
         elif lname == b"transfer-encoding":
             # Only plain chunked: a coding before it (gzip, chunked) would be lost with the
             # hop-by-hop header, and the receiver would take coded bytes for the body.
@@ -154,6 +172,8 @@ def parse_request(head: bytes) -> RequestHead:
         raise HttpError(505, f"unsupported protocol {version[:20]!r}: HTTP/1.x only")
     if not _TOKEN_CHARS.issuperset(method):
         raise HttpError(400, f"malformed method {method[:20]!r}")
+    if _NOT_IN_TARGET.search(target):
+        raise HttpError(400, f"a request target outside visible ASCII {target[:80]!r}")
     headers = _split_headers(lines[1:])
     framing, length, keep_alive, upgrade = _framing(headers, version)
     if framing < 0:
@@ -337,9 +357,6 @@ def own_response(status: int, body: bytes, content_type: bytes, keep_alive: bool
     return serialize(start, headers) + body
 
 
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-
-
 class ChunkedScanner:
     """Finds where a chunked body ends, without decoding it (the bytes are relayed as they are).
 
@@ -382,10 +399,10 @@ class ChunkedScanner:
                 raise HttpError(400, "a chunked body line does not end in CRLF")
             line = line[:-1]
             if self._state == self._SIZE:
-                size_text = line.split(b";", 1)[0].rstrip(b" \t")
-                if not size_text or not _HEX.issuperset(size_text) or len(size_text) > 15:
-                    raise HttpError(400, f"malformed chunk size {size_text[:20]!r}")
-                size = int(size_text, 16)
+                match = _SIZE_LINE.fullmatch(line)
+                if match is None:
+                    raise HttpError(400, f"malformed chunk size line {line[:40]!r}")
+                size = int(match.group(1), 16)
                 if size == 0:
                     self._state = self._TRAILER
                 else:
@@ -397,4 +414,8 @@ class ChunkedScanner:
             elif not line:  # _TRAILER: the blank line ends the message
                 self._state = self._SIZE
                 return pos
+            elif line[:1] in (b" ", b"\t"):
+                raise HttpError(400, "obsolete line folding in a trailer is not accepted")
+            else:
+                _field(line)  # a trailer the app would refuse or split otherwise is refused
         return -1

@@ -199,7 +199,7 @@ def test_transfer_encoding_chunked_means_a_chunked_body(value: bytes) -> None:
     assert (req.framing, req.length) == (CHUNKED, -1)
 
 
-@pytest.mark.parametrize("lengths", [[b"5", b"5"], [b"5", b"5", b"5"], [b"5", b"05"]])
+@pytest.mark.parametrize("lengths", [[b"5", b"5"], [b"5", b"5", b"5"]])
 def test_identical_duplicate_content_lengths_are_accepted(lengths: list[bytes]) -> None:
     req = request(*(b"Content-Length: " + n for n in lengths), start=b"POST / HTTP/1.1")
     assert (req.framing, req.length) == (LENGTH, 5)
@@ -244,8 +244,12 @@ def test_both_transfer_encoding_and_content_length_are_refused_as_smuggling(
     assert "ambiguous" in str(exc)
 
 
-@pytest.mark.parametrize("lengths", [[b"5", b"6"], [b"5", b"5", b"6"], [b"0", b"1"], [b"10", b"1"]])
+@pytest.mark.parametrize(
+    "lengths",
+    [[b"5", b"6"], [b"5", b"5", b"6"], [b"0", b"1"], [b"10", b"1"], [b"5", b"05"], [b"0", b"00"]],
+)
 def test_conflicting_duplicate_content_lengths_are_refused(lengths: list[bytes]) -> None:
+    """Not the same text is a conflict (as Go and h11 see it), even if the same number."""
     head = b"\r\n".join([b"POST / HTTP/1.1", *(b"Content-Length: " + n for n in lengths)])
     assert refusal(head).status == 400
 
@@ -347,7 +351,15 @@ def test_protocol_versions_other_than_http1x_are_refused_with_505(version: bytes
 
 @pytest.mark.parametrize(
     "value",
-    [b"a\nTransfer-Encoding: chunked", b"a\rTransfer-Encoding: chunked", b"a\x00b"],
+    [
+        b"a\nTransfer-Encoding: chunked",
+        b"a\rTransfer-Encoding: chunked",
+        b"a\x00b",
+        b"a\x01b",
+        b"a\x0bb",  # vertical tab: whitespace to some parsers
+        b"a\x1fb",
+        b"a\x7fb",
+    ],
 )
 def test_control_characters_in_a_header_value_are_refused(value: bytes) -> None:
     assert refusal(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nX-Note: " + value).status == 400
@@ -355,6 +367,20 @@ def test_control_characters_in_a_header_value_are_refused(value: bytes) -> None:
 
 def test_a_bare_lf_in_the_request_target_is_refused() -> None:
     assert refusal(b"GET /a\nX:y HTTP/1.1\r\nHost: h").status == 400
+
+
+def test_a_tab_and_bytes_past_ascii_in_a_header_value_are_kept() -> None:
+    req = request(b"Host: h", b"X-Note: caf\xc3\xa9\tau lait")
+    assert values(req.headers, b"X-Note") == [b"caf\xc3\xa9\tau lait"]
+
+
+@pytest.mark.parametrize(
+    "target", [b"/\x01", b"/a\tb", b"/a\x0bb", b"/\x7f", b"/\xff", b"/caf\xc3\xa9"]
+)
+def test_a_request_target_outside_visible_ascii_is_refused(target: bytes) -> None:
+    """llhttp, h11 and Go's net/http refuse these (Go's client sends them percent-encoded): a
+    target the app would refuse or read otherwise is not relayed (tests/test_http1_differential)."""
+    assert refusal(b"GET " + target + b" HTTP/1.1\r\nHost: h").status == 400
 
 
 # -- parse_response ---------------------------------------------------------------------------
@@ -924,7 +950,7 @@ def test_connection_cannot_strip_the_host(connection: bytes) -> None:
     assert values(up.headers, b"Host") == [b"app.example"]
 
 
-@pytest.mark.parametrize("lengths", [[b"5", b"05"], [b"05", b"5", b"005"]])
+@pytest.mark.parametrize("lengths", [[b"05", b"05"], [b"5", b"5", b"5"]])
 def test_duplicate_content_lengths_are_relayed_as_the_one_length(lengths: list[bytes]) -> None:
     req = request(*(b"Content-Length: " + n for n in lengths), start=b"PUT / HTTP/1.1")
     assert values(sent_upstream(req).headers, b"Content-Length") == [b"5"]
@@ -1031,7 +1057,7 @@ def test_json_response_closes_the_connection_unless_kept_alive() -> None:
 
 BODY = (
     b"5;ext=1\r\nhello\r\n"
-    b'7 ; name="quoted;value"\r\n, world\r\n'
+    b'7;name="quoted;value"\r\n, world\r\n'
     b"A\r\n\r\n12345678\r\n"  # chunk data may contain CRLF
     b"0;last\r\n"
     b"X-Checksum: abc\r\n"
@@ -1106,6 +1132,18 @@ def test_scanner_can_be_reused_for_the_next_body() -> None:
         b"3\nabc\r\n",  # LF only after the size
         b"0\r\n\n",  # LF only to end the trailers
         b"0\r\nX-T: 1\n\r\n",  # LF only after a trailer
+        # Found by tests/test_http1_differential.py: llhttp refuses these, we relayed them.
+        b"1;e\rx\r\na\r\n0\r\n\r\n",  # a bare CR: a line end to some parsers
+        b"1;e\x01\r\na\r\n0\r\n\r\n",
+        b"1 \r\na\r\n0\r\n\r\n",  # whitespace after the size
+        b"1 ;e\r\na\r\n0\r\n\r\n",
+        b"1;e=a b\r\na\r\n0\r\n\r\n",
+        b"1;\r\na\r\n0\r\n\r\n",
+        b"0\r\nbad trailer\r\n\r\n",
+        b"0\r\nX-T: a\rb\r\n\r\n",
+        b"0\r\nX-T: a\x01\r\n\r\n",
+        b"0\r\n folded\r\n\r\n",
+        b"0\r\n: no-name\r\n\r\n",
     ],
 )
 @pytest.mark.parametrize("pieces", [1, 2], ids=["whole", "byte-by-byte"])

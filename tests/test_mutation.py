@@ -23,6 +23,7 @@ from webhook.mutation import (
     ANNOTATION_CONTAINER,
     ANNOTATION_ENABLED,
     ANNOTATION_GRACE,
+    LABEL_ADDED,
     MutationSettings,
     escape_pointer,
     mutate,
@@ -786,3 +787,18 @@ def test_property_patch_yields_valid_idempotent_pod(pod: dict[str, Any]) -> None
     assert len(volumes_seen) == len(set(volumes_seen))
     assert env(container(out, "queue-proxy"))["USER_PORT"] == "9999"
     assert mutate(out, SETTINGS).patch == []
+
+
+@pytest.mark.parametrize("metadata", ["missing", None])
+def test_a_pod_without_metadata_gets_a_patch_that_applies(metadata: str | None) -> None:
+    """Found by tests/test_fuzz_webhook.py: the labels were added under a /metadata that was
+    not there, a JSON patch the API server cannot apply."""
+    pod = knative_pod()
+    if metadata == "missing":
+        del pod["metadata"]
+    else:
+        pod["metadata"] = None
+    result = mutate(pod, SETTINGS)
+    assert result.patch
+    after = apply_patch(pod, result.patch)
+    assert after["metadata"]["labels"][LABEL_ADDED] == "true"

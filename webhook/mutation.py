@@ -559,7 +559,9 @@ def mutate(pod: Mapping[str, Any], settings: MutationSettings) -> MutationResult
 
     patch: Patch = []
     new_labels = {LABEL_ADDED: "true", LABEL_VERSION: MUTATION_VERSION}
-    if "labels" not in metadata or metadata.get("labels") is None:
+    if not isinstance(pod.get("metadata"), dict):  # a patch cannot add under a missing parent
+        patch.append({"op": "add", "path": "/metadata", "value": {"labels": new_labels}})
+    elif "labels" not in metadata or metadata.get("labels") is None:
         patch.append({"op": "add", "path": "/metadata/labels", "value": new_labels})
     else:
         for key, value in new_labels.items():
