@@ -175,6 +175,16 @@ class Pod:
         """Do what kubelet does when a container restarts: a new container, new id."""
         return await self.client.replace_container(self, container_name)
 
+    async def wait_exited(self, container_name: str, timeout: float = 20.0) -> None:
+        """Return once CRI reports the container exited (its processes died): kubelet restarts
+        a container only after it saw that (PLEG), and before containerd has handled the exit
+        event its StopContainer/RemoveContainer of the dead container may fail."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while await self.client.container_state(self.container_id(container_name)) != "EXITED":
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"{container_name} not reported exited within {timeout:.0f} s")
+            await asyncio.sleep(0.02)
+
     async def remove(self) -> None:
         """Stop and remove every container and the sandbox, then the pod cgroups. Idempotent."""
         if not self.removed:
@@ -329,6 +339,13 @@ class PodClient:
         return await self._start_container(
             pod, pod.specs[container_name], attempt=pod.attempts[container_name] + 1
         )
+
+    async def container_state(self, container_id: str) -> str:
+        """CREATED, RUNNING, EXITED or UNKNOWN, as CRI reports it (without CONTAINER_)."""
+        got = await self.cri.ContainerStatus(
+            cri_pb2.ContainerStatusRequest(container_id=container_id), timeout=_CRI_TIMEOUT
+        )
+        return str(cri_pb2.ContainerState.Name(got.status.state)).removeprefix("CONTAINER_")
 
     async def task_status(self, container_id: str) -> str:
         got = await self.tasks.Get(

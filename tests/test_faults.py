@@ -432,6 +432,7 @@ async def test_app_crash_while_awake_and_while_frozen(
             before it listens: a request wakes it), then 200."""
             procs = app.pod.cgroup_dir(APP) / "cgroup.procs"
             await until(lambda: not procs.read_text(), f"dead ({app.pod.freezer_state(APP)})")
+            await app.pod.wait_exited(APP)  # kubelet restarts what CRI reports exited
             await app.pod.replace_container(APP)
             deadline = time.monotonic() + 30
             while (answer := await get())[0] != 200:
@@ -461,8 +462,7 @@ async def test_app_crash_while_awake_and_while_frozen(
         await health_is(app, lambda h: h["in_flight"] == 0, "the count back to 0")
         health = await app.proxy.health()
         assert health["resume_failures"] == 0, health
-        # Not restarted here: removing a container killed while frozen failed on containerd
-        # 1.6 ("failed to kill container ...: ttrpc: closed") — left open (see the README).
+        await restarted()
 
 
 # --------------------------------------------------------------------------- the API server
