@@ -6,7 +6,7 @@ APT_PACKAGES := containerd runc busybox-static wrk containernetworking-plugins d
 PIP_EXTRAS := fast,daemon,webhook,test
 STAMP := .setup.stamp
 
-.PHONY: setup demo test lint check-protos protos k8s-bins rootfs bench images clean
+.PHONY: setup demo test lint check-protos protos k8s-bins rootfs bench reliability images clean
 
 # Idempotent: installs only what is missing, so a warm run costs about a second.
 setup: $(STAMP)
@@ -31,7 +31,7 @@ test: setup lint check-protos k8s-bins rootfs
 
 lint:
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m ruff format --check freeze_proxy daemon webhook testbed bench tests examples
+	$(PYTHON) -m ruff format --check freeze_proxy daemon webhook testbed bench reliability tests examples
 	$(PYTHON) -m mypy
 
 # Regenerate the committed gRPC stubs from our own .proto files.
@@ -61,6 +61,11 @@ rootfs: setup
 
 bench: setup
 	$(PYTHON) -m bench.run $(ARGS)
+
+# Soak (ARGS=--minutes=N, default 10; --seed to replay), 1,000 connections, 100 pods, then the
+# fault and fuzz tests' figures: one table, bench/out/reliability.json (README: Reliability).
+reliability: setup k8s-bins rootfs
+	$(PYTHON) -m reliability.run $(ARGS)
 
 images:
 	scripts/build_images.sh

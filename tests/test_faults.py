@@ -37,7 +37,7 @@ from testbed.stack import Proxy, Stack, stack
 from tests.pod_checks import until
 from tests.reliability_report import report
 
-pytestmark = pytest.mark.containerd
+pytestmark = [pytest.mark.containerd, pytest.mark.faults]
 APP = "user-container"
 BODY_END = "world."
 RESUME_TIMEOUT = 5.0  # the proxy's default --resume-timeout

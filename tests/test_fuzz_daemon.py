@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given
@@ -26,6 +27,8 @@ from freeze_proxy.contract import SEQUENCE_HEADER
 from testbed.tokens import DEFAULT_ISSUER, SigningKey, mint_token, new_rsa_key
 from tests.fuzz_budget import Cases, budget, run_fuzz
 from tests.test_daemon_api import ABSENT, POD_A, POD_B, FakeRuntime, StaticKeys
+
+pytestmark = pytest.mark.fuzz
 
 KEY = new_rsa_key()
 STRANGER = new_rsa_key()  # a key the daemon does not trust

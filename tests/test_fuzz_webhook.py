@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 import kubernetes_validate
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -23,6 +24,8 @@ from tests.knative_pods import knative_pod
 from tests.reliability_report import write_figure
 from tests.test_mutation import SETTINGS, apply_patch, validate
 from webhook.admission import BadReview, parse_review, review_pod
+
+pytestmark = pytest.mark.fuzz
 
 JUNK = st.one_of(
     st.none(),

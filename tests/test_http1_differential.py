@@ -51,6 +51,8 @@ from tests.fuzz_budget import Cases, budget, run_fuzz
 from tests.proxy_harness import start_harness
 from tests.reliability_report import write_figure
 
+pytestmark = pytest.mark.fuzz
+
 # -- one message as each parser frames it ------------------------------------------------------
 
 
