@@ -36,7 +36,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +220,7 @@ async def apiserver_flood(
     seconds: float,
     *,
     quiet_wakes: int = 30,
+    daemon_extra: Sequence[str] = (),
 ) -> dict[str, Any]:
     """A good pod's wakes, quiet then during ``seconds`` of a hostile flood, with freeze-daemon
     checking tokens against the real kube-apiserver ``api`` (testbed.apiserver.ApiServer) as
@@ -230,7 +231,8 @@ async def apiserver_flood(
     ``pods``, a testbed.pods.PodClient), its token a pod-bound TokenRequest token as kubelet
     would mount. Returns the figures: wake percentiles, the API server requests the daemon made
     during the flood (its own counters, and the API server's ``apiserver_request_total`` for
-    tokenreviews), the daemon's peak RSS, and what the flood got.
+    tokenreviews), the daemon's peak RSS, and what the flood got. ``daemon_extra``: more flags
+    (e.g. ``--refusal-rate=0``, every bad token verified).
     """
     from testbed.kubeconfig import service_account_kubeconfig
     from testbed.processes import free_port
@@ -273,7 +275,7 @@ async def apiserver_flood(
     daemon_args = [
         "daemon", f"--listen=127.0.0.1:{port}", f"--kubeconfig={kubeconfig}",
         "--runtime=containerd", f"--containerd-socket={containerd.socket}",
-        f"--containerd-namespace={containerd.namespace}", "--freeze-rate=0",
+        f"--containerd-namespace={containerd.namespace}", "--freeze-rate=0", *daemon_extra,
     ]  # fmt: skip
     async with program(daemon_args, work / "flood-daemon.log") as daemon:
         await wait_http(f"{url}/healthz")
