@@ -12,6 +12,13 @@ side by side
 - during a flood of held connections: twice ``--max-connections``, half idle, half trickling a
   request head, each reopened as soon as the daemon closes it.
 
+- during a hostile flood against a daemon that checks tokens with a real kube-apiserver (keys
+  from its ``/openid/v1/jwks``, every token confirmed by TokenReview, as shipped): random
+  ``kid``s, stranger-signed tokens with the API server's own ``kid``, 1 MB tokens and bodies
+  trickled a byte at a time; the good pod's token is a real pod-bound TokenRequest token, and
+  the row counts the requests the daemon made to the API server meanwhile
+  (:func:`apiserver_flood`, also run by ``tests/test_apiserver_flood.py``).
+
 The flood runs in its own process (``python -m bench.daemon_flood tokens|held ...``), so it
 competes with the daemon for the CPU as an attacking pod would, not with the timing client.
 Freezes are not rate-limited here (``--freeze-rate=0``): the row freezes and thaws one pod
@@ -29,7 +36,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +59,7 @@ def run(table: Table, quick: bool = False) -> None:
         table.add(BENCH, "all", result=f"skipped: {why}")
         return
     asyncio.run(_run(table, rounds=15 if quick else 150))
+    _run_apiserver(table, seconds=5.0 if quick else FLOOD_SECONDS)
 
 
 async def _run(table: Table, rounds: int) -> None:
@@ -142,6 +150,187 @@ async def _flood(work: Path, args: list[str]) -> AsyncIterator[dict[str, Any]]:
         counts.update(json.loads(out.read_text()))
 
 
+# --------------------------------------------------------------------------- vs kube-apiserver
+
+FLOOD_SECONDS = 30.0
+AUDIENCE = "freeze"
+RBAC = Path(__file__).resolve().parent.parent / "config" / "200-tokenreview-rbac.yaml"
+
+
+def _run_apiserver(table: Table, seconds: float) -> None:
+    from testbed import gobins
+    from testbed.apiserver import ApiServer
+
+    name = "bad-token flood vs real kube-apiserver"
+    try:
+        bins = gobins.binaries("etcd", "kube-apiserver", "kubectl", build=False)
+    except gobins.BuildError as e:
+        table.add(BENCH, name, result=f"skipped: {str(e)[:200]}")
+        return
+    api = ApiServer(
+        etcd_bin=bins["etcd"], apiserver_bin=bins["kube-apiserver"], kubectl_bin=bins["kubectl"]
+    )
+    api.start()
+    try:
+
+        async def go() -> dict[str, Any]:
+            async with stack(daemon_args=DAEMON_ARGS) as st:
+                return await apiserver_flood(api, st.containerd, st.client, st.work, seconds)
+
+        got = asyncio.run(go())
+    finally:
+        api.stop()
+    flood = got.pop("flood_answers")
+    table.add(
+        BENCH,
+        name,
+        note="flood answers: " + ", ".join(f"{k}: {v}" for k, v in flood.items()),
+        **{k: v for k, v in got.items() if isinstance(v, int | float | str)},
+    )
+
+
+def _kubectl_apply(api: Any, manifest: dict[str, Any]) -> None:
+    api.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels`` (Prometheus text)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def apiserver_flood(
+    api: Any,
+    containerd: Any,
+    pods: Any,
+    work: Path,
+    seconds: float,
+    *,
+    quiet_wakes: int = 30,
+    daemon_extra: Sequence[str] = (),
+) -> dict[str, Any]:
+    """A good pod's wakes, quiet then during ``seconds`` of a hostile flood, with freeze-daemon
+    checking tokens against the real kube-apiserver ``api`` (testbed.apiserver.ApiServer) as
+    shipped: keys and issuer from the API server, TokenReview on, default limits (freezes not
+    rate-limited: the wakes freeze one pod many times a second on purpose).
+
+    The good pod is an API pod with a CRI twin of the same uid on ``containerd`` (created with
+    ``pods``, a testbed.pods.PodClient), its token a pod-bound TokenRequest token as kubelet
+    would mount. Returns the figures: wake percentiles, the API server requests the daemon made
+    during the flood (its own counters, and the API server's ``apiserver_request_total`` for
+    tokenreviews), the daemon's peak RSS, and what the flood got. ``daemon_extra``: more flags
+    (e.g. ``--refusal-rate=0``, every bad token verified).
+    """
+    from testbed.kubeconfig import service_account_kubeconfig
+    from testbed.processes import free_port
+    from testbed.stack import wait_http
+
+    _kubectl_apply(
+        api, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "knative-serving"}}
+    )
+    api.kubectl("apply", "-f", str(RBAC))
+    namespace = f"flood-{uuid.uuid4().hex[:6]}"
+    api.kubectl("create", "namespace", namespace)
+    api.kubectl("-n", namespace, "create", "serviceaccount", "app")
+    kubeconfig = service_account_kubeconfig(
+        api, "knative-serving", "freeze-tokenreview", work / "flood-kubeconfig"
+    )
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "woken", "namespace": namespace},
+        "spec": {
+            "serviceAccountName": "app",
+            "automountServiceAccountToken": False,
+            "containers": [{"name": "user-container", "image": "registry.invalid/app:1"}],
+        },
+    }
+    out = api.kubectl("create", "-o", "json", "-f", "-", input=json.dumps(manifest))
+    uid: str = json.loads(out.stdout)["metadata"]["uid"]
+    pod = await pods.create_pod([ticker()], name="woken", namespace=namespace, uid=uid)
+    token = api.kubectl(
+        "-n", namespace, "create", "token", "app", f"--audience={AUDIENCE}",
+        "--bound-object-kind=Pod", "--bound-object-name=woken", f"--bound-object-uid={uid}",
+        "--duration=1h",
+    ).stdout.strip()  # fmt: skip
+    code, raw = api.get("/openid/v1/jwks")
+    assert code == 200, raw[:200]
+    known_kid = json.loads(raw)["keys"][0]["kid"]
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    daemon_args = [
+        "daemon", f"--listen=127.0.0.1:{port}", f"--kubeconfig={kubeconfig}",
+        "--runtime=containerd", f"--containerd-socket={containerd.socket}",
+        f"--containerd-namespace={containerd.namespace}", "--freeze-rate=0", *daemon_extra,
+    ]  # fmt: skip
+    async with program(daemon_args, work / "flood-daemon.log") as daemon:
+        await wait_http(f"{url}/healthz")
+        retries = [0]
+        await _wakes(url, token, pod, 3, retries)  # warm: keys loaded, token reviewed
+        quiet = await _wakes(url, token, pod, quiet_wakes, retries)
+
+        async def scrape() -> tuple[str, str]:
+            async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as r:
+                mine = await r.text()
+            code, theirs = await asyncio.to_thread(api.get, "/metrics")
+            assert code == 200, theirs[:200]
+            return mine, theirs.decode()
+
+        rss = [_rss_mib(daemon.pid)]
+        before = await scrape()
+        flood = ["hostile", url, known_kid]
+        async with _flood(work, flood) as counts:
+            until = time.monotonic() + seconds
+            loud: list[float] = []
+            while time.monotonic() < until:
+                loud += await _wakes(url, token, pod, 1, retries)
+                rss.append(_rss_mib(daemon.pid))
+        after = await scrape()
+        rss.append(_rss_mib(daemon.pid))
+
+    def delta(side: int, name: str, **labels: str) -> int:
+        return round(_metric(after[side], name, **labels) - _metric(before[side], name, **labels))
+
+    reviews = delta(0, "freeze_daemon_token_reviews_total")
+    fetches = delta(0, "freeze_daemon_jwks_fetches_total")
+    counts.pop("seconds", None)
+    flooded = sum(v for k, v in counts.items() if k.isdigit())
+    return {
+        "flood_s": seconds,
+        "quiet_p50_ms": round(percentile(quiet, 50), 2),
+        "quiet_p99_ms": round(percentile(quiet, 99), 2),
+        "p50_ms": round(percentile(loud, 50), 2),
+        "p99_ms": round(percentile(loud, 99), 2),
+        "max_ms": round(max(loud), 2),
+        "wakes": len(loud),
+        "retried": retries[0],
+        "flood_requests": flooded,
+        "flood_per_s": round(flooded / seconds),
+        "token_reviews": reviews,
+        "jwks_fetches": fetches,
+        # each key-set fetch from the API server is two GETs (OIDC discovery, then the JWKS)
+        "api_requests": reviews + 2 * fetches,
+        "apiserver_tokenreviews": delta(1, "apiserver_request_total", resource="tokenreviews"),
+        "daemon_rss_mib_before": round(rss[0], 1),
+        "daemon_rss_mib_max": round(max(rss), 1),
+        "flood_answers": dict(counts),
+    }
+
+
 # --------------------------------------------------------------------------- the flood child
 
 
@@ -223,6 +412,105 @@ async def _held(url: str, n: int, counts: Counter[str], stop: asyncio.Event) -> 
     await asyncio.gather(*(one(i) for i in range(n)))
 
 
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+async def _hostile(url: str, known_kid: str, counts: Counter[str], stop: asyncio.Event) -> None:
+    """Every kind of bad token at once, each from its own connections (see the module doc)."""
+    import os
+
+    host, port = url.removeprefix("http://").split(":")
+    stranger = tokens.new_rsa_key(kid=known_kid)  # the API server's kid, not its key
+    forged = [
+        tokens.mint_token(stranger, pod_uid=str(uuid.uuid4()), pod_name="x", namespace="x")
+        for _ in range(32)
+    ]
+    payload = forged[0].split(".")[1]
+
+    def random_kid() -> str:
+        header = json.dumps({"alg": "RS256", "kid": os.urandom(12).hex(), "typ": "JWT"})
+        return f"{_b64(header.encode())}.{payload}.{_b64(os.urandom(256))}"
+
+    async def exchange(reader: asyncio.StreamReader) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        await reader.readexactly(length)
+        counts[head.split()[1].decode()] += 1
+
+    async def tokens_loop(i: int, make: Any) -> None:
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection(host, int(port))
+            except OSError:
+                counts["connect_error"] += 1
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                while not stop.is_set():
+                    writer.write(
+                        f"POST /thaw HTTP/1.1\r\nHost: x\r\nToken: {make()}\r\n"
+                        "Content-Length: 0\r\n\r\n".encode()
+                    )
+                    await exchange(reader)
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                counts["closed"] += 1
+            finally:
+                writer.close()
+
+    async def huge() -> None:
+        blob = "A" * 1_000_000
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writer.write(f"POST /thaw HTTP/1.1\r\nHost: x\r\nToken: {blob}\r\n\r\n".encode())
+                await asyncio.wait_for(exchange(reader), 5)
+            except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError):
+                counts["huge_reset"] += 1
+            else:
+                writer.close()
+            await asyncio.sleep(0.05)
+
+    async def slow_body(i: int) -> None:
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection(host, int(port))
+            except OSError:
+                counts["connect_error"] += 1
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                writer.write(
+                    f"POST / HTTP/1.1\r\nHost: x\r\nToken: {forged[i % len(forged)]}\r\n"
+                    "Content-Type: application/json\r\nContent-Length: 64\r\n\r\n{".encode()
+                )
+                while not stop.is_set():
+                    writer.write(b" ")
+                    try:
+                        first = await asyncio.wait_for(reader.read(1024), 0.5)
+                    except TimeoutError:
+                        continue
+                    counts[f"slow_body_{first.split()[1].decode() if first else 'closed'}"] += 1
+                    break
+            except (OSError, IndexError):
+                counts["slow_body_closed"] += 1
+            finally:
+                writer.close()
+
+    forged_n = iter(range(1 << 62))
+    await asyncio.gather(
+        *(tokens_loop(i, random_kid) for i in range(8)),
+        *(tokens_loop(i, lambda: forged[next(forged_n) % len(forged)]) for i in range(8)),
+        huge(),
+        *(slow_body(i) for i in range(32)),
+    )
+
+
 async def _child(kind: str, url: str, rest: list[str]) -> None:
     out = Path(rest[-1])
     _raise_nofile()
@@ -233,6 +521,8 @@ async def _child(kind: str, url: str, rest: list[str]) -> None:
     started = time.monotonic()
     if kind == "tokens":
         work = asyncio.ensure_future(_bad_tokens(url, counts, stop))
+    elif kind == "hostile":
+        work = asyncio.ensure_future(_hostile(url, rest[0], counts, stop))
     else:
         work = asyncio.ensure_future(_held(url, int(rest[0]), counts, stop))
     await stop.wait()

@@ -399,6 +399,7 @@ async def build_app(settings: Settings) -> web.Application:
         raise
 
     app = make_app(authenticator, runtime, settings.limits, throttler)
+    app[METRICS].count_key_fetches(lambda: (keys.fetches, keys.failed_fetches))
     if reviewer is not None:
         made = reviewer
         app[METRICS].count_reviews(lambda: (made.answered_calls, made.failed_calls))

@@ -251,11 +251,19 @@ class KeyCache:
         self._keys: dict[str | None, PublicKey] | None = None
         self._last_fetch: float | None = None
         self._lock = asyncio.Lock()
-        self.fetches = 0
+        self.fetches = 0  # key-set fetches started (API server: discovery + JWKS GETs each)
+        self.failed_fetches = 0  # of ``fetches``: no usable answer
 
     async def _refresh(self) -> None:
         self._last_fetch = self._clock()
         self.fetches += 1
+        try:
+            await self._load()
+        except BaseException:
+            self.failed_fetches += 1
+            raise
+
+    async def _load(self) -> None:
         document = await self._fetch()
         keys: dict[str | None, PublicKey] = {}
         for entry in document.jwks.get("keys", []) if isinstance(document.jwks, Mapping) else []:

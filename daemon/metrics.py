@@ -52,6 +52,27 @@ class _TokenReviews(Collector):
         yield family
 
 
+class _KeyFetches(Collector):
+    """Service-account key-set fetches (JWKS file reads or API server GETs), read when scraped:
+    an unknown ``kid`` may trigger one, at most once per refetch interval, so a flood of random
+    key ids shows here as a flat line, not as API server load."""
+
+    def __init__(self, made: Callable[[], tuple[int, int]]) -> None:
+        self._made = made
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        total, failed = self._made()
+        family = CounterMetricFamily(
+            "freeze_daemon_jwks_fetches",
+            "Service-account key-set fetches (at start, then on an unknown key id at most once "
+            "per 10 s; from the API server each is a discovery and a JWKS GET), by result.",
+            labels=("result",),
+        )
+        family.add_metric(("ok",), total - failed)
+        family.add_metric(("failed",), failed)
+        yield family
+
+
 class DaemonMetrics:
     """The daemon's metrics (names in README, "Metrics")."""
 
@@ -86,11 +107,17 @@ class DaemonMetrics:
             self.runtime_seconds.labels(backend=backend, action=action)
         self._reviews: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self.registry.register(_TokenReviews(lambda: self._reviews()))
+        self._key_fetches: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        self.registry.register(_KeyFetches(lambda: self._key_fetches()))
         ProcessCollector(registry=self.registry)
 
     def count_reviews(self, made: Callable[[], tuple[int, int]]) -> None:
         """Where TokenReviews are counted: (answered, failed)."""
         self._reviews = made
+
+    def count_key_fetches(self, made: Callable[[], tuple[int, int]]) -> None:
+        """Where key-set fetches are counted: (started, failed)."""
+        self._key_fetches = made
 
     def call(self, action: Action | None, status: int) -> None:
         self.calls.labels(

@@ -72,7 +72,12 @@ def report_soak(table: Table, r: SoakResult) -> None:
 def run_tests(examples: int) -> dict[str, dict[str, Any]]:
     """``pytest -m "faults or fuzz"`` with figure files collected from FREEZE_RELIABILITY_OUT."""
     out = Path(tempfile.mkdtemp(prefix="freeze-reliability-"))
-    env = {**os.environ, "FREEZE_RELIABILITY_OUT": str(out), "FREEZE_FUZZ_EXAMPLES": str(examples)}
+    env = {
+        **os.environ,
+        "FREEZE_RELIABILITY_OUT": str(out),
+        "FREEZE_FUZZ_EXAMPLES": str(examples),
+        "FREEZE_FLOOD_SECONDS": os.environ.get("FREEZE_FLOOD_SECONDS", "30"),  # the issue's 30 s
+    }
     rc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-m", "faults or fuzz", "-p", "no:cacheprovider"],
         cwd=REPO,

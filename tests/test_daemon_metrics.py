@@ -121,6 +121,41 @@ async def test_token_reviews_made_are_read_from_the_reviewer() -> None:
     assert got[("freeze_daemon_token_reviews_total", "failed")] == 1
 
 
+async def test_jwks_fetches_count_a_flood_of_random_kids_once_per_interval(
+    key: SigningKey,
+) -> None:
+    """A flood of unknown key ids costs one key-set fetch per refetch interval, and the metric
+    shows exactly the fetches made (ok and failed)."""
+    fail = [False]
+
+    class Keys(StaticKeys):
+        async def __call__(self) -> Any:
+            if fail[0]:
+                raise AuthUnavailable("API server down")
+            return await super().__call__()
+
+    now = [0.0]
+    keys = KeyCache(Keys(key), issuer=DEFAULT_ISSUER, clock=lambda: now[0])
+    metrics = DaemonMetrics("containerd")
+    metrics.count_key_fetches(lambda: (keys.fetches, keys.failed_fetches))
+    for i in range(500):
+        with pytest.raises(TokenRefused, match="unknown key id"):
+            await keys.key(f"random-{i}")
+    now[0] = 10.0
+    fail[0] = True
+    for i in range(100):
+        with pytest.raises((TokenRefused, AuthUnavailable)):
+            await keys.key(f"again-{i}")
+    assert (await keys.key(key.kid)).kid == key.kid  # the loaded keys still serve
+    got = {
+        (s.name, s.labels.get("result")): s.value
+        for f in text_string_to_metric_families(metrics.render().decode())
+        for s in f.samples
+    }
+    assert got[("freeze_daemon_jwks_fetches_total", "ok")] == 1  # the first load
+    assert got[("freeze_daemon_jwks_fetches_total", "failed")] == 1  # one retry after 10 s
+
+
 def test_backend_label_from_the_runtime_class() -> None:
     class ContainerdRuntime:
         pass
