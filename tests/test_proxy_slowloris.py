@@ -18,6 +18,9 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
+from freeze_proxy.health import HealthPort
+from freeze_proxy.probes import Prober
+from freeze_proxy.relay import AlwaysAwake
 from tests.reliability_report import write_figure
 from tests.test_no_daemon import app_site, real_proxy, refused_url
 
@@ -157,3 +160,65 @@ async def test_connections_beyond_the_cap_get_503_and_are_closed(tmp_path: Path)
     warned = [r for r in proxy.log_lines() if "connection limit" in r["msg"]]
     assert len(warned) == 1 and warned[0]["max_connections"] == cap, warned
     write_figure("slowloris-proxy-cap", max_connections=cap, opened=n, refused=n - cap)
+
+
+async def test_the_health_port_closes_held_connections_and_serves_probes_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """300 connections that never send a byte: each gets 408 after HEALTH_TIMEOUT (2 s)."""
+    n = 300
+    async with app_site() as app_port, real_proxy(tmp_path, app_port, refused_url()) as proxy:
+        port = urlsplit(proxy.health_url).port
+        pid = proxy.proc.pid
+        await proxy.health()
+        rss_before, fds_before = rss_kib(pid), open_fds(pid)
+        started = time.monotonic()
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(n)]
+        try:
+            await asyncio.sleep(0.3)
+            rss_held, fds_held = rss_kib(pid), open_fds(pid)
+            assert (await proxy.health())["status"] == "ok"
+            answers = await asyncio.gather(*(closed_after(r, 8) for r, _ in conns))
+        finally:
+            for _, writer in conns:
+                writer.close()
+        for data, _ in answers:
+            assert data.startswith(b"HTTP/1.1 408 "), data
+        longest = max(at for _, at in answers) - started
+        assert longest < 4, f"the health port held a silent connection {longest:.1f} s"
+        await asyncio.sleep(0.3)
+        assert open_fds(pid) <= fds_before + 2
+        growth_mib = (rss_held - rss_before) / 1024
+        assert growth_mib < 8, f"{n} held connections grew RSS by {growth_mib:.1f} MiB"
+        write_figure(
+            "slowloris-proxy-health",
+            connections=n,
+            longest_held_s=round(longest, 2),
+            rss_before_kib=rss_before,
+            rss_held_kib=rss_held,
+            fds_before=fds_before,
+            fds_held=fds_held,
+        )
+
+
+async def test_the_health_port_refuses_connections_beyond_its_cap() -> None:
+    stopping = asyncio.Event()
+    prober = Prober(AlwaysAwake(), lambda: None, stopping.is_set, lambda: True)
+    port = HealthPort(None, stopping, prober, ("127.0.0.1", 1), frozenset())
+    port.max_connections = 3
+    server = await asyncio.get_running_loop().create_server(port.protocol, "127.0.0.1", 0)
+    address = server.sockets[0].getsockname()[:2]
+    try:
+        held = [await asyncio.open_connection(*address) for _ in range(3)]
+        reader, writer = await asyncio.open_connection(*address)
+        data, _ = await closed_after(reader, 3)
+        assert data.startswith(b"HTTP/1.1 503 ") and b"max-connections" in data, data
+        writer.close()
+        held[0][1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        data, _ = await closed_after(held[0][0], 3)
+        assert data.startswith(b"HTTP/1.1 200 "), data
+        assert port.refused_connections == 1
+        for _, w in held:
+            w.close()
+    finally:
+        server.close()
