@@ -18,10 +18,10 @@ import argparse
 import asyncio
 import os
 
-from freeze_proxy import contract, jsonlog
+from freeze_proxy import contract, jsonlog, relay
 from freeze_proxy.addresses import host_port, parse_listen
 from freeze_proxy.app import Settings, serve
-from freeze_proxy.durations import parse_duration
+from freeze_proxy.durations import format_duration, parse_duration
 
 DEFAULT_GRACE = contract.DEFAULT_GRACE  # README, "Idle grace"
 
@@ -31,6 +31,23 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _positive_duration(text: str) -> float:
+    seconds = _duration(text)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, like 10s (got {text!r})")
+    return seconds
+
+
+def _connections(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1 (got {text!r})")
+    return n
 
 
 def _millicores(text: str) -> str:
@@ -124,6 +141,26 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         default=contract.DEFAULT_THROTTLE_CPU,
         help="--mode throttle: the CPU floor, a Kubernetes quantity from 10m to 999m",
     )
+    p.add_argument(
+        "--header-timeout",
+        type=_positive_duration,
+        default=format_duration(relay.HEADER_TIMEOUT),
+        help="a request head must be complete this long after its first byte, else 408 and "
+        "the connection is closed (queue-proxy sends a head in one write)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=_positive_duration,
+        default=format_duration(relay.IDLE_TIMEOUT),
+        help="a client connection with no request in progress is closed after this long; keep "
+        "it well above queue-proxy's own keep-alive (90s), so queue-proxy always closes first",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=_connections,
+        default=relay.MAX_CONNECTIONS,
+        help="client connections at once on --listen; one more gets 503 and is closed",
+    )
     p.add_argument("--log-level", default=env.get("LOG_LEVEL", "info"))
     args = p.parse_args(argv)
     for flag, value in (("--listen", args.listen), ("--health-listen", args.health_listen)):
@@ -150,6 +187,9 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         freeze=not args.no_freeze,
         mode=args.mode,
         throttle_cpu=args.throttle_cpu,
+        header_timeout=args.header_timeout,
+        idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
     )
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from freeze_proxy import contract
+from freeze_proxy import relay as relay_limits
 from freeze_proxy.addresses import bind_host, host_port, parse_listen
 from freeze_proxy.daemon_client import (
     DaemonError,
@@ -53,6 +54,9 @@ class Settings:
     freeze: bool = True  # False: a plain proxy (benchmarks, and a kill switch)
     mode: str = contract.MODE_FREEZE  # freeze, throttle or dry-run (contract.MODES)
     throttle_cpu: str = contract.DEFAULT_THROTTLE_CPU  # throttle mode's floor
+    header_timeout: float = relay_limits.HEADER_TIMEOUT  # README, "Timeouts and limits"
+    idle_timeout: float = relay_limits.IDLE_TIMEOUT
+    max_connections: int = relay_limits.MAX_CONNECTIONS
 
 
 @dataclass
@@ -360,7 +364,12 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         )
 
     relay = Relay(
-        *upstream_address(settings.upstream), admission, wait_timeout=settings.resume_timeout + 5
+        *upstream_address(settings.upstream),
+        admission,
+        wait_timeout=settings.resume_timeout + 5,
+        header_timeout=settings.header_timeout,
+        idle_timeout=settings.idle_timeout,
+        max_connections=settings.max_connections,
     )
     if proxy is not None:
         proxy.on_pause = relay.drop_idle

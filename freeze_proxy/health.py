@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 # that may follow is bounded by the probe's own timeout (probes.probe_timeout).
 HEALTH_TIMEOUT = 2.0
 MAX_HEAD = 16384  # a probe's head is a few hundred bytes; a longer one is refused (431)
+# Probers open a few connections a minute per pod, each closed after its answer: more than this
+# at once is a flood, answered 503 and closed unread, so it cannot grow the proxy's memory.
+MAX_CONNECTIONS = 1024
+_TOO_MANY = b'{"error": "the health port holds too many connections", "cause": "max-connections"}'
 _TIMEOUT_HEADER = contract.PROBE_TIMEOUT_HEADER.lower().encode()
 _SERVED = (
     f"{contract.HEALTH_PATH}, {contract.METRICS_PATH}, {contract.READY_PATH}/... and "
@@ -50,6 +54,9 @@ class HealthPort:
         self.app = app
         self.own_ports = own_ports
         self.checks: set[asyncio.Task[None]] = set()  # probes waiting for a check of the app
+        self.connections = 0
+        self.max_connections = MAX_CONNECTIONS
+        self.refused_connections = 0
 
     def protocol(self) -> HealthConnection:
         return HealthConnection(self)
@@ -122,6 +129,12 @@ class HealthConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        port = self._port
+        port.connections += 1
+        if port.connections > port.max_connections:
+            port.refused_connections += 1
+            self._reply(http1.json_response(503, _TOO_MANY))
+            return
         self._timer = asyncio.get_running_loop().call_later(HEALTH_TIMEOUT, self._too_slow)
 
     def data_received(self, data: bytes) -> None:
@@ -185,6 +198,7 @@ class HealthConnection(asyncio.Protocol):
             self._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._port.connections -= 1
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

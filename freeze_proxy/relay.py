@@ -35,6 +35,17 @@ PARKED_READ_AHEAD = 65536  # the same while its request waits to be forwarded (a
 # (a handshake in the pod's loopback takes microseconds; a dropped SYN is retried after 1 s).
 EARLY_CONNECT_WAIT = 0.02
 
+# What a client may hold (README, "Timeouts and limits"). queue-proxy, the proxy's only client in
+# a pod, sends a request head in one write the moment it has one, and keeps connections alive
+# for Go's IdleConnTimeout (90 s, http.DefaultTransport, which knative.dev/pkg's transport
+# clones), also ones it opened for a request another connection served first (Go's dial race):
+# so a connection may wait that long before its FIRST request too. A server that closes an idle
+# connection as the client sends on it fails that request (Go resends only idempotent ones), so
+# the idle timeout is well above the client's: queue-proxy always closes first.
+HEADER_TIMEOUT = 10.0  # from a head's first byte to its end; then 408 and close
+IDLE_TIMEOUT = 300.0  # no request in progress, nothing received; then close
+MAX_CONNECTIONS = 10000  # client connections at once; the next one gets 503 and is closed
+
 
 class Wakeup:
     """One resume's outcome, awaited by every request parked behind it."""
@@ -92,6 +103,21 @@ WAIT_TIMED_OUT = (
     "the request waited {} for the app to be resumed and was not forwarded; check that the "
     "freeze-daemon on this node answers (see the freeze-proxy and freeze-daemon logs)"
 )
+
+HEAD_TIMED_OUT = (
+    "the request head was not complete {} after its first byte; send it at once, or raise "
+    "freeze-proxy's --header-timeout"
+)
+
+TOO_MANY_CONNECTIONS = (
+    "freeze-proxy already holds {} client connections and closed this one unread; reuse "
+    "kept-alive connections, or raise --max-connections"
+)
+
+# What a client connection is waiting for (the one timer a connection has is about it).
+_EXCHANGE = 0  # a request is in progress: the app's answer, a resume, a tunnel (no timer)
+_HEAD = 1  # the rest of a request head (header_timeout)
+_IDLE = 2  # the next request (idle_timeout)
 
 
 # Why a client connection is not being read (several may hold at once).
@@ -158,10 +184,12 @@ class Downstream(asyncio.Protocol):
         "_buffer",
         "_chunks",
         "_closing",
+        "_deadline",
         "_head_sent",
         "_held",
         "_in_exchange",
         "_peer",
+        "_phase",
         "_remaining",
         "_req",
         "_req_done",
@@ -170,6 +198,8 @@ class Downstream(asyncio.Protocol):
         "_resp_chunks",
         "_resp_remaining",
         "_sent",
+        "_timer",
+        "_timer_at",
         "_tunnel",
         "_up",
         "_write_paused",
@@ -198,15 +228,28 @@ class Downstream(asyncio.Protocol):
         self._head_sent = False
         self._tunnel = False
         self._write_paused = False  # the client reads slower than the app answers
+        self._phase = _EXCHANGE
+        self._deadline = 0.0  # when the current phase times out
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when _timer fires
 
     # -- asyncio callbacks (client side) ----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        relay = self.relay
+        if len(relay.downstreams) >= relay.max_connections:
+            relay.connection_refused()
+            self._closing = True
+            message = TOO_MANY_CONNECTIONS.format(relay.max_connections)
+            self.transport.write(json_error(503, message, "max-connections"))
+            self.transport.close()
+            return
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self._peer = str(peer[0]).encode()
-        self.relay.downstreams.add(self)
+        relay.downstreams.add(self)
+        self._wait(_IDLE, relay.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self._tunnel:
@@ -229,6 +272,9 @@ class Downstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.relay.closed(self)
         up, self._up = self._up, None
         if up is not None:
@@ -257,12 +303,46 @@ class Downstream(asyncio.Protocol):
         if was and not self._held and self.transport is not None:
             self.transport.resume_reading()
 
+    # -- timeouts ---------------------------------------------------------------------------
+
+    def _wait(self, phase: int, timeout: float) -> None:
+        """Enter ``phase``, timing out ``timeout`` from now. The connection's one timer is moved
+        only when it would fire too late: a later deadline is found when it fires (so a kept-
+        alive connection costs a clock read per request, not a timer)."""
+        loop = self.relay.loop
+        self._phase = phase
+        self._deadline = deadline = loop.time() + timeout
+        if self._timer is None or self._timer_at > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = loop.call_at(deadline, self._expired)
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self._phase == _EXCHANGE or self.transport is None:
+            return
+        loop = self.relay.loop
+        if self._deadline > loop.time() + 0.01:  # the deadline moved on since
+            self._timer_at = self._deadline
+            self._timer = loop.call_at(self._deadline, self._expired)
+            return
+        if self._phase == _HEAD:
+            self.relay.head_timeouts += 1
+            message = HEAD_TIMED_OUT.format(format_duration(self.relay.header_timeout))
+            self._refuse(408, message, "header-timeout")
+            return
+        self.relay.idle_closed += 1
+        self._close()  # idle: closed without a word, as Go's server does (RFC 9112 §9.6)
+
     # -- requests ---------------------------------------------------------------------------
 
     def _next_request(self) -> None:
         """Parse the next request head from the buffer and start relaying it."""
         end = self._buffer.find(END_OF_HEAD)
         if end < 0 and len(self._buffer) <= http1.MAX_HEAD:
+            if self._phase != _HEAD:  # its first byte: the head must follow in time
+                self._wait(_HEAD, self.relay.header_timeout)
             return
         if end < 0 or end > http1.MAX_HEAD:
             self._refuse(431, "the request head is larger than 64 KiB", "bad-request")
@@ -273,6 +353,7 @@ class Downstream(asyncio.Protocol):
             self._refuse(exc.status, str(exc), "bad-request")
             return
         self._buffer = self._buffer[end + 4 :]
+        self._phase = _EXCHANGE  # the timer, if any, finds that out when it fires
         self._req = req
         self._req_done = req.framing == NO_BODY
         self._remaining = req.length
@@ -505,6 +586,8 @@ class Downstream(asyncio.Protocol):
         self.unhold(_HOLD_BUFFER | _HOLD_UPSTREAM)  # that app connection is no longer ours
         if self._buffer:
             self._next_request()
+        else:
+            self._wait(_IDLE, self.relay.idle_timeout)
 
     def upstream_lost(self, up: Upstream, exc: Exception | None) -> None:
         """The app's side closed during our exchange."""
@@ -625,6 +708,10 @@ class Relay:
         admission: Admission,
         connect_timeout: float = 10.0,
         wait_timeout: float = 30.0,
+        *,
+        header_timeout: float = HEADER_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.host = host
         self.port = port
@@ -632,13 +719,39 @@ class Relay:
         self.admission = admission
         self.connect_timeout = connect_timeout
         self.wait_timeout = wait_timeout  # how long a request may wait for a resume: then 503
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        # Counted, never logged one by one (a flood of slow clients would flood the log).
+        self.head_timeouts = 0
+        self.idle_closed = 0
+        self.refused_connections = 0
+        self._next_warning = 0.0
         self.downstreams: set[Downstream] = set()
         self._idle: list[Upstream] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._all_closed: asyncio.Event | None = None  # set up by drain()
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
     def protocol(self) -> Downstream:
         return Downstream(self)
+
+    def connection_refused(self) -> None:
+        """One more connection refused at ``max_connections``: said at most once a minute."""
+        self.refused_connections += 1
+        now = self.loop.time()
+        if now >= self._next_warning:
+            self._next_warning = now + 60
+            log.warning(
+                "client connection limit reached: new connections get 503 and are closed",
+                extra={
+                    "max_connections": self.max_connections,
+                    "refused_so_far": self.refused_connections,
+                },
+            )
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)

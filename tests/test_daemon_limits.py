@@ -24,6 +24,7 @@ import pytest
 from testbed.processes import free_port, stop, wait_listening
 from testbed.tokens import DEFAULT_ISSUER, SigningKey, mint_token, new_rsa_key, write_jwks
 from tests.pod_checks import eventually
+from tests.reliability_report import write_figure
 
 ROOT = Path(__file__).resolve().parent.parent
 POD: dict[str, Any] = {
@@ -197,11 +198,13 @@ async def test_a_client_gone_mid_body_is_one_line_not_a_traceback(
     assert "Traceback" not in text and "Error handling request" not in text, text
 
 
+@pytest.mark.fuzz
 async def test_held_connections_cost_bounded_fds_and_never_lock_out_a_wake(
     daemon_factory: Any, key: SigningKey
 ) -> None:
     daemon = daemon_factory("--max-connections=64")
     before = daemon.open_fds()
+    rss_before = vm_rss_kib(daemon.proc.pid)
     held = []
     for i in range(300):  # idle ones and ones stuck in their head
         _, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
@@ -210,7 +213,10 @@ async def test_held_connections_cost_bounded_fds_and_never_lock_out_a_wake(
         held.append(writer)
     try:
         await asyncio.sleep(0.3)
-        assert daemon.open_fds() <= before + 64 + 2
+        fds_held, rss_held = daemon.open_fds(), vm_rss_kib(daemon.proc.pid)
+        assert fds_held <= before + 64 + 2
+        growth_mib = (rss_held - rss_before) / 1024
+        assert growth_mib < 8, f"300 held connections grew the daemon's RSS by {growth_mib:.1f} MiB"
         token = mint_token(key, **POD)
         started = time.monotonic()
         status, body = await post(daemon.port, "/thaw", token)
@@ -222,6 +228,22 @@ async def test_held_connections_cost_bounded_fds_and_never_lock_out_a_wake(
             writer.close()
     warned = [r for r in daemon.records() if str(r.get("msg", "")).startswith("connection limit")]
     assert warned and warned[0]["max_connections"] == 64
+    write_figure(
+        "slowloris-daemon",
+        connections=300,
+        max_connections=64,
+        fds_before=before,
+        fds_held=fds_held,
+        rss_before_kib=rss_before,
+        rss_held_kib=rss_held,
+    )
+
+
+def vm_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
 
 
 def test_open_files_limit_is_raised_to_fit(daemon_factory: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -960,3 +961,68 @@ async def test_an_http10_client_gets_no_interim_response(make_bed: Callable[...,
         assert head.startswith(b"HTTP/1.1 103 ") is hints
         writer.close()
     await bed.settled()
+
+
+# -- slow and idle clients (README, "Timeouts and limits") --------------------------------------
+
+
+async def test_a_kept_alive_connection_closes_after_the_idle_timeout_counted_from_its_last_answer(
+    make_bed: Callable[..., Any],
+) -> None:
+    bed: Bed = await make_bed(keepalive_app, idle_timeout=0.4, header_timeout=5.0)
+    reader, writer = await bed.client()
+    started = time.monotonic()
+    for i in range(3):  # each answer starts the idle clock again
+        writer.write(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+        head, body = await read_response(reader)
+        assert head.startswith(b"HTTP/1.1 200") and body == b"GET /%d HTTP/1.1" % i
+        await asyncio.sleep(0.25)
+    last = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), 3) == b""  # closed without a word
+    assert time.monotonic() - last > 0.1 and time.monotonic() - started > 0.9
+    assert bed.relay.idle_closed == 1
+    writer.close()
+
+
+async def test_a_head_that_never_ends_gets_408_after_the_header_timeout(
+    make_bed: Callable[..., Any],
+) -> None:
+    bed: Bed = await make_bed(keepalive_app, idle_timeout=30.0, header_timeout=0.3)
+    reader, writer = await bed.client()
+    writer.write(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await read_response(reader)
+    writer.write(b"GET /2 HTTP/1.1\r\n")  # the next head starts, then trickles
+    started = time.monotonic()
+
+    async def trickle() -> None:
+        for _ in range(50):
+            writer.write(b"X")
+            await asyncio.sleep(0.05)
+
+    task = asyncio.ensure_future(trickle())
+    try:
+        answer = await asyncio.wait_for(reader.read(), 3)
+    finally:
+        task.cancel()
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"--header-timeout" in answer, answer
+    assert 0.25 < time.monotonic() - started < 1.5
+    assert bed.relay.head_timeouts == 1
+    await bed.settled()
+
+
+async def test_a_connection_beyond_max_connections_gets_503_and_the_others_are_served(
+    make_bed: Callable[..., Any],
+) -> None:
+    bed: Bed = await make_bed(keepalive_app, max_connections=2)
+    first = await bed.client()
+    second = await bed.client()
+    third_reader, third_writer = await bed.client()
+    answer = await asyncio.wait_for(third_reader.read(), 3)
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"--max-connections" in answer, answer
+    third_writer.close()
+    for reader, writer in (first, second):
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(reader))[0].startswith(b"HTTP/1.1 200")
+        writer.close()
+    assert bed.relay.refused_connections == 1
