@@ -5,10 +5,8 @@ its sidecars; a daemon that died leaving a pod frozen is undone by the next one'
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -19,8 +17,8 @@ from daemon.runtimes.cgroup import CgroupRuntime
 from freeze_proxy.contract import SIDECAR_NAME
 from testbed.containerd import Containerd
 from testbed.pods import MakePod, Pod, sleeper
-from testbed.processes import free_port, wait_listening
-from testbed.tokens import DEFAULT_ISSUER, SigningKey, new_rsa_key, write_jwks
+from testbed.tokens import SigningKey, new_rsa_key, write_jwks
+from tests.daemon_process import daemon_process
 from tests.pod_checks import USER, eventually, log_grows, log_is_quiet, until
 from tests.test_daemon_containerd import post, token
 
@@ -42,37 +40,14 @@ def jwks(key: SigningKey, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @contextlib.contextmanager
 def daemon(containerd: Containerd, jwks: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """One daemon process with the cgroup backend on containerd's CRI socket."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "daemon",
-            f"--listen=127.0.0.1:{port}",
-            "--no-token-review",
-            f"--jwks-file={jwks}",
-            f"--issuer={DEFAULT_ISSUER}",
-            "--runtime=cgroup",
-            f"--cri-socket={containerd.socket}",
-            "--cgroup-root=/sys/fs/cgroup",
-            "--freeze-rate=0",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        wait_listening(proc, "127.0.0.1", port, "freeze-daemon")
-        yield f"http://127.0.0.1:{port}", proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    backend = [
+        "--runtime=cgroup",
+        f"--cri-socket={containerd.socket}",
+        "--cgroup-root=/sys/fs/cgroup",
+        "--freeze-rate=0",
+    ]
+    with daemon_process(jwks, backend) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

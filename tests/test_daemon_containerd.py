@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,8 +20,8 @@ import pytest
 
 from testbed.containerd import Containerd
 from testbed.pods import MakePod, Pod
-from testbed.processes import free_port, wait_listening
-from testbed.tokens import DEFAULT_ISSUER, SigningKey, mint_token, new_rsa_key, write_jwks
+from testbed.tokens import SigningKey, mint_token, new_rsa_key, write_jwks
+from tests.daemon_process import daemon_process
 from tests.pod_checks import USER, eventually, log_grows, log_is_quiet
 
 pytestmark = [pytest.mark.containerd, pytest.mark.containerd_flavors]
@@ -43,34 +40,15 @@ def daemon_url(
 ) -> Iterator[str]:
     """The daemon process, pointed at the test bed's containerd socket and namespace."""
     jwks_file = write_jwks(tmp_path_factory.mktemp("daemon") / "jwks.json", key)
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "daemon",
-            f"--listen=127.0.0.1:{port}",
-            "--no-token-review",
-            f"--jwks-file={jwks_file}",
-            f"--issuer={DEFAULT_ISSUER}",
-            "--runtime=containerd",
-            f"--containerd-socket={containerd.socket}",
-            f"--containerd-namespace={containerd.namespace}",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        wait_listening(proc, "127.0.0.1", port, "freeze-daemon")
-        yield f"http://127.0.0.1:{port}"
+    backend = [
+        "--runtime=containerd",
+        f"--containerd-socket={containerd.socket}",
+        f"--containerd-namespace={containerd.namespace}",
+    ]
+    with daemon_process(jwks_file, backend) as (url, proc):
+        yield url
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tests.fuzz_budget import Cases, budget, run_fuzz
@@ -99,12 +99,33 @@ def review(draw: st.DrawFn) -> tuple[bytes, bool]:
     return raw, pod == knative_pod()
 
 
+# The untouched Knative pod in a well-formed review: the example every run includes.
+PRISTINE = (
+    json.dumps(
+        {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "u-1",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "operation": "CREATE",
+                "namespace": "shop",
+                "object": knative_pod(),
+            },
+        }
+    ).encode(),
+    True,
+)
+
+
 def test_no_review_raises_refuses_a_pod_or_gets_an_invalid_patch() -> None:
     cases = Cases()
     mutated = {"patched": 0, "errors": 0, "bad_review": 0, "invalid_pods": 0}
 
     @budget(150)
     @given(review())
+    @example(PRISTINE)  # whatever the draw, one review is patched (the last assertion below)
     def check(item: tuple[bytes, bool]) -> None:
         cases()
         raw, pristine = item

@@ -9,10 +9,8 @@ when the daemon stops, or dies and a new one starts.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,8 +23,8 @@ from daemon.runtimes.cri import CriLookup
 from daemon.runtimes.throttle import Throttler
 from testbed.containerd import Containerd
 from testbed.pods import ContainerSpec, Pod, PodClient, sleeper
-from testbed.processes import free_port, wait_listening
-from testbed.tokens import DEFAULT_ISSUER, SigningKey, mint_token, new_rsa_key, write_jwks
+from testbed.tokens import SigningKey, mint_token, new_rsa_key, write_jwks
+from tests.daemon_process import daemon_process
 
 pytestmark = [pytest.mark.containerd, pytest.mark.containerd_flavors]
 
@@ -187,33 +185,13 @@ def key() -> SigningKey:
 def daemon(
     containerd: Containerd, key: SigningKey, tmp_path: Path
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    jwks_file = write_jwks(tmp_path / "jwks.json", key)
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "daemon",
-            f"--listen=127.0.0.1:{port}",
-            "--no-token-review",
-            f"--jwks-file={jwks_file}",
-            f"--issuer={DEFAULT_ISSUER}",
-            "--runtime=containerd",
-            f"--containerd-socket={containerd.socket}",
-            f"--containerd-namespace={containerd.namespace}",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        wait_listening(proc, "127.0.0.1", port, "freeze-daemon")
-        yield f"http://127.0.0.1:{port}", proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    backend = [
+        "--runtime=containerd",
+        f"--containerd-socket={containerd.socket}",
+        f"--containerd-namespace={containerd.namespace}",
+    ]
+    with daemon_process(write_jwks(tmp_path / "jwks.json", key), backend) as running:
+        yield running
 
 
 async def test_the_daemon_throttles_over_http_and_restores_on_its_stop(
