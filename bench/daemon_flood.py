@@ -339,6 +339,19 @@ def _raise_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+async def _connect(
+    host: str, port: int, counts: Counter[str], backoff: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """A connection to the daemon for a flooder, or None after ``backoff`` seconds (counted as
+    ``connect_error``: the daemon refused or dropped it; the flooder tries again)."""
+    try:
+        return await asyncio.open_connection(host, port)
+    except OSError:
+        counts["connect_error"] += 1
+        await asyncio.sleep(backoff)
+        return None
+
+
 async def _bad_tokens(url: str, counts: Counter[str], stop: asyncio.Event) -> None:
     host, port = url.removeprefix("http://").split(":")
     stranger = tokens.new_rsa_key()
@@ -350,12 +363,9 @@ async def _bad_tokens(url: str, counts: Counter[str], stop: asyncio.Event) -> No
 
     async def one(i: int) -> None:
         while not stop.is_set():
-            try:
-                reader, writer = await asyncio.open_connection(host, int(port))
-            except OSError:
-                counts["connect_error"] += 1
-                await asyncio.sleep(0.01)
+            if (conn := await _connect(host, int(port), counts, 0.01)) is None:
                 continue
+            reader, writer = conn
             try:
                 n = i
                 while not stop.is_set():
@@ -385,12 +395,9 @@ async def _held(url: str, n: int, counts: Counter[str], stop: asyncio.Event) -> 
 
     async def one(i: int) -> None:
         while not stop.is_set():
-            try:
-                reader, writer = await asyncio.open_connection(host, int(port))
-            except OSError:
-                counts["connect_error"] += 1
-                await asyncio.sleep(0.05)
+            if (conn := await _connect(host, int(port), counts, 0.05)) is None:
                 continue
+            reader, writer = conn
             counts["opened"] += 1
             try:
                 if i % 2:
@@ -445,12 +452,9 @@ async def _hostile(url: str, known_kid: str, counts: Counter[str], stop: asyncio
 
     async def tokens_loop(i: int, make: Any) -> None:
         while not stop.is_set():
-            try:
-                reader, writer = await asyncio.open_connection(host, int(port))
-            except OSError:
-                counts["connect_error"] += 1
-                await asyncio.sleep(0.01)
+            if (conn := await _connect(host, int(port), counts, 0.01)) is None:
                 continue
+            reader, writer = conn
             try:
                 while not stop.is_set():
                     writer.write(
@@ -478,12 +482,9 @@ async def _hostile(url: str, known_kid: str, counts: Counter[str], stop: asyncio
 
     async def slow_body(i: int) -> None:
         while not stop.is_set():
-            try:
-                reader, writer = await asyncio.open_connection(host, int(port))
-            except OSError:
-                counts["connect_error"] += 1
-                await asyncio.sleep(0.05)
+            if (conn := await _connect(host, int(port), counts, 0.05)) is None:
                 continue
+            reader, writer = conn
             try:
                 writer.write(
                     f"POST / HTTP/1.1\r\nHost: x\r\nToken: {forged[i % len(forged)]}\r\n"
