@@ -91,6 +91,8 @@ class _Simple:
         initial: Iterable[Mapping[str, str]] = (),
     ) -> None:
         _check_names(name, labelnames)
+        if self.kind == "counter" and not name.endswith("_total"):
+            raise ValueError(f"counter {name!r} must end in _total")
         self.name = name
         self.help = help
         self.labelnames = tuple(labelnames)
@@ -119,19 +121,6 @@ class Counter(_Simple):
     """Only goes up (from process start); named ``*_total`` as Prometheus's conventions ask."""
 
     kind = "counter"
-
-    def __init__(
-        self,
-        name: str,
-        help: str,
-        labelnames: Sequence[str] = (),
-        fn: ValueFn | None = None,
-        *,
-        initial: Iterable[Mapping[str, str]] = (),
-    ) -> None:
-        if not name.endswith("_total"):
-            raise ValueError(f"counter {name!r} must end in _total")
-        super().__init__(name, help, labelnames, fn, initial=initial)
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
         if amount < 0:
