@@ -45,6 +45,12 @@ EARLY_CONNECT_WAIT = 0.02
 HEADER_TIMEOUT = 10.0  # from a head's first byte to its end; then 408 and close
 IDLE_TIMEOUT = 300.0  # no request in progress, nothing received; then close
 MAX_CONNECTIONS = 10000  # client connections at once; the next one gets 503 and is closed
+# After our own answer to a client that may still be sending (a refusal, or the app answered
+# before reading the whole body): half-closed, its input discarded for this long, then closed.
+# Closing a socket with unread input makes the kernel send RST, and a RST can destroy the answer
+# before the client reads it (RFC 9112 §9.6); Go's server waits the same 500 ms.
+LINGER = 0.5
+REFUSED_LINGERING = 100  # connections refused at the cap that linger at once; more close at once
 
 
 class Wakeup:
@@ -118,6 +124,7 @@ TOO_MANY_CONNECTIONS = (
 _EXCHANGE = 0  # a request is in progress: the app's answer, a resume, a tunnel (no timer)
 _HEAD = 1  # the rest of a request head (header_timeout)
 _IDLE = 2  # the next request (idle_timeout)
+_LINGER = 3  # half-closed after our answer; what arrives is discarded (LINGER)
 
 
 # Why a client connection is not being read (several may hold at once).
@@ -243,7 +250,11 @@ class Downstream(asyncio.Protocol):
             self._closing = True
             message = TOO_MANY_CONNECTIONS.format(relay.max_connections)
             self.transport.write(json_error(503, message, "max-connections"))
-            self.transport.close()
+            if len(relay.refused) < REFUSED_LINGERING:  # a flood of them stays bounded
+                relay.refused.add(self)
+                self._close_after_answer()
+            else:
+                self.transport.close()
             return
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
@@ -252,6 +263,8 @@ class Downstream(asyncio.Protocol):
         self._wait(_IDLE, relay.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self._phase == _LINGER:
+            return
         if self._tunnel:
             if self._up is not None:
                 self._up.write(data)
@@ -326,6 +339,9 @@ class Downstream(asyncio.Protocol):
         if self._deadline > loop.time() + 0.01:  # the deadline moved on since
             self._timer_at = self._deadline
             self._timer = loop.call_at(self._deadline, self._expired)
+            return
+        if self._phase == _LINGER:
+            self._close()
             return
         if self._phase == _HEAD:
             self.relay.head_timeouts += 1
@@ -581,7 +597,10 @@ class Downstream(asyncio.Protocol):
         self._req = None
         self._resp = None
         if self._closing:
-            self._close()
+            if self._req_done:
+                self._close()
+            else:  # the client may still be sending the body the app did not read
+                self._close_after_answer()
             return
         self.unhold(_HOLD_BUFFER | _HOLD_UPSTREAM)  # that app connection is no longer ours
         if self._buffer:
@@ -641,7 +660,7 @@ class Downstream(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(json_error(status, message, cause))
         self._end_exchange()
-        self._close()
+        self._close_after_answer()
 
     def _abort(self, why: str) -> None:
         log.warning("relay aborted", extra={"upstream": self.relay.address, "err": why})
@@ -665,6 +684,24 @@ class Downstream(asyncio.Protocol):
             up.close()
         if self.transport is not None:
             self.transport.close()
+
+    def _close_after_answer(self) -> None:
+        """Close without a RST: send what is written and a FIN, then discard the client's
+        input until it closes too or LINGER has passed (see LINGER)."""
+        up, self._up = self._up, None
+        if up is not None:
+            up.owner = None
+            up.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._held = 0
+        transport.resume_reading()
+        self._wait(_LINGER, LINGER)
 
     @property
     def idle(self) -> bool:
@@ -728,6 +765,7 @@ class Relay:
         self.refused_connections = 0
         self._next_warning = 0.0
         self.downstreams: set[Downstream] = set()
+        self.refused: set[Downstream] = set()  # refused at the cap, lingering (LINGER)
         self._idle: list[Upstream] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._all_closed: asyncio.Event | None = None  # set up by drain()
@@ -797,6 +835,7 @@ class Relay:
 
     def closed(self, down: Downstream) -> None:
         self.downstreams.discard(down)
+        self.refused.discard(down)
         if not self.downstreams and self._all_closed is not None:
             self._all_closed.set()
 
@@ -808,7 +847,7 @@ class Relay:
         if self.downstreams:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_closed.wait(), within)
-        for down in list(self.downstreams):
+        for down in [*self.downstreams, *self.refused]:
             if down.transport is not None:
                 down.transport.abort()
         for up in list(self._idle):

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from freeze_proxy import relay as relay_module
 from freeze_proxy.relay import Relay, Wakeup
 
 AppHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -1026,3 +1027,84 @@ async def test_a_connection_beyond_max_connections_gets_503_and_the_others_are_s
         assert (await read_response(reader))[0].startswith(b"HTTP/1.1 200")
         writer.close()
     assert bed.relay.refused_connections == 1
+
+
+# A refusal is read by the client even when it is still sending: the proxy half-closes after its
+# answer and discards what follows for a moment, because closing a socket with unread input makes
+# the kernel send RST, and a RST can destroy the answer before the client reads it (RFC 9112
+# §9.6). Seen in CI: clients still trickling a head got ECONNRESET instead of their 408.
+
+
+async def _refusal_while_sending(bed: Bed, head: bytes, body_size: int) -> bytes:
+    reader, writer = await bed.client()
+    writer.write(head)
+    sending = asyncio.ensure_future(_send_all(writer, b"u" * body_size))
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        sending.cancel()
+        writer.close()
+
+
+async def test_a_431_reaches_a_client_still_sending(make_bed: Callable[..., Any]) -> None:
+    bed: Bed = await make_bed(keepalive_app)
+    answer = await _refusal_while_sending(bed, b"GET / HTTP/1.1\r\nX-Big: ", 4 << 20)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer
+
+
+async def test_a_failed_resume_503_reaches_a_client_still_uploading(
+    make_bed: Callable[..., Any],
+) -> None:
+    bed: Bed = await make_bed(keepalive_app)
+    wakeup = bed.admission.wakeup = Wakeup()
+    size = 4 << 20
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size
+    answering = asyncio.ensure_future(_refusal_while_sending(bed, head, size))
+    await until(lambda: any(d._held for d in bed.relay.downstreams))  # the upload is parked
+    wakeup.ok = False
+    wakeup.event.set()
+    answer = await answering
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"resume-failed" in answer, answer
+    await bed.settled()
+
+
+async def test_the_refused_connection_is_closed_after_the_linger(
+    make_bed: Callable[..., Any],
+) -> None:
+    """The linger is bounded: a client that never stops sending is closed all the same."""
+    bed: Bed = await make_bed(keepalive_app)
+    reader, writer = await bed.client()
+    writer.write(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70000)
+    head = await asyncio.wait_for(read_head(reader), 5)
+    assert head.startswith(b"HTTP/1.1 431 ")
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < 5:
+            writer.write(b"b" * 1024)
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        raise AssertionError("the proxy kept a refused connection open for 5 s")
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+    assert time.monotonic() - started < 2
+    await until(lambda: not bed.relay.downstreams)
+
+
+async def test_refusals_at_the_cap_linger_a_bounded_number_at_once(
+    make_bed: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flood of connections beyond --max-connections: each gets its 503, and at most
+    REFUSED_LINGERING of them are kept for the linger (the rest close at once)."""
+    monkeypatch.setattr(relay_module, "REFUSED_LINGERING", 2)
+    bed: Bed = await make_bed(keepalive_app, max_connections=1)
+    held = await bed.client()
+    extra = [await bed.client() for _ in range(6)]
+    answers = await asyncio.gather(*(asyncio.wait_for(r.read(), 3) for r, _ in extra))
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"--max-connections" in answer, answer
+    assert len(bed.relay.refused) <= 2
+    await until(lambda: not bed.relay.refused, within=2)
+    for _, writer in [held, *extra]:
+        writer.close()
