@@ -31,7 +31,7 @@ test: setup lint check-protos k8s-bins rootfs
 
 lint:
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m ruff format --check freeze_proxy daemon webhook testbed bench reliability tests examples
+	$(PYTHON) -m ruff format --check freeze_proxy daemon webhook bounded testbed bench reliability tests examples
 	$(PYTHON) -m mypy
 
 # Regenerate the committed gRPC stubs from our own .proto files.

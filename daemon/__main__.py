@@ -20,6 +20,7 @@ require_extra(
 import aiohttp
 from aiohttp import web
 
+from bounded.connections import ServerLimits, files_needed, raise_open_files_limit
 from daemon.api import METRICS, RUNTIME, THROTTLER, make_app, thaw_on_stop
 from daemon.auth import (
     ApiServerJwks,
@@ -38,7 +39,7 @@ from daemon.lifecycle import thaw_left_frozen
 from daemon.limits import LimitSettings
 from daemon.runtimes import Runtime
 from daemon.runtimes.throttle import Throttler, restore_left_throttled
-from daemon.server import ServerLimits, files_needed, raise_open_files_limit, serve
+from daemon.server import serve
 from freeze_proxy import jsonlog
 from freeze_proxy.addresses import bind_host, parse_listen
 from freeze_proxy.durations import format_duration, parse_duration

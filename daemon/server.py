@@ -1,234 +1,17 @@
-"""Serving the daemon's app on a hostPort every pod of the node can reach: bounded connections.
-
-aiohttp alone holds a connection as long as its client likes (its keep-alive timer runs for an
-hour by default and nothing bounds how slowly a request head may arrive) and accepts as many as
-the process has file descriptors. Here every connection is tracked:
-
-- a request head must be complete within ``header_timeout`` of its first byte;
-- an idle keep-alive connection is closed after ``idle_timeout`` (aiohttp's keep-alive timer);
-- an unread request body is drained for at most ``body_timeout`` after the answer;
-- at ``max_connections`` a new connection evicts the oldest one that is not being answered
-  (idle, or still sending its head) and is older than ``PROTECT`` (0.1 s: time to send a first
-  request), so held connections cannot lock a pod's wake out; when there is none, the new one
-  is closed at once (the proxy retries a resume).
-"""
+"""Serving the daemon's app on a hostPort every pod of the node can reach: bounded connections
+(``bounded.connections``: a head timeout, an idle timeout, a connection cap that evicts the
+oldest waiting connection, so held connections cannot lock a pod's wake out; a refused one is
+retried by the proxy's resume)."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import resource
 import signal
-import socket
-import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
-log = logging.getLogger("daemon.server")
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """Connection limits (flags ``--max-connections`` ... of ``python -m daemon``)."""
-
-    max_connections: int = 1024
-    header_timeout: float = 5.0
-    idle_timeout: float = 60.0
-    body_timeout: float = 5.0
-    backlog: int = 1024
-
-
-_IDLE, _HEAD, _BUSY = "idle", "head", "busy"
-
-
-PROTECT = 0.1  # seconds a new connection cannot be evicted (it is sending its first request)
-
-
-class _Conn:
-    __slots__ = ("deadline", "opened", "since", "state", "timer", "transport")
-
-    def __init__(self, transport: asyncio.Transport, now: float) -> None:
-        self.transport = transport
-        self.state = _IDLE
-        self.opened = now
-        self.since = now
-        self.deadline = 0.0
-        self.timer: asyncio.TimerHandle | None = None
-
-
-class ConnectionGuard:
-    """Tracks the server's connections and enforces :class:`ServerLimits` on them."""
-
-    def __init__(self, limits: ServerLimits) -> None:
-        self.limits = limits
-        self._conns: dict[asyncio.BaseTransport, _Conn] = {}
-        self.evicted = 0
-        self.head_timeouts = 0
-        self.rejected = 0
-        self._next_warning = 0.0
-
-    def __len__(self) -> int:
-        return len(self._conns)
-
-    def protocol(self, inner: asyncio.Protocol) -> asyncio.Protocol:
-        return _GuardedProtocol(inner, self)
-
-    # -- called by the protocol wrapper -----------------------------------------------------
-
-    def opened(self, transport: asyncio.Transport) -> bool:
-        """Register a new connection; False when it must be closed at once (all busy)."""
-        now = time.monotonic()
-        if len(self._conns) >= self.limits.max_connections:
-            # A connection gets PROTECT seconds to send its head before it may be evicted:
-            # without that, a burst of reconnects accepted in one loop turn could evict a new
-            # connection before its first bytes are read.
-            waiting = [
-                c for c in self._conns.values() if c.state != _BUSY and now - c.opened >= PROTECT
-            ]
-            if not waiting:
-                self.rejected += 1
-                self._warn("connection limit reached: every connection is busy or brand new")
-                return False
-            victim = min(waiting, key=lambda c: c.since)
-            self.evicted += 1
-            self._warn("connection limit reached: closing the oldest waiting connection")
-            self._drop(victim)
-        self._conns[transport] = _Conn(transport, now)
-        return True
-
-    def received(self, transport: asyncio.BaseTransport) -> None:
-        conn = self._conns.get(transport)
-        if conn is None or conn.state != _IDLE:
-            return
-        now = time.monotonic()
-        conn.state, conn.since = _HEAD, now
-        conn.deadline = now + self.limits.header_timeout
-        if conn.timer is None:
-            loop = asyncio.get_running_loop()
-            conn.timer = loop.call_at(loop.time() + self.limits.header_timeout, self._check, conn)
-
-    def closed(self, transport: asyncio.BaseTransport) -> None:
-        conn = self._conns.pop(transport, None)
-        if conn is not None and conn.timer is not None:
-            conn.timer.cancel()
-
-    # -- called by the middleware -----------------------------------------------------------
-
-    def busy(self, transport: asyncio.BaseTransport | None) -> None:
-        conn = self._conns.get(transport) if transport is not None else None
-        if conn is not None:
-            conn.state, conn.since = _BUSY, time.monotonic()
-
-    def idle(self, transport: asyncio.BaseTransport | None) -> None:
-        conn = self._conns.get(transport) if transport is not None else None
-        if conn is not None:
-            conn.state, conn.since = _IDLE, time.monotonic()
-
-    # -- internals --------------------------------------------------------------------------
-
-    def _check(self, conn: _Conn) -> None:
-        conn.timer = None
-        if conn.state != _HEAD or conn.transport not in self._conns:
-            return
-        left = conn.deadline - time.monotonic()
-        if left > 0:  # a later head started the clock again
-            loop = asyncio.get_running_loop()
-            conn.timer = loop.call_at(loop.time() + left, self._check, conn)
-            return
-        self.head_timeouts += 1
-        self._warn("request head too slow: connection closed")
-        self._drop(conn)
-
-    def _drop(self, conn: _Conn) -> None:
-        self.closed(conn.transport)
-        conn.transport.abort()
-
-    def _warn(self, msg: str) -> None:
-        now = time.monotonic()
-        if now < self._next_warning:
-            return
-        self._next_warning = now + 10.0
-        log.warning(
-            msg,
-            extra={
-                "connections": len(self._conns),
-                "max_connections": self.limits.max_connections,
-                "evicted_total": self.evicted,
-                "rejected_total": self.rejected,
-                "head_timeouts_total": self.head_timeouts,
-            },
-        )
-
-    def middleware(self) -> Any:
-        """Marks a connection busy while its request is being answered."""
-
-        @web.middleware
-        async def guard(
-            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-        ) -> web.StreamResponse:
-            transport = request.transport
-            self.busy(transport)
-            try:
-                return await handler(request)
-            finally:
-                self.idle(transport)
-
-        return guard
-
-
-class _GuardedProtocol(asyncio.Protocol):
-    """aiohttp's per-connection protocol, with the guard told about opens, bytes and closes."""
-
-    def __init__(self, inner: asyncio.Protocol, guard: ConnectionGuard) -> None:
-        self._inner = inner
-        self._guard = guard
-        self._transport: asyncio.BaseTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        keep = self._guard.opened(transport)
-        self._inner.connection_made(transport)
-        if not keep:
-            transport.abort()
-
-    def data_received(self, data: bytes) -> None:
-        if self._transport is not None:
-            self._guard.received(self._transport)
-        self._inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._transport is not None:
-            self._guard.closed(self._transport)
-        self._inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
-
-
-def raise_open_files_limit(wanted: int) -> tuple[int, int]:
-    """Raise RLIMIT_NOFILE's soft limit to ``wanted`` (at most the hard limit); (soft, hard)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if target > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
-    return soft, hard
-
-
-def files_needed(limits: ServerLimits) -> int:
-    """Descriptors the daemon may need: one per connection, plus gRPC, API server, logs."""
-    return limits.max_connections + 256
-
+from bounded.connections import ConnectionGuard, ServerLimits, guarded_runner, listen
 
 # After the listeners close, how long calls in flight may take to be answered (aiohttp's
 # default is 60 s: more than the DaemonSet's terminationGracePeriodSeconds).
@@ -250,31 +33,14 @@ async def serve(
     proxies' thaws are still answered meanwhile); then the listeners close and calls in flight
     get ``SHUTDOWN_TIMEOUT`` seconds."""
     guard = ConnectionGuard(limits)
-    app.middlewares.insert(0, guard.middleware())
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
-        keepalive_timeout=limits.idle_timeout,
-        lingering_time=limits.body_timeout,
-        shutdown_timeout=SHUTDOWN_TIMEOUT,
-    )
+    runner = guarded_runner(app, guard, SHUTDOWN_TIMEOUT)
     await runner.setup()
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     servers: list[asyncio.Server] = []
     try:
         for host in hosts:
-            servers.append(
-                await loop.create_server(
-                    lambda: guard.protocol(runner.server()),  # type: ignore[misc]
-                    host,
-                    port,
-                    backlog=limits.backlog,
-                    reuse_address=True,
-                    family=socket.AF_INET6 if host and ":" in host else socket.AF_UNSPEC,
-                )
-            )
+            servers.append(await listen(runner, guard, host, port))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ from testbed.cluster import BRIDGE, CGROUP_ROOT, NODE_NAME, Cluster, missing_pre
 from testbed.install import get, pods, queue_proxy_url, ready_pod, refresh, revision_route, until
 from tests.conftest import _unavailable
 from tests.image_fixtures import IMAGES, REGISTRY, Built
+from tests.reliability_report import write_figure
 
 pytestmark = pytest.mark.node
 
@@ -301,6 +303,76 @@ def test_5_kubelet_probes_keep_the_frozen_pod_ready_and_the_rotated_token_still_
     assert rotated["kubernetes.io"]["pod"]["uid"] == pod["metadata"]["uid"]
     status, body = get(queue_proxy_url(pod))  # the resume authenticates with the new token
     assert status == 200 and body.endswith(b".. world.\n"), (status, body[-200:])
+
+
+def _daemon_pods(cluster: Cluster) -> list[str]:
+    listed = cluster.get_json(
+        "pods", "-n", install.NAMESPACE, "-l", "app.kubernetes.io/name=freeze-daemon"
+    )
+    return sorted(p["metadata"]["name"] for p in listed["items"])
+
+
+def _the_one_daemon_pod(cluster: Cluster, not_: str) -> str | None:
+    names = _daemon_pods(cluster)
+    return names[0] if len(names) == 1 and names[0] != not_ else None
+
+
+def test_5b_a_rolling_update_of_the_daemon_under_traffic_fails_no_request(
+    cluster: Cluster, sleeptalker: dict[str, Any]
+) -> None:
+    """Issue #15's rolling update, as Kubernetes does it: ``kubectl rollout restart`` of the
+    DaemonSet while a client calls the app through queue-proxy twice a second (frozen between
+    calls: grace 250 ms). The kubelet stops the old daemon pod (it thaws what it froze), then
+    starts the new one; no request fails, and the figure is the longest added latency."""
+    pod = refresh(cluster, sleeptalker)
+    until("the idle app frozen", lambda: frozen(pod), 30)
+    (old,) = _daemon_pods(cluster)
+    outcomes: list[tuple[float, int, float]] = []  # (started, status, seconds)
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                status, _ = get(queue_proxy_url(pod), timeout=30)
+            except OSError:
+                status = 0
+            outcomes.append((started, status, time.monotonic() - started))
+            stop.wait(0.5)
+
+    client = threading.Thread(target=traffic, daemon=True)
+    client.start()
+    try:
+        time.sleep(3)
+        fault = time.monotonic()
+        daemonset = "daemonset/freeze-daemon-containerd"
+        cluster.kubectl("rollout", "restart", "-n", install.NAMESPACE, daemonset)
+        cluster.kubectl(
+            "rollout", "status", "-n", install.NAMESPACE, daemonset, "--timeout=180s",
+            timeout=200,
+        )  # fmt: skip
+        rolled = time.monotonic()
+        new = until("only the new daemon pod", lambda: _the_one_daemon_pod(cluster, not_=old), 60)
+        time.sleep(3)
+    finally:
+        stop.set()
+        client.join(40)
+    failed = [o for o in outcomes if o[1] != 200]
+    assert not failed, f"requests failed during the rollout: {failed}"
+    before = sorted(s for at, _, s in outcomes if at < fault)
+    baseline = before[len(before) // 2]
+    during = [s for at, _, s in outcomes if at >= fault]
+    figure = write_figure(
+        "daemon-rolling-update-node",
+        requests=len(outcomes),
+        failed=len(failed),
+        rollout_s=round(rolled - fault, 1),
+        max_added_latency_ms=round(1000 * (max(during) - baseline), 1),
+        old_pod=old,
+        new_pod=new,
+    )
+    assert figure["requests"] > 10, figure
+    until("frozen again by the new daemon", lambda: frozen(pod), 30)
 
 
 def test_7b_uninstall_while_frozen_leaves_nothing_frozen_and_the_app_answering(

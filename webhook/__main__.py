@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 
@@ -13,8 +14,8 @@ require_extra("freeze-webhook", "webhook", ("kubernetes", "cryptography"))
 
 from freeze_proxy import jsonlog
 from freeze_proxy.addresses import parse_listen
-from freeze_proxy.durations import parse_duration
-from webhook.app import DEFAULT_MAX_INFLIGHT, WebhookSettings, serve
+from freeze_proxy.durations import format_duration, parse_duration
+from webhook.app import DEFAULT_LIMITS, DEFAULT_MAX_INFLIGHT, WebhookSettings, serve
 from webhook.certs import san_entry
 from webhook.cluster_config import DEFAULT_CONFIG_MAP
 
@@ -90,6 +91,27 @@ def parse_args(argv: list[str] | None = None) -> WebhookSettings:
         default="10s",
         help="how often the ConfigMap is read again (admission never waits for it)",
     )
+    limits = DEFAULT_LIMITS
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=limits.max_connections,
+        metavar="N",
+        help="client connections at once; a new one evicts the oldest waiting one",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=_duration,
+        default=format_duration(limits.header_timeout),
+        help="a TLS handshake, and a request head from its first byte, must end within this",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=_duration,
+        default=format_duration(limits.idle_timeout),
+        help="an idle kept-alive connection is closed after this (keep it above the API "
+        "server's 90s)",
+    )
     p.add_argument("--log-level", default="INFO")
     p.add_argument(
         "--reload-interval", type=float, default=10.0, help="seconds between cert-file checks"
@@ -99,6 +121,11 @@ def parse_args(argv: list[str] | None = None) -> WebhookSettings:
         p.error("--proxy-image (or env FREEZE_PROXY_IMAGE) is required")
     if args.max_inflight_reviews < 1:
         p.error("--max-inflight-reviews must be at least 1")
+    if args.max_connections < 1:
+        p.error("--max-connections must be at least 1")
+    for name in ("header_timeout", "idle_timeout"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
     if bool(args.tls_cert_file) != bool(args.tls_private_key_file):
         p.error("--tls-cert-file and --tls-private-key-file go together")
     try:
@@ -130,6 +157,12 @@ def parse_args(argv: list[str] | None = None) -> WebhookSettings:
         shutdown_timeout=args.shutdown_timeout,
         config_map=args.config_map,
         config_refresh=args.config_refresh,
+        limits=dataclasses.replace(
+            limits,
+            max_connections=args.max_connections,
+            header_timeout=args.header_timeout,
+            idle_timeout=args.idle_timeout,
+        ),
     )
 
 

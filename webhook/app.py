@@ -11,6 +11,14 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from bounded.connections import (
+    ConnectionGuard,
+    ServerLimits,
+    files_needed,
+    guarded_runner,
+    listen,
+    raise_open_files_limit,
+)
 from freeze_proxy.addresses import parse_listen
 from webhook.admission import BadReview, Mutator, Outcome, parse_review, review_pod
 from webhook.cluster_config import DEFAULT_CONFIG_MAP, ConfigWatcher, SettingsBox
@@ -62,6 +70,20 @@ class InFlight:
 IN_FLIGHT_KEY = web.AppKey("in_flight", InFlight)
 
 
+# Its clients are the API servers (Go's transport: idle connections kept 90 s), but anything in
+# the cluster can reach the Service: every connection is bounded (bounded.connections).
+# - idle 5 m, well above the API server's 90 s, so the API server always closes first: a server
+#   closing an idle connection as a review is sent on it fails that review (a POST is not sent
+#   again), and with failurePolicy Ignore the pod then runs unfrozen for good;
+# - the TLS handshake, then a request head, each within 10 s (--header-timeout);
+# - after an answer that leaves body unread (a 413), the rest is read and discarded for 0.5 s
+#   before the close, so the client gets the answer rather than a reset (Go waits 0.5 s too);
+# - 1024 connections at once (--max-connections): a new one evicts the oldest waiting one.
+DEFAULT_LIMITS = ServerLimits(
+    max_connections=1024, header_timeout=10.0, idle_timeout=300.0, body_timeout=0.5
+)
+
+
 @dataclass(frozen=True)
 class WebhookSettings:
     """Everything __main__ parses; defaults are the names config/ ships."""
@@ -85,6 +107,7 @@ class WebhookSettings:
     shutdown_timeout: float = 10.0
     config_map: str = DEFAULT_CONFIG_MAP  # "" = the built-in sidecar defaults only
     config_refresh: float = 10.0
+    limits: ServerLimits = DEFAULT_LIMITS
     mutation: MutationSettings = field(init=False)
 
     def __post_init__(self) -> None:
@@ -195,9 +218,6 @@ async def handle_readyz(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
-LINGERING_TIME = 0.5  # seconds
-
-
 def create_app(
     settings: MutationSettings,
     mutator: Mutator = mutate,
@@ -297,18 +317,11 @@ async def serve(settings: WebhookSettings) -> None:
         first.cancel()
         return
     keepers = first.result()
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        shutdown_timeout=settings.shutdown_timeout,
-        # After an answer that leaves body unread (a 413), aiohttp reads and discards the rest
-        # for this long before it closes, so the client gets the answer rather than a reset;
-        # its 10 s default held every SIGTERM that long. Go's server waits 0.5 s likewise.
-        lingering_time=LINGERING_TIME,
-    )
+    raise_open_files_limit(files_needed(settings.limits))
+    guard = ConnectionGuard(settings.limits)
+    runner = guarded_runner(app, guard, settings.shutdown_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=tls.context)
-    await site.start()
+    server = await listen(runner, guard, host or None, port, tls=tls.context)
     log.info(
         "freeze-webhook serving",
         extra={"listen": settings.listen, "proxy_image": settings.proxy_image},
@@ -329,7 +342,7 @@ async def serve(settings: WebhookSettings) -> None:
         # Stop listening, then let the reviews in flight finish (their bodies still arriving:
         # aiohttp's cleanup alone stops reading from every connection, so a review half
         # received would never complete).
-        await site.stop()
+        server.close()
         in_flight = app[IN_FLIGHT_KEY]
         try:
             async with asyncio.timeout(settings.shutdown_timeout):
@@ -345,4 +358,5 @@ async def serve(settings: WebhookSettings) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
         await runner.cleanup()
+        await server.wait_closed()
         log.info("freeze-webhook stopped")

@@ -1,0 +1,1 @@
+"""Limits shared by the daemon's and the webhook's servers."""
