@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import resource
 import socket
 import ssl
 import time
@@ -277,16 +276,6 @@ class _GuardedTLS(asyncio.BufferedProtocol):
 def files_needed(limits: ServerLimits) -> int:
     """Descriptors a server may need: one per connection, plus its own (clients, logs)."""
     return limits.max_connections + 256
-
-
-def raise_open_files_limit(wanted: int) -> tuple[int, int]:
-    """Raise RLIMIT_NOFILE's soft limit to ``wanted`` (at most the hard limit); (soft, hard)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if target > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
-    return soft, hard
 
 
 def guarded_runner(

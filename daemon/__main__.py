@@ -20,7 +20,7 @@ require_extra(
 import aiohttp
 from aiohttp import web
 
-from bounded.connections import ServerLimits, files_needed, raise_open_files_limit
+from bounded.connections import ServerLimits, files_needed
 from daemon.api import METRICS, RUNTIME, THROTTLER, make_app, thaw_on_stop
 from daemon.auth import (
     ApiServerJwks,
@@ -43,6 +43,7 @@ from daemon.server import serve
 from freeze_proxy import jsonlog
 from freeze_proxy.addresses import bind_host, parse_listen
 from freeze_proxy.durations import format_duration, parse_duration
+from freeze_proxy.openfiles import fit_open_files
 
 log = logging.getLogger("daemon")
 
@@ -465,14 +466,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``freeze-daemon`` / ``python -m daemon``."""
     settings = parse_args(argv)
     jsonlog.setup("freeze-daemon", settings.log_level)
-    wanted = files_needed(settings.server)
-    soft, hard = raise_open_files_limit(wanted)
-    if soft < wanted:
-        log.warning(
-            "RLIMIT_NOFILE is below what --max-connections needs: lower --max-connections or "
-            "raise the container's hard limit",
-            extra={"soft": soft, "hard": hard, "wanted": wanted},
-        )
+    fit_open_files(files_needed(settings.server))
     try:
         asyncio.run(run(settings))
     except (StartupError, OSError) as e:

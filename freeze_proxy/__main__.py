@@ -22,6 +22,7 @@ from freeze_proxy import contract, jsonlog, relay
 from freeze_proxy.addresses import host_port, parse_listen
 from freeze_proxy.app import Settings, serve
 from freeze_proxy.durations import format_duration, parse_duration
+from freeze_proxy.openfiles import fit_open_files
 
 DEFAULT_GRACE = contract.DEFAULT_GRACE  # README, "Idle grace"
 
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = parse_args(argv)
     except ValueError as exc:  # a bad FREEZE_GRACE in the environment
         sys.exit(f"freeze-proxy: {exc}")
+    fit_open_files(relay.files_needed(settings.max_connections))
     if uvloop is None:
         asyncio.run(serve(settings))
     else:

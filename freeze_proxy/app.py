@@ -107,10 +107,10 @@ class FreezeProxy:
             in_flight=lambda: self.gate.in_flight,
             state=lambda: self.gate.state.value,
             states=[s.value for s in AppState],
-            counters=lambda: vars(self.counters) | self.probe_counts(),
+            counters=lambda: vars(self.counters) | self.component_counts(),
         )
-        # The prober's counts (probes.py), for /metrics: serve() wires them.
-        self.probe_counts: Callable[[], dict[str, int]] = dict
+        # What the prober, the relay and the health port count, for /metrics: serve() wires it.
+        self.component_counts: Callable[[], dict[str, int]] = dict
 
     def arrive(self) -> Wakeup | None:
         """Count one more piece of work in flight; pair it with exactly one ``depart()``.
@@ -387,14 +387,19 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         stopping.is_set,
         server.is_serving,
     )
-    if proxy is not None:
-        proxy.probe_counts = lambda: {
-            "probe_wakes": prober.wakes,
-            "probes_from_last_result": prober.from_last,
-        }
     host, health_port = parse_listen(settings.health_listen, "--health-listen")
     own = frozenset({port, health_port})
     health_answers = HealthPort(proxy, stopping, prober, app_address, own)
+    if proxy is not None:
+        proxy.component_counts = lambda: {
+            "probe_wakes": prober.wakes,
+            "probes_from_last_result": prober.from_last,
+            "client_connections": len(relay.downstreams),
+            "head_timeouts": relay.head_timeouts,
+            "idle_closed": relay.idle_closed,
+            "refused_connections": relay.refused_connections,
+            "health_refused_connections": health_answers.refused_connections,
+        }
     health = await loop.create_server(
         health_answers.protocol, bind_host(host), health_port, reuse_address=True
     )

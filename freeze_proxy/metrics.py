@@ -346,8 +346,39 @@ class ProxyMetrics:
                 "refused",
                 "Requests answered 503 because the app could not be resumed in time.",
             ),
+            (
+                "freeze_proxy_head_timeouts_total",
+                "head_timeouts",
+                "Client connections answered 408 and closed: a request head was not complete "
+                "within --header-timeout of its first byte.",
+            ),
+            (
+                "freeze_proxy_idle_closed_total",
+                "idle_closed",
+                "Client connections closed after --idle-timeout without a request.",
+            ),
         ):
             r.add(Counter(name, what, fn=_reader(counters, field)))
+        r.add(
+            Gauge(
+                "freeze_proxy_client_connections",
+                "Client connections the serving port holds (at --max-connections, new ones are "
+                "refused).",
+                fn=lambda: float(counters().get("client_connections", 0)),
+            )
+        )
+        r.add(
+            Counter(
+                "freeze_proxy_connections_refused_total",
+                "Connections answered 503 and closed because the listener already held its "
+                "maximum (serving: --max-connections; health: 1024).",
+                ("listener",),
+                fn=lambda: {
+                    ("serving",): float(counters().get("refused_connections", 0)),
+                    ("health",): float(counters().get("health_refused_connections", 0)),
+                },
+            )
+        )
 
     def render(self) -> str:
         return self.registry.render()

@@ -45,6 +45,14 @@ EARLY_CONNECT_WAIT = 0.02
 HEADER_TIMEOUT = 10.0  # from a head's first byte to its end; then 408 and close
 IDLE_TIMEOUT = 300.0  # no request in progress, nothing received; then close
 MAX_CONNECTIONS = 10000  # client connections at once; the next one gets 503 and is closed
+
+
+def files_needed(max_connections: int) -> int:
+    """Descriptors the proxy may need: each client connection may hold one to the app, plus
+    the pool, the health port's connections, the daemon client's and the logs'."""
+    return 2 * max_connections + 256 + 1024
+
+
 # After our own answer to a client that may still be sending (a refusal, or the app answered
 # before reading the whole body): half-closed, its input discarded for this long, then closed.
 # Closing a socket with unread input makes the kernel send RST, and a RST can destroy the answer

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
@@ -164,7 +165,10 @@ async def start_harness(
     state_file: Path | None = None,
     mode: str = "freeze",
     throttle_cpu: str = "10m",
+    **settings: Any,
 ) -> Harness:
+    """The proxy's ``serve`` between stubs of the daemon and the app; ``settings`` go to
+    ``Settings`` as they are (e.g. the relay's ``header_timeout``)."""
     daemon = DaemonStub()
     app = AppStub(daemon)
     daemon_port, app_port, proxy_port, health_port = (free_port() for _ in range(4))
@@ -175,7 +179,7 @@ async def start_harness(
         runners.append(await start_site(app.app(), app_port))
     token_file = tmp_path / "token"
     token_file.write_text("token-1")
-    settings = Settings(
+    configured = Settings(
         listen=f"127.0.0.1:{proxy_port}",
         health_listen=f"127.0.0.1:{health_port}",
         upstream=f"http://127.0.0.1:{app_port}",
@@ -187,9 +191,10 @@ async def start_harness(
         drain_timeout=2.0,
         mode=mode,
         throttle_cpu=throttle_cpu,
+        **settings,
     )
     stop = asyncio.Event()
-    task = asyncio.ensure_future(serve(settings, stop))
+    task = asyncio.ensure_future(serve(configured, stop))
     h = Harness(
         daemon,
         app,

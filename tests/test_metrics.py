@@ -270,3 +270,33 @@ async def test_the_health_port_lists_metrics_among_what_it_serves(harness: Harne
     async with aiohttp.ClientSession() as s, s.get(url) as r:
         assert r.status == 404
         assert contract.METRICS_PATH in (await r.json())["error"]
+
+
+async def test_slow_idle_and_surplus_client_connections_are_counted(tmp_path: Path) -> None:
+    """The relay's bounds (README, *Timeouts and limits*) show on /metrics, not in the log."""
+    h = await start_harness(tmp_path, header_timeout=0.2, idle_timeout=0.4, max_connections=1)
+    try:
+        port = int(h.proxy_url.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 5  # the harness's own check that the proxy listens
+        while value(await scrape(h), "freeze_proxy_client_connections") > 0:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        silent_reader, silent = await asyncio.open_connection("127.0.0.1", port)
+        surplus, extra = await asyncio.open_connection("127.0.0.1", port)
+        assert (await asyncio.wait_for(surplus.read(), 5)).startswith(b"HTTP/1.1 503 ")
+        extra.close()
+        assert await asyncio.wait_for(silent_reader.read(), 5) == b""  # the idle timeout
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\n")  # a head that never ends
+        answer = await asyncio.wait_for(reader.read(), 5)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        writer.close()
+        silent.close()
+        got = await scrape(h)
+        assert value(got, "freeze_proxy_head_timeouts_total") == 1
+        assert value(got, "freeze_proxy_idle_closed_total") == 1
+        assert value(got, "freeze_proxy_connections_refused_total", listener="serving") == 1
+        assert value(got, "freeze_proxy_connections_refused_total", listener="health") == 0
+        assert value(got, "freeze_proxy_client_connections") == 0
+    finally:
+        await h.close()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -60,10 +61,12 @@ async def real_proxy(
     connect: str | None = None,
     token: str = "token-1",
     env: dict[str, str] | None = None,
+    open_files: tuple[int, int] | None = None,
 ) -> AsyncIterator[RealProxy]:
     """``python -m freeze_proxy`` in front of ``app_port``, listening on ``host`` (empty: the
     wildcard) and reached at ``connect`` (default ``host``); ``daemon_url`` None leaves the
-    default (from ``HOST_IP`` in ``env``). SIGTERM (then KILL) at exit."""
+    default (from ``HOST_IP`` in ``env``); ``open_files`` (soft, hard) starts it with that
+    RLIMIT_NOFILE, as a container runtime would. SIGTERM (then KILL) at exit."""
     port, health = free_port(), free_port()
     connect = connect or host
     token_file = tmp_path / "token"
@@ -73,8 +76,15 @@ async def real_proxy(
     log_file = tmp_path / f"proxy-{port}.log"
     daemon_flag = [] if daemon_url is None else [f"--daemon-url={daemon_url}"]
     with open(log_file, "w") as log:
+        limited = []
+        if open_files is not None:
+            soft, hard = (
+                str(n) if n != resource.RLIM_INFINITY else "unlimited" for n in open_files
+            )
+            limited = ["prlimit", f"--nofile={soft}:{hard}"]
         proc = subprocess.Popen(
             [
+                *limited,
                 sys.executable,
                 "-m",
                 "freeze_proxy",

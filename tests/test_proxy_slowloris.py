@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -225,3 +226,38 @@ async def test_the_health_port_refuses_connections_beyond_its_cap() -> None:
             w.close()
     finally:
         server.close()
+
+
+def open_files_soft_limit(pid: int) -> int:
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+    return int(line.split()[3])
+
+
+@pytest.mark.parametrize("room", [True, False], ids=["hard-limit-has-room", "hard-limit-too-low"])
+async def test_the_open_files_limit_is_raised_to_fit_max_connections(
+    tmp_path: Path, room: bool
+) -> None:
+    """A container may start with a soft limit of 1024 descriptors (containerd 2.x no longer
+    raises it): the proxy raises it to what --max-connections needs, or says it cannot."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1] if room else 2048
+    async with (
+        app_site() as app_port,
+        real_proxy(
+            tmp_path,
+            app_port,
+            refused_url(),
+            "--no-freeze",
+            "--max-connections=3000",
+            open_files=(1024, hard),
+        ) as proxy,
+    ):
+        assert await get(proxy.url + "/x") == (200, "hello")
+        soft = open_files_soft_limit(proxy.proc.pid)
+    wanted = 2 * 3000 + 256 + 1024
+    assert soft == (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard))
+    warned = [r for r in proxy.log_lines() if r["msg"].startswith("RLIMIT_NOFILE")]
+    if hard < wanted:
+        assert len(warned) == 1 and warned[0]["wanted"] == wanted, warned
+    else:
+        assert not warned

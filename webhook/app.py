@@ -17,9 +17,9 @@ from bounded.connections import (
     files_needed,
     guarded_runner,
     listen,
-    raise_open_files_limit,
 )
 from freeze_proxy.addresses import parse_listen
+from freeze_proxy.openfiles import fit_open_files
 from webhook.admission import BadReview, Mutator, Outcome, parse_review, review_pod
 from webhook.cluster_config import DEFAULT_CONFIG_MAP, ConfigWatcher, SettingsBox
 from webhook.mutation import MutationSettings, mutate
@@ -317,7 +317,7 @@ async def serve(settings: WebhookSettings) -> None:
         first.cancel()
         return
     keepers = first.result()
-    raise_open_files_limit(files_needed(settings.limits))
+    fit_open_files(files_needed(settings.limits))
     guard = ConnectionGuard(settings.limits)
     runner = guarded_runner(app, guard, settings.shutdown_timeout)
     await runner.setup()
