@@ -27,7 +27,7 @@ demo: setup
 
 # The README's test command (CI runs exactly this): lint, types, stubs, then every test.
 test: setup lint check-protos k8s-bins rootfs
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q --durations=30 $(PYTEST_ARGS)
 
 lint:
 	$(PYTHON) -m ruff check .

@@ -38,6 +38,11 @@ _TOKEN_CHARS = frozenset(
 _VALUE_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # A request target is visible ASCII (RFC 9112 §3.2, RFC 3986); Go's client percent-encodes the rest.
 _NOT_IN_TARGET = re.compile(rb"[^\x21-\x7e]")
+# Its four forms (RFC 9112 §3.2): origin (``/p?q``), absolute (``scheme://...``: llhttp wants
+# the authority's ``//``, stricter than RFC 3986's ``t:/``), authority (only for CONNECT:
+# ``host:port``) and asterisk (``*``, for OPTIONS; Go parses it for any method and leaves the
+# answer to the handler). llhttp and Go refuse anything else (``HEAD o``).
+_ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://")
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
 # chunk-size [ chunk-ext ], without the optional whitespace around ";" and "=" (llhttp refuses
@@ -174,7 +179,18 @@ def parse_request(head: bytes) -> RequestHead:
         raise HttpError(400, f"malformed method {method[:20]!r}")
     if _NOT_IN_TARGET.search(target):
         raise HttpError(400, f"a request target outside visible ASCII {target[:80]!r}")
+    if not (
+        target.startswith(b"/")
+        or target == b"*"
+        or method == b"CONNECT"
+        or _ABSOLUTE_FORM.match(target)
+    ):
+        raise HttpError(400, f"a request target in none of its four forms {target[:80]!r}")
     headers = _split_headers(lines[1:])
+    if sum(1 for name, _ in headers if name.lower() == b"host") > 1:
+        # RFC 9112 §3.2 (Go and h11 refuse it too): the app might route by one Host and a
+        # cache or a policy in front by the other. (A missing Host is left to the app.)
+        raise HttpError(400, "more than one Host header")
     framing, length, keep_alive, upgrade = _framing(headers, version)
     if framing < 0:
         framing = NO_BODY  # a request without framing headers has no body (RFC 9112 §6.3)
@@ -357,6 +373,11 @@ def own_response(status: int, body: bytes, content_type: bytes, keep_alive: bool
     return serialize(start, headers) + body
 
 
+# Framing and routing fields, which RFC 9110 §6.5.1 forbids in trailers: llhttp refuses a
+# Content-Length there, and an app that merged one into its headers would frame or route by it.
+_NOT_IN_TRAILERS = frozenset({b"content-length", b"transfer-encoding", b"host", b"trailer"})
+
+
 class ChunkedScanner:
     """Finds where a chunked body ends, without decoding it (the bytes are relayed as they are).
 
@@ -416,6 +437,8 @@ class ChunkedScanner:
                 return pos
             elif line[:1] in (b" ", b"\t"):
                 raise HttpError(400, "obsolete line folding in a trailer is not accepted")
-            else:
-                _field(line)  # a trailer the app would refuse or split otherwise is refused
+            else:  # a trailer the app would refuse or split otherwise is refused
+                name = _field(line)[0].lower()
+                if name in _NOT_IN_TRAILERS:
+                    raise HttpError(400, f"a {name.decode()} field in the trailers")
         return -1

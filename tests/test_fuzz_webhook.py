@@ -119,45 +119,54 @@ PRISTINE = (
 )
 
 
+def check_review(raw: bytes, pristine: bool, counts: dict[str, int]) -> None:
+    """One review through parse_review + review_pod, as webhook.app handles it: the checks
+    the hypothesis test below and the atheris run (tests/atheris_fuzz.py) share."""
+    try:
+        parsed = parse_review(raw)
+    except BadReview:
+        counts["bad_review"] += 1  # answered 400 by webhook.app: the API server Ignores
+        return
+    outcome = review_pod(parsed, SETTINGS)
+    body = json.loads(json.dumps(outcome.body))  # what goes on the wire is JSON
+    response = body["response"]
+    assert response["allowed"] is True
+    assert response["uid"] == parsed["request"]["uid"]
+    if outcome.action == "error":
+        counts["errors"] += 1
+    if "patch" not in response:
+        return
+    assert response["patchType"] == "JSONPatch"
+    patch = json.loads(base64.b64decode(response["patch"]))
+    assert isinstance(patch, list) and all(op["op"] in ("add", "replace") for op in patch)
+    pod = parsed["request"]["object"]
+    try:
+        validate(pod)
+    except (kubernetes_validate.ValidationError, KeyError, TypeError, AttributeError):
+        # The API server validates a pod after the webhooks; it never sends one without
+        # metadata, kind or apiVersion. Such a pod stays as invalid as it came.
+        counts["invalid_pods"] += 1
+        return
+    after = apply_patch(pod, patch)
+    counts["patched"] += 1
+    validate(after)
+    assert pristine or after != pod
+
+
+def review_counts() -> dict[str, int]:
+    return {"patched": 0, "errors": 0, "bad_review": 0, "invalid_pods": 0}
+
+
 def test_no_review_raises_refuses_a_pod_or_gets_an_invalid_patch() -> None:
     cases = Cases()
-    mutated = {"patched": 0, "errors": 0, "bad_review": 0, "invalid_pods": 0}
+    mutated = review_counts()
 
     @budget(150)
     @given(review())
     @example(PRISTINE)  # whatever the draw, one review is patched (the last assertion below)
     def check(item: tuple[bytes, bool]) -> None:
         cases()
-        raw, pristine = item
-        try:
-            parsed = parse_review(raw)
-        except BadReview:
-            mutated["bad_review"] += 1  # answered 400 by webhook.app: the API server Ignores
-            return
-        outcome = review_pod(parsed, SETTINGS)
-        body = json.loads(json.dumps(outcome.body))  # what goes on the wire is JSON
-        response = body["response"]
-        assert response["allowed"] is True
-        assert response["uid"] == parsed["request"]["uid"]
-        if outcome.action == "error":
-            mutated["errors"] += 1
-        if "patch" not in response:
-            return
-        assert response["patchType"] == "JSONPatch"
-        patch = json.loads(base64.b64decode(response["patch"]))
-        assert isinstance(patch, list) and all(op["op"] in ("add", "replace") for op in patch)
-        pod = parsed["request"]["object"]
-        try:
-            validate(pod)
-        except (kubernetes_validate.ValidationError, KeyError, TypeError, AttributeError):
-            # The API server validates a pod after the webhooks; it never sends one without
-            # metadata, kind or apiVersion. Such a pod stays as invalid as it came.
-            mutated["invalid_pods"] += 1
-            return
-        after = apply_patch(pod, patch)
-        mutated["patched"] += 1
-        validate(after)
-        assert pristine or after != pod
+        check_review(*item, mutated)
 
     run_fuzz("webhook_review", cases, check)
     write_figure("webhook_review", fuzz="webhook_review", cases=cases.n, failures=0, **mutated)

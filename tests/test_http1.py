@@ -383,6 +383,35 @@ def test_a_request_target_outside_visible_ascii_is_refused(target: bytes) -> Non
     assert refusal(b"GET " + target + b" HTTP/1.1\r\nHost: h").status == 400
 
 
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [(b"HEAD", b"o"), (b"GET", b"x/y"), (b"GET", b"?q"), (b"GET", b"1http://h/"),
+     (b"POST", b"h"), (b"POST", b"host:80"), (b"POST", b"t:/"), (b"GET", b"**")],
+)  # fmt: skip
+def test_a_request_target_in_none_of_the_four_forms_is_refused(
+    method: bytes, target: bytes
+) -> None:
+    """RFC 9112 §3.2: origin-form (``/p``), absolute-form (``http://h/p``), authority-form (only
+    CONNECT) or ``*``. llhttp and Go refuse the rest (``HEAD o``: found by atheris)."""
+    assert refusal(method + b" " + target + b" HTTP/1.1\r\nHost: h").status == 400
+
+
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [(b"GET", b"/"), (b"GET", b"/a?b"), (b"GET", b"http://h/p"), (b"GET", b"HTTPS://h"),
+     (b"CONNECT", b"h:443"), (b"OPTIONS", b"*")],
+)  # fmt: skip
+def test_the_four_forms_of_request_target_are_accepted(method: bytes, target: bytes) -> None:
+    assert request(b"Host: h", start=method + b" " + target + b" HTTP/1.1").target == target
+
+
+@pytest.mark.parametrize("second", [b"Host: h", b"host: other", b"HOST:h2"])
+def test_a_request_with_two_host_headers_is_refused(second: bytes) -> None:
+    """RFC 9112 §3.2: a server MUST answer 400 (Go and h11 do): the app might route by one Host
+    and a cache or policy by the other. Found by atheris against h11."""
+    assert refusal(b"GET / HTTP/1.1\r\nHost: h\r\n" + second).status == 400
+
+
 # -- parse_response ---------------------------------------------------------------------------
 
 
@@ -1144,6 +1173,13 @@ def test_scanner_can_be_reused_for_the_next_body() -> None:
         b"0\r\nX-T: a\x01\r\n\r\n",
         b"0\r\n folded\r\n\r\n",
         b"0\r\n: no-name\r\n\r\n",
+        # Found by atheris (tests/atheris_fuzz.py): llhttp refuses a framing field in the
+        # trailers; RFC 9110 §6.5.1 forbids framing and routing fields there.
+        b"0\r\nContent-Length: 0\r\n\r\n",
+        b"0\r\ncontent-length: 5\r\n\r\n",
+        b"0\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"0\r\nX-T: 1\r\nHost: other\r\n\r\n",
+        b"0\r\nTrailer: X\r\n\r\n",
     ],
 )
 @pytest.mark.parametrize("pieces", [1, 2], ids=["whole", "byte-by-byte"])
