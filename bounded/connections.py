@@ -189,10 +189,10 @@ class ConnectionGuard:
         return guard
 
 
-class _GuardedProtocol(asyncio.Protocol):
-    """aiohttp's per-connection protocol, with the guard told about opens, bytes and closes."""
+class _Guarded(asyncio.BaseProtocol):
+    """A per-connection protocol with the guard told about opens, bytes and closes."""
 
-    def __init__(self, inner: asyncio.Protocol, guard: ConnectionGuard) -> None:
+    def __init__(self, inner: asyncio.Protocol | asyncio.BufferedProtocol, guard: ConnectionGuard):
         self._inner = inner
         self._guard = guard
         self._transport: asyncio.BaseTransport | None = None
@@ -205,10 +205,9 @@ class _GuardedProtocol(asyncio.Protocol):
         if not keep:
             transport.abort()
 
-    def data_received(self, data: bytes) -> None:
+    def _received(self) -> None:
         if self._transport is not None:
             self._guard.received(self._transport)
-        self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received()
@@ -225,6 +224,18 @@ class _GuardedProtocol(asyncio.Protocol):
         self._inner.resume_writing()
 
 
+class _GuardedProtocol(_Guarded, asyncio.Protocol):
+    """aiohttp's protocol on a plain connection."""
+
+    def __init__(self, inner: asyncio.Protocol, guard: ConnectionGuard) -> None:
+        super().__init__(inner, guard)
+        self._plain = inner
+
+    def data_received(self, data: bytes) -> None:
+        self._received()
+        self._plain.data_received(data)
+
+
 class _CompactTLS(sslproto.SSLProtocol):
     """asyncio's TLS layer, reading 32 KiB at a time: its 256 KiB read buffer, allocated for
     every accepted connection, made a connection that never sent a byte cost 290 KiB."""
@@ -232,45 +243,21 @@ class _CompactTLS(sslproto.SSLProtocol):
     max_size = 32 * 1024  # twice TLS's largest record
 
 
-class _GuardedTLS(asyncio.BufferedProtocol):
+class _GuardedTLS(_Guarded, asyncio.BufferedProtocol):
     """The TLS layer under the guard: the guard sees each connection from its accept, so one
     that never finishes its handshake counts against the cap (and may be evicted), and the
     head's clock starts at its first byte (the ClientHello)."""
 
     def __init__(self, tls: sslproto.SSLProtocol, guard: ConnectionGuard) -> None:
+        super().__init__(tls, guard)
         self._tls = tls
-        self._guard = guard
-        self._transport: asyncio.BaseTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        keep = self._guard.opened(transport)
-        self._tls.connection_made(transport)
-        if not keep:
-            transport.abort()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._tls.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._transport is not None:
-            self._guard.received(self._transport)
+        self._received()
         self._tls.buffer_updated(nbytes)
-
-    def eof_received(self) -> None:
-        self._tls.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._transport is not None:
-            self._guard.closed(self._transport)
-        self._tls.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self._tls.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._tls.resume_writing()
 
 
 def files_needed(limits: ServerLimits) -> int:

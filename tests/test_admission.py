@@ -101,15 +101,22 @@ def start_webhook(tmp_path: Path, *args: str) -> Webhook:
     return Webhook(f"https://127.0.0.1:{port}", proc, bundle.ca_bundle, tmp_path)
 
 
-@pytest.fixture
-def webhook_process(tmp_path: Path) -> Iterator[Webhook]:
-    hook = start_webhook(tmp_path, "--drain-delay", "0")
+@contextlib.contextmanager
+def running_webhook(tmp_path: Path, *args: str) -> Iterator[Webhook]:
+    """``start_webhook``, terminated at the end if still running."""
+    hook = start_webhook(tmp_path, *args)
     try:
         yield hook
     finally:
         if hook.proc.poll() is None:
             hook.proc.terminate()
             hook.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def webhook_process(tmp_path: Path) -> Iterator[Webhook]:
+    with running_webhook(tmp_path, "--drain-delay", "0") as hook:
+        yield hook
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.reliability_report import write_figure
-from tests.test_admission import SERVICE_DNS, Webhook, review, start_webhook
+from tests.test_admission import SERVICE_DNS, Webhook, review, running_webhook
 from tests.test_proxy_slowloris import open_fds, rss_kib
 
 pytestmark = pytest.mark.fuzz
@@ -29,15 +29,9 @@ POD = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "labels": {}
 
 @pytest.fixture
 def hook(tmp_path: Path) -> Iterator[Webhook]:
-    started = start_webhook(
-        tmp_path, "--drain-delay=0", "--header-timeout=1s", "--max-connections=400"
-    )
-    try:
+    limits = ("--header-timeout=1s", "--max-connections=400")
+    with running_webhook(tmp_path, "--drain-delay=0", *limits) as started:
         yield started
-    finally:
-        if started.proc.poll() is None:
-            started.proc.terminate()
-            started.proc.wait(timeout=10)
 
 
 def port_of(hook: Webhook) -> int:
@@ -144,8 +138,7 @@ async def test_silent_and_trickling_clients_are_cut_after_the_header_timeout(
 
 async def test_held_connections_beyond_the_cap_never_lock_a_review_out(tmp_path: Path) -> None:
     cap = 20
-    hook = start_webhook(tmp_path, "--drain-delay=0", f"--max-connections={cap}")
-    try:
+    with running_webhook(tmp_path, "--drain-delay=0", f"--max-connections={cap}") as hook:
         await ready(hook)
         fds_before = open_fds(hook.proc.pid)
         # Idle kept-alive TLS connections, and connections that never start their handshake.
@@ -157,6 +150,3 @@ async def test_held_connections_beyond_the_cap_never_lock_a_review_out(tmp_path:
         assert open_fds(hook.proc.pid) <= fds_before + cap + 1
         for _, writer in held:
             writer.close()
-    finally:
-        hook.proc.terminate()
-        hook.proc.wait(timeout=10)
