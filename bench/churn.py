@@ -69,7 +69,7 @@ async def back_to_back(table: Table, st: Stack, app_port: int, seconds: float) -
 async def paced(table: Table, st: Stack, app_port: int, quick: bool) -> None:
     """Requests at a fixed rate; each measured from send to full response."""
     pod = st.client.pods[-1]
-    counts = {1: 5, 10: 30, 100: 200} if quick else {1: 20, 10: 200, 100: 1000}
+    counts = {1: 2, 10: 5, 100: 20} if quick else {1: 20, 10: 200, 100: 1000}
     for rate in RATES:
         baseline: list[float] = []
         for name, flags in [("disabled", ["--no-freeze"])] + [

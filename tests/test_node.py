@@ -8,15 +8,18 @@ user with a private registry or k3s would), Knative Services applied unchanged b
 and what the user would check: pods Ready and mutated, the app frozen when idle and answering
 when called, probes not restarting anything, scale to zero, deletion and uninstall.
 
-The checks are the issue's proofs 1-7, run in file order (proof 5 late, so that its wait for the
-token's rotation overlaps the others); later tests build on the install of earlier ones
-(module-scoped fixtures), and the uninstall is last.
+The checks are the issue's proofs 1-7 and issue #15's two daemon faults (8: a rolling update,
+9: SIGKILL), run in file order (proof 5 late, so that its wait for the token's rotation overlaps
+the others); later tests build on the install of earlier ones (module-scoped fixtures), and the
+uninstall is last.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -262,6 +265,120 @@ def test_7a_deleting_a_frozen_service_removes_its_pods_within_the_grace(
     print(f"kubectl delete ksvc: the frozen pod was Terminating for {took:.1f} s")
 
 
+def _daemon_pods(cluster: Cluster) -> list[dict[str, Any]]:
+    listed = cluster.get_json(
+        "pods", "-n", install.NAMESPACE, "-l", "app.kubernetes.io/name=freeze-daemon"
+    )
+    return list(listed["items"])
+
+
+def _the_one_daemon_pod(cluster: Cluster, not_: str | None = None) -> dict[str, Any] | None:
+    """The node's daemon pod, if exactly one (and not named ``not_``)."""
+    found = _daemon_pods(cluster)
+    one = found[0] if len(found) == 1 else None
+    return one if one is not None and one["metadata"]["name"] != not_ else None
+
+
+def test_8_a_rolling_update_of_the_daemon_under_traffic_fails_no_request(
+    cluster: Cluster, sleeptalker: dict[str, Any]
+) -> None:
+    """Issue #15's rolling update, as Kubernetes does it: ``kubectl rollout restart`` of the
+    DaemonSet while a client calls the app through queue-proxy twice a second (frozen between
+    calls: grace 250 ms). The kubelet stops the old daemon pod (it thaws what it froze), then
+    starts the new one; no request fails, and the figure is the longest added latency."""
+    pod = refresh(cluster, sleeptalker)
+    until("the idle app frozen", lambda: frozen(pod), 30)
+    old = until("one daemon pod", lambda: _the_one_daemon_pod(cluster), 30)["metadata"]["name"]
+    outcomes: list[tuple[float, int, float]] = []  # (started, status, seconds)
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                status, _ = get(queue_proxy_url(pod), timeout=30)
+            except OSError:
+                status = 0
+            outcomes.append((started, status, time.monotonic() - started))
+            stop.wait(0.5)
+
+    client = threading.Thread(target=traffic, daemon=True)
+    client.start()
+    try:
+        time.sleep(3)
+        fault = time.monotonic()
+        daemonset = "daemonset/freeze-daemon-containerd"
+        cluster.kubectl("rollout", "restart", "-n", install.NAMESPACE, daemonset)
+        cluster.kubectl(
+            "rollout", "status", "-n", install.NAMESPACE, daemonset, "--timeout=180s",
+            timeout=200,
+        )  # fmt: skip
+        rolled = time.monotonic()
+        new = until("only the new daemon pod", lambda: _the_one_daemon_pod(cluster, old), 60)
+        time.sleep(3)
+    finally:
+        stop.set()
+        client.join(40)
+    failed = [o for o in outcomes if o[1] != 200]
+    assert not failed, f"requests failed during the rollout: {failed}"
+    before = sorted(s for at, _, s in outcomes if at < fault)
+    baseline = before[len(before) // 2]
+    during = [s for at, _, s in outcomes if at >= fault]
+    figure = write_figure(
+        "daemon-rolling-update-node",
+        requests=len(outcomes),
+        failed=len(failed),
+        rollout_s=round(rolled - fault, 1),
+        max_added_latency_ms=round(1000 * (max(during) - baseline), 1),
+        old_pod=old,
+        new_pod=new["metadata"]["name"],
+    )
+    assert figure["requests"] > 10, figure
+    until("frozen again by the new daemon", lambda: frozen(pod), 30)
+
+
+def test_9_the_daemon_killed_while_the_app_is_frozen_is_restarted_and_the_app_wakes(
+    cluster: Cluster, sleeptalker: dict[str, Any]
+) -> None:
+    """Issue #15's daemon crash on the real node: SIGKILL to every process of the daemon's
+    container while the app is frozen. The kubelet restarts the container; the new daemon
+    thaws what the dead one froze before it serves; the next request is answered and the app
+    is frozen again. No request is lost: one sent during the outage waits for the new daemon
+    (or gets a bounded 503 with its cause)."""
+    pod = refresh(cluster, sleeptalker)
+    until("the idle app frozen", lambda: frozen(pod), 30)
+    daemon = until("one daemon pod", lambda: _the_one_daemon_pod(cluster), 30)
+    restarts_before = restarts(daemon)["freeze-daemon"]
+    procs = install.freezer_dir(daemon, "freeze-daemon") / "cgroup.procs"
+    pids = [int(p) for p in procs.read_text().split()]
+    assert pids, "the daemon container has no process"
+    killed = time.monotonic()
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    first, body = get(queue_proxy_url(pod), timeout=60)  # sent at once: the daemon is gone
+    waited = time.monotonic() - killed
+    assert first == 200 or (first == 503 and b'"cause"' in body), (first, body[-300:])
+
+    def restarted() -> dict[str, Any] | None:
+        now = _the_one_daemon_pod(cluster)
+        if now is None or restarts(now)["freeze-daemon"] <= restarts_before:
+            return None
+        return now if install.is_ready(now) else None
+
+    until("the kubelet restarted the daemon", restarted, 90)
+    back = time.monotonic() - killed
+    status, body = get(queue_proxy_url(pod), timeout=30)
+    assert status == 200 and body.endswith(b".. world.\n"), (status, body[-200:])
+    until("frozen again by the restarted daemon", lambda: frozen(pod), 30)
+    write_figure(
+        "daemon-sigkill-node",
+        first_request_status=first,
+        first_request_s=round(waited, 2),
+        daemon_back_s=round(back, 1),
+        left_frozen=0,
+    )
+
+
 def _token_claims(cluster: Cluster, pod: dict[str, Any]) -> dict[str, Any]:
     """The claims of the token file as the proxy's container sees it."""
     token = cluster.kubectl(
@@ -303,76 +420,6 @@ def test_5_kubelet_probes_keep_the_frozen_pod_ready_and_the_rotated_token_still_
     assert rotated["kubernetes.io"]["pod"]["uid"] == pod["metadata"]["uid"]
     status, body = get(queue_proxy_url(pod))  # the resume authenticates with the new token
     assert status == 200 and body.endswith(b".. world.\n"), (status, body[-200:])
-
-
-def _daemon_pods(cluster: Cluster) -> list[str]:
-    listed = cluster.get_json(
-        "pods", "-n", install.NAMESPACE, "-l", "app.kubernetes.io/name=freeze-daemon"
-    )
-    return sorted(p["metadata"]["name"] for p in listed["items"])
-
-
-def _the_one_daemon_pod(cluster: Cluster, not_: str) -> str | None:
-    names = _daemon_pods(cluster)
-    return names[0] if len(names) == 1 and names[0] != not_ else None
-
-
-def test_5b_a_rolling_update_of_the_daemon_under_traffic_fails_no_request(
-    cluster: Cluster, sleeptalker: dict[str, Any]
-) -> None:
-    """Issue #15's rolling update, as Kubernetes does it: ``kubectl rollout restart`` of the
-    DaemonSet while a client calls the app through queue-proxy twice a second (frozen between
-    calls: grace 250 ms). The kubelet stops the old daemon pod (it thaws what it froze), then
-    starts the new one; no request fails, and the figure is the longest added latency."""
-    pod = refresh(cluster, sleeptalker)
-    until("the idle app frozen", lambda: frozen(pod), 30)
-    (old,) = _daemon_pods(cluster)
-    outcomes: list[tuple[float, int, float]] = []  # (started, status, seconds)
-    stop = threading.Event()
-
-    def traffic() -> None:
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                status, _ = get(queue_proxy_url(pod), timeout=30)
-            except OSError:
-                status = 0
-            outcomes.append((started, status, time.monotonic() - started))
-            stop.wait(0.5)
-
-    client = threading.Thread(target=traffic, daemon=True)
-    client.start()
-    try:
-        time.sleep(3)
-        fault = time.monotonic()
-        daemonset = "daemonset/freeze-daemon-containerd"
-        cluster.kubectl("rollout", "restart", "-n", install.NAMESPACE, daemonset)
-        cluster.kubectl(
-            "rollout", "status", "-n", install.NAMESPACE, daemonset, "--timeout=180s",
-            timeout=200,
-        )  # fmt: skip
-        rolled = time.monotonic()
-        new = until("only the new daemon pod", lambda: _the_one_daemon_pod(cluster, not_=old), 60)
-        time.sleep(3)
-    finally:
-        stop.set()
-        client.join(40)
-    failed = [o for o in outcomes if o[1] != 200]
-    assert not failed, f"requests failed during the rollout: {failed}"
-    before = sorted(s for at, _, s in outcomes if at < fault)
-    baseline = before[len(before) // 2]
-    during = [s for at, _, s in outcomes if at >= fault]
-    figure = write_figure(
-        "daemon-rolling-update-node",
-        requests=len(outcomes),
-        failed=len(failed),
-        rollout_s=round(rolled - fault, 1),
-        max_added_latency_ms=round(1000 * (max(during) - baseline), 1),
-        old_pod=old,
-        new_pod=new,
-    )
-    assert figure["requests"] > 10, figure
-    until("frozen again by the new daemon", lambda: frozen(pod), 30)
 
 
 def test_7b_uninstall_while_frozen_leaves_nothing_frozen_and_the_app_answering(
