@@ -364,7 +364,7 @@ class ProxyMetrics:
                 "freeze_proxy_client_connections",
                 "Client connections the serving port holds (at --max-connections, new ones are "
                 "refused).",
-                fn=lambda: float(counters().get("client_connections", 0)),
+                fn=_reader(counters, "client_connections"),
             )
         )
         r.add(
@@ -374,8 +374,8 @@ class ProxyMetrics:
                 "maximum (serving: --max-connections; health: 1024).",
                 ("listener",),
                 fn=lambda: {
-                    ("serving",): float(counters().get("refused_connections", 0)),
-                    ("health",): float(counters().get("health_refused_connections", 0)),
+                    ("serving",): _reader(counters, "refused_connections")(),
+                    ("health",): _reader(counters, "health_refused_connections")(),
                 },
             )
         )

@@ -297,10 +297,7 @@ class Downstream(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.relay.closed(self)
-        up, self._up = self._up, None
-        if up is not None:
-            up.owner = None
-            up.close()
+        self._drop_upstream()
         self._end_exchange()
 
     def pause_writing(self) -> None:
@@ -672,13 +669,17 @@ class Downstream(asyncio.Protocol):
 
     def _abort(self, why: str) -> None:
         log.warning("relay aborted", extra={"upstream": self.relay.address, "err": why})
+        self._drop_upstream()
+        self._end_exchange()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _drop_upstream(self) -> None:
+        """Close this exchange's app connection, if it has one (it is no longer ours)."""
         up, self._up = self._up, None
         if up is not None:
             up.owner = None
             up.close()
-        self._end_exchange()
-        if self.transport is not None:
-            self.transport.abort()
 
     def _end_exchange(self) -> None:
         if self._in_exchange:
@@ -686,20 +687,14 @@ class Downstream(asyncio.Protocol):
             self.relay.admission.depart()
 
     def _close(self) -> None:
-        up, self._up = self._up, None
-        if up is not None:
-            up.owner = None
-            up.close()
+        self._drop_upstream()
         if self.transport is not None:
             self.transport.close()
 
     def _close_after_answer(self) -> None:
         """Close without a RST: send what is written and a FIN, then discard the client's
         input until it closes too or LINGER has passed (see LINGER)."""
-        up, self._up = self._up, None
-        if up is not None:
-            up.owner = None
-            up.close()
+        self._drop_upstream()
         transport = self.transport
         if transport is None:
             return
