@@ -352,6 +352,17 @@ async def _connect(
         return None
 
 
+async def _count_answer(reader: asyncio.StreamReader, counts: Counter[str]) -> None:
+    """Read one Content-Length answer of the daemon and count it by status."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+    counts[head.split()[1].decode()] += 1
+
+
 async def _bad_tokens(url: str, counts: Counter[str], stop: asyncio.Event) -> None:
     host, port = url.removeprefix("http://").split(":")
     stranger = tokens.new_rsa_key()
@@ -375,13 +386,7 @@ async def _bad_tokens(url: str, counts: Counter[str], stop: asyncio.Event) -> No
                         f"POST /freeze HTTP/1.1\r\nHost: x\r\nToken: {token}\r\n"
                         "Content-Length: 0\r\n\r\n".encode()
                     )
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    length = 0
-                    for line in head.split(b"\r\n"):
-                        if line.lower().startswith(b"content-length:"):
-                            length = int(line.split(b":")[1])
-                    await reader.readexactly(length)
-                    counts[head.split()[1].decode()] += 1
+                    await _count_answer(reader, counts)
             except (OSError, asyncio.IncompleteReadError, ValueError):
                 counts["closed"] += 1
             finally:
@@ -441,15 +446,6 @@ async def _hostile(url: str, known_kid: str, counts: Counter[str], stop: asyncio
         header = json.dumps({"alg": "RS256", "kid": os.urandom(12).hex(), "typ": "JWT"})
         return f"{_b64(header.encode())}.{payload}.{_b64(os.urandom(256))}"
 
-    async def exchange(reader: asyncio.StreamReader) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":")[1])
-        await reader.readexactly(length)
-        counts[head.split()[1].decode()] += 1
-
     async def tokens_loop(i: int, make: Any) -> None:
         while not stop.is_set():
             if (conn := await _connect(host, int(port), counts, 0.01)) is None:
@@ -461,7 +457,7 @@ async def _hostile(url: str, known_kid: str, counts: Counter[str], stop: asyncio
                         f"POST /thaw HTTP/1.1\r\nHost: x\r\nToken: {make()}\r\n"
                         "Content-Length: 0\r\n\r\n".encode()
                     )
-                    await exchange(reader)
+                    await _count_answer(reader, counts)
             except (OSError, asyncio.IncompleteReadError, ValueError):
                 counts["closed"] += 1
             finally:
@@ -473,7 +469,7 @@ async def _hostile(url: str, known_kid: str, counts: Counter[str], stop: asyncio
             try:
                 reader, writer = await asyncio.open_connection(host, int(port))
                 writer.write(f"POST /thaw HTTP/1.1\r\nHost: x\r\nToken: {blob}\r\n\r\n".encode())
-                await asyncio.wait_for(exchange(reader), 5)
+                await asyncio.wait_for(_count_answer(reader, counts), 5)
             except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError):
                 counts["huge_reset"] += 1
             else:

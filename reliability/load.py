@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-import resource
 import time
 from dataclasses import dataclass, field
 
 import aiohttp
 
 from bench.common import proxy_python
+from freeze_proxy.openfiles import raise_open_files_limit
 from testbed.pods import Pod, ticker
 from testbed.stack import Stack
 
@@ -23,16 +23,6 @@ from .soak import CONTAINER, soak_image, soak_pod
 from .stats import percentile
 
 BATCH = 10  # pods created and removed at once, as in bench/capacity.py
-
-
-def raise_nofile(want: int) -> int:
-    """Lift this process's descriptor limit (children inherit it: the proxy too) to ``want``
-    or the hard limit; returns the soft limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    if soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 @dataclass
@@ -103,7 +93,7 @@ async def _connection(
 async def connections(st: Stack, conns: int, requests_each: int) -> ConnResult:
     """``conns`` keep-alive connections opened to one proxy in front of a frozen pod, then all
     sending at once (the first request of each wakes the app), ``requests_each`` in turn."""
-    raise_nofile(conns * 4 + 1024)
+    raise_open_files_limit(conns * 4 + 1024)  # children inherit it: the proxy too
     soak_image(st)
     pod, app_port = await soak_pod(st, "load-conns")
     res = ConnResult(conns, requests_each)
