@@ -74,15 +74,10 @@ def current_limits(info: Mapping[str, str]) -> CpuLimits:
         raise ValueError(f"no runtimeSpec.linux in the verbose status: {e!r}") from e
     cpu = resources.get("cpu") or {}
     memory = resources.get("memory") or {}
-    quota = _int(cpu.get("quota"))
-    return CpuLimits(
-        period=_int(cpu.get("period")) or DEFAULT_PERIOD,
-        quota=quota if quota > 0 else UNLIMITED,
-        shares=_int(cpu.get("shares")),
-        memory_limit=max(0, _int(memory.get("limit"))),
-        cpuset_cpus=str(cpu.get("cpus") or ""),
-        cpuset_mems=str(cpu.get("mems") or ""),
-    )
+    return _limits(
+        period=cpu.get("period"), quota=cpu.get("quota"), shares=cpu.get("shares"),
+        memory=memory.get("limit"), cpus=cpu.get("cpus"), mems=cpu.get("mems"),
+    )  # fmt: skip
 
 
 def created_limits(info: Mapping[str, str]) -> CpuLimits | None:
@@ -96,14 +91,26 @@ def created_limits(info: Mapping[str, str]) -> CpuLimits | None:
     resources = (linux.get("resources") if isinstance(linux, dict) else None) or {}
     if not isinstance(resources, dict):
         return None
-    quota = _int(resources.get("cpu_quota"))
+    return _limits(
+        period=resources.get("cpu_period"), quota=resources.get("cpu_quota"),
+        shares=resources.get("cpu_shares"), memory=resources.get("memory_limit_in_bytes"),
+        cpus=resources.get("cpuset_cpus"), mems=resources.get("cpuset_mems"),
+    )  # fmt: skip
+
+
+def _limits(
+    *, period: object, quota: object, shares: object, memory: object, cpus: object, mems: object
+) -> CpuLimits:
+    """CpuLimits from either spelling's values: an unset period is the kernel's default, an
+    unset or negative quota unlimited, an unset memory limit 0."""
+    q = _int(quota)
     return CpuLimits(
-        period=_int(resources.get("cpu_period")) or DEFAULT_PERIOD,
-        quota=quota if quota > 0 else UNLIMITED,
-        shares=_int(resources.get("cpu_shares")),
-        memory_limit=max(0, _int(resources.get("memory_limit_in_bytes"))),
-        cpuset_cpus=str(resources.get("cpuset_cpus") or ""),
-        cpuset_mems=str(resources.get("cpuset_mems") or ""),
+        period=_int(period) or DEFAULT_PERIOD,
+        quota=q if q > 0 else UNLIMITED,
+        shares=_int(shares),
+        memory_limit=max(0, _int(memory)),
+        cpuset_cpus=str(cpus or ""),
+        cpuset_mems=str(mems or ""),
     )
 
 
