@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import resource
 import signal
@@ -36,7 +37,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -363,6 +364,33 @@ async def _count_answer(reader: asyncio.StreamReader, counts: Counter[str]) -> N
     counts[head.split()[1].decode()] += 1
 
 
+async def _send_tokens(
+    host: str,
+    port: int,
+    action: str,
+    next_token: Callable[[], str],
+    counts: Counter[str],
+    stop: asyncio.Event,
+) -> None:
+    """One flooder: ``POST /<action>`` with ``next_token()`` on a kept-alive connection, each
+    answer counted by status; a new connection whenever the daemon closes it, until ``stop``."""
+    while not stop.is_set():
+        if (conn := await _connect(host, port, counts, 0.01)) is None:
+            continue
+        reader, writer = conn
+        try:
+            while not stop.is_set():
+                writer.write(
+                    f"POST /{action} HTTP/1.1\r\nHost: x\r\nToken: {next_token()}\r\n"
+                    "Content-Length: 0\r\n\r\n".encode()
+                )
+                await _count_answer(reader, counts)
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            counts["closed"] += 1
+        finally:
+            writer.close()
+
+
 async def _bad_tokens(url: str, counts: Counter[str], stop: asyncio.Event) -> None:
     host, port = url.removeprefix("http://").split(":")
     stranger = tokens.new_rsa_key()
@@ -372,27 +400,13 @@ async def _bad_tokens(url: str, counts: Counter[str], stop: asyncio.Event) -> No
     ]
     junk = ["junk", "a.b.c", *forged]
 
-    async def one(i: int) -> None:
-        while not stop.is_set():
-            if (conn := await _connect(host, int(port), counts, 0.01)) is None:
-                continue
-            reader, writer = conn
-            try:
-                n = i
-                while not stop.is_set():
-                    n += 1
-                    token = junk[n % len(junk)]
-                    writer.write(
-                        f"POST /freeze HTTP/1.1\r\nHost: x\r\nToken: {token}\r\n"
-                        "Content-Length: 0\r\n\r\n".encode()
-                    )
-                    await _count_answer(reader, counts)
-            except (OSError, asyncio.IncompleteReadError, ValueError):
-                counts["closed"] += 1
-            finally:
-                writer.close()
+    def junk_from(i: int) -> Callable[[], str]:
+        n = itertools.count(i + 1)
+        return lambda: junk[next(n) % len(junk)]
 
-    await asyncio.gather(*(one(i) for i in range(16)))
+    await asyncio.gather(
+        *(_send_tokens(host, int(port), "freeze", junk_from(i), counts, stop) for i in range(16))
+    )
 
 
 async def _held(url: str, n: int, counts: Counter[str], stop: asyncio.Event) -> None:
@@ -446,23 +460,6 @@ async def _hostile(url: str, known_kid: str, counts: Counter[str], stop: asyncio
         header = json.dumps({"alg": "RS256", "kid": os.urandom(12).hex(), "typ": "JWT"})
         return f"{_b64(header.encode())}.{payload}.{_b64(os.urandom(256))}"
 
-    async def tokens_loop(i: int, make: Any) -> None:
-        while not stop.is_set():
-            if (conn := await _connect(host, int(port), counts, 0.01)) is None:
-                continue
-            reader, writer = conn
-            try:
-                while not stop.is_set():
-                    writer.write(
-                        f"POST /thaw HTTP/1.1\r\nHost: x\r\nToken: {make()}\r\n"
-                        "Content-Length: 0\r\n\r\n".encode()
-                    )
-                    await _count_answer(reader, counts)
-            except (OSError, asyncio.IncompleteReadError, ValueError):
-                counts["closed"] += 1
-            finally:
-                writer.close()
-
     async def huge() -> None:
         blob = "A" * 1_000_000
         while not stop.is_set():
@@ -499,10 +496,14 @@ async def _hostile(url: str, known_kid: str, counts: Counter[str], stop: asyncio
             finally:
                 writer.close()
 
-    forged_n = iter(range(1 << 62))
+    forged_n = itertools.count()
+
+    def next_forged() -> str:
+        return forged[next(forged_n) % len(forged)]
+
     await asyncio.gather(
-        *(tokens_loop(i, random_kid) for i in range(8)),
-        *(tokens_loop(i, lambda: forged[next(forged_n) % len(forged)]) for i in range(8)),
+        *(_send_tokens(host, int(port), "thaw", random_kid, counts, stop) for _ in range(8)),
+        *(_send_tokens(host, int(port), "thaw", next_forged, counts, stop) for _ in range(8)),
         huge(),
         *(slow_body(i) for i in range(32)),
     )
