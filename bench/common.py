@@ -233,6 +233,7 @@ def wrk(url: str, connections: int, seconds: float, threads: int = 1) -> WrkResu
 
 
 def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile; NaN for no values."""
     if not values:
         return float("nan")
     ordered = sorted(values)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from reliability.procstat import rss_kib
 from testbed.processes import free_port, stop, wait_listening
 from testbed.tokens import DEFAULT_ISSUER, SigningKey, mint_token, new_rsa_key, write_jwks
 from tests.pod_checks import eventually
@@ -204,7 +205,7 @@ async def test_held_connections_cost_bounded_fds_and_never_lock_out_a_wake(
 ) -> None:
     daemon = daemon_factory("--max-connections=64")
     before = daemon.open_fds()
-    rss_before = vm_rss_kib(daemon.proc.pid)
+    rss_before = rss_kib(daemon.proc.pid)
     held = []
     for i in range(300):  # idle ones and ones stuck in their head
         _, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
@@ -213,7 +214,7 @@ async def test_held_connections_cost_bounded_fds_and_never_lock_out_a_wake(
         held.append(writer)
     try:
         await asyncio.sleep(0.3)
-        fds_held, rss_held = daemon.open_fds(), vm_rss_kib(daemon.proc.pid)
+        fds_held, rss_held = daemon.open_fds(), rss_kib(daemon.proc.pid)
         assert fds_held <= before + 64 + 2
         growth_mib = (rss_held - rss_before) / 1024
         assert growth_mib < 8, f"300 held connections grew the daemon's RSS by {growth_mib:.1f} MiB"
@@ -237,13 +238,6 @@ async def test_held_connections_cost_bounded_fds_and_never_lock_out_a_wake(
         rss_before_kib=rss_before,
         rss_held_kib=rss_held,
     )
-
-
-def vm_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
 
 
 def test_open_files_limit_is_raised_to_fit(daemon_factory: Any) -> None:

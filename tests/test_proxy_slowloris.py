@@ -10,7 +10,6 @@ meanwhile. Figures: ``make reliability`` (tests/reliability_report.py).
 from __future__ import annotations
 
 import asyncio
-import os
 import resource
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 from freeze_proxy.health import HealthPort
 from freeze_proxy.probes import Prober
 from freeze_proxy.relay import AlwaysAwake
+from reliability.procstat import fd_count, rss_kib
 from tests.reliability_report import write_figure
 from tests.test_no_daemon import app_site, real_proxy, refused_url
 
@@ -29,17 +29,6 @@ pytestmark = pytest.mark.fuzz
 
 # Short limits, so the test waits seconds, not the defaults' minutes.
 LIMITS = ("--header-timeout=1s", "--idle-timeout=2s")
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 async def closed_after(reader: asyncio.StreamReader, within: float) -> tuple[bytes, float]:
@@ -67,7 +56,7 @@ async def test_idle_and_trickling_clients_are_closed_on_time_and_cost_bounded_me
         port = urlsplit(proxy.url).port
         pid = proxy.proc.pid
         assert await get(proxy.url + "/warm") == (200, "hello")
-        rss_before, fds_before = rss_kib(pid), open_fds(pid)
+        rss_before, fds_before = rss_kib(pid), fd_count(pid)
         conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(n)]
         trickling = conns[: n // 2]  # a head that never ends: one byte every 100 ms
         started = time.monotonic()
@@ -83,7 +72,7 @@ async def test_idle_and_trickling_clients_are_closed_on_time_and_cost_bounded_me
         tasks = [asyncio.ensure_future(trickle(w)) for _, w in trickling]
         try:
             await asyncio.sleep(0.5)
-            fds_held = open_fds(pid)
+            fds_held = fd_count(pid)
             rss_held = rss_kib(pid)
             # Served meanwhile, and quickly.
             t0 = time.monotonic()
@@ -107,7 +96,7 @@ async def test_idle_and_trickling_clients_are_closed_on_time_and_cost_bounded_me
         idle_s = min(at for _, at in idles) - started
         assert 1.5 < idle_s < 5, f"idle connections closed after {idle_s:.1f} s (--idle-timeout=2s)"
         await asyncio.sleep(0.3)
-        fds_after, rss_after = open_fds(pid), rss_kib(pid)
+        fds_after, rss_after = fd_count(pid), rss_kib(pid)
         assert fds_after <= fds_before + 2, (fds_before, fds_after)
         growth_mib = (rss_held - rss_before) / 1024
         assert growth_mib < 8, f"{n} held connections grew RSS by {growth_mib:.1f} MiB"
@@ -139,7 +128,7 @@ async def test_connections_beyond_the_cap_get_503_and_are_closed(tmp_path: Path)
     ):
         port = urlsplit(proxy.url).port
         pid = proxy.proc.pid
-        fds_before = open_fds(pid)
+        fds_before = fd_count(pid)
         held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(cap)]
         try:
             await asyncio.sleep(0.3)
@@ -150,7 +139,7 @@ async def test_connections_beyond_the_cap_get_503_and_are_closed(tmp_path: Path)
                 assert b"max-connections" in data, data
             # Each refusal lingers LINGER (0.5 s) for its client to read the 503, then closes.
             async with asyncio.timeout(3):
-                while open_fds(pid) > fds_before + cap + 2:
+                while fd_count(pid) > fds_before + cap + 2:
                     await asyncio.sleep(0.05)
             for _, writer in extra:
                 writer.close()
@@ -175,12 +164,12 @@ async def test_the_health_port_closes_held_connections_and_serves_probes_meanwhi
         port = urlsplit(proxy.health_url).port
         pid = proxy.proc.pid
         await proxy.health()
-        rss_before, fds_before = rss_kib(pid), open_fds(pid)
+        rss_before, fds_before = rss_kib(pid), fd_count(pid)
         started = time.monotonic()
         conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(n)]
         try:
             await asyncio.sleep(0.3)
-            rss_held, fds_held = rss_kib(pid), open_fds(pid)
+            rss_held, fds_held = rss_kib(pid), fd_count(pid)
             assert (await proxy.health())["status"] == "ok"
             answers = await asyncio.gather(*(closed_after(r, 8) for r, _ in conns))
         finally:
@@ -191,7 +180,7 @@ async def test_the_health_port_closes_held_connections_and_serves_probes_meanwhi
         longest = max(at for _, at in answers) - started
         assert longest < 4, f"the health port held a silent connection {longest:.1f} s"
         await asyncio.sleep(0.3)
-        assert open_fds(pid) <= fds_before + 2
+        assert fd_count(pid) <= fds_before + 2
         growth_mib = (rss_held - rss_before) / 1024
         assert growth_mib < 8, f"{n} held connections grew RSS by {growth_mib:.1f} MiB"
         write_figure(

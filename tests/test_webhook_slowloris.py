@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from reliability.procstat import fd_count, rss_kib
 from tests.reliability_report import write_figure
 from tests.test_admission import SERVICE_DNS, Webhook, review, running_webhook
-from tests.test_proxy_slowloris import open_fds, rss_kib
 
 pytestmark = pytest.mark.fuzz
 
@@ -87,7 +87,7 @@ async def test_silent_and_trickling_clients_are_cut_after_the_header_timeout(
 ) -> None:
     await ready(hook)
     pid = hook.proc.pid
-    rss_before, fds_before = rss_kib(pid), open_fds(pid)
+    rss_before, fds_before = rss_kib(pid), fd_count(pid)
     n = 150
     started = time.monotonic()
     silent = [await asyncio.open_connection("127.0.0.1", port_of(hook)) for _ in range(n)]
@@ -102,7 +102,7 @@ async def test_silent_and_trickling_clients_are_cut_after_the_header_timeout(
     tasks = [asyncio.ensure_future(trickle(w)) for _, w in trickling]
     try:
         await asyncio.sleep(0.3)
-        fds_held, rss_held = open_fds(pid), rss_kib(pid)
+        fds_held, rss_held = fd_count(pid), rss_kib(pid)
         t0 = time.monotonic()
         assert await admit(hook) == 200  # served meanwhile
         good_ms = (time.monotonic() - t0) * 1000
@@ -116,7 +116,7 @@ async def test_silent_and_trickling_clients_are_cut_after_the_header_timeout(
     longest = max(ends) - started
     assert longest < 4, f"a connection was held {longest:.1f} s (--header-timeout=1s)"
     async with asyncio.timeout(3):
-        while open_fds(pid) > fds_before + 2:
+        while fd_count(pid) > fds_before + 2:
             await asyncio.sleep(0.05)
     per_connection_kib = (rss_held - rss_before) / (n + n // 3)
     assert per_connection_kib < 100, f"{per_connection_kib:.0f} KiB per held connection"
@@ -140,13 +140,13 @@ async def test_held_connections_beyond_the_cap_never_lock_a_review_out(tmp_path:
     cap = 20
     with running_webhook(tmp_path, "--drain-delay=0", f"--max-connections={cap}") as hook:
         await ready(hook)
-        fds_before = open_fds(hook.proc.pid)
+        fds_before = fd_count(hook.proc.pid)
         # Idle kept-alive TLS connections, and connections that never start their handshake.
         held = [await tls_connect(hook) for _ in range(cap // 2)]
         held += [await asyncio.open_connection("127.0.0.1", port_of(hook)) for _ in range(cap)]
         await asyncio.sleep(0.2)  # older than the guard's protection of new connections
         statuses = [await admit(hook) for _ in range(5)]  # each evicts the oldest waiting one
         assert statuses == [200] * 5, statuses
-        assert open_fds(hook.proc.pid) <= fds_before + cap + 1
+        assert fd_count(hook.proc.pid) <= fds_before + cap + 1
         for _, writer in held:
             writer.close()
