@@ -32,6 +32,7 @@ from . import gobins
 from .hostside import remove_cgroup_tree
 from .mounts import unmount_under
 from .oci import BUSYBOX_IMAGE_NAME, busybox_image, import_image
+from .processes import stop
 
 NAMESPACE = "k8s.io"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -357,12 +358,7 @@ class Containerd:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop(self.proc, timeout)
         bins = flavor_binaries(self.flavor)
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(
@@ -474,13 +470,7 @@ class Containerd:
             self._channel.close()
             self._channel = None
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+            stop(self.proc, timeout)
             self.proc = None
         errors.extend(self._reap_shims(timeout))
         errors.extend(self._remove_cgroups())
